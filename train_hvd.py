@@ -1,0 +1,8 @@
+#!/usr/bin/env python3
+"""Entry point: ``mpirun -np N python train_hvd.py [flags]`` (same as ``unet-train``)."""
+import sys
+
+from unet.train import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Checkpoints and the exported model, written atomically (temporary name, fsync, rename).
+
+A checkpoint is an ``.npz`` of plain arrays (no pickle): model variables
+``m000...``, optimizer variables ``o000...`` and a JSON ``meta`` string with
+the global step, epoch and the data shape it was trained on.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+
+import numpy as np
+
+CKPT_RE = re.compile(r"ckpt-(\d+)\.npz$")
+
+
+def _atomic_write(path: str, write) -> None:
+    d = os.path.dirname(path) or "."
+    tmp = os.path.join(d, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def list_checkpoints(folder: str) -> list[str]:
+    found = [(int(m.group(1)), p) for p in glob.glob(os.path.join(folder, "ckpt-*.npz"))
+             if (m := CKPT_RE.search(p))]
+    return [p for _, p in sorted(found)]
+
+
+def save_checkpoint(folder: str, *, model, optimizer, step: int, epoch: int, meta: dict,
+                    keep: int = 3) -> str:
+    os.makedirs(folder, exist_ok=True)
+    arrays = {f"m{i:03d}": np.asarray(v.numpy()) for i, v in enumerate(model.variables)}
+    arrays.update({f"o{i:03d}": np.asarray(v.numpy()) for i, v in enumerate(optimizer.variables)})
+    arrays["meta"] = np.array(json.dumps(dict(meta, step=step, epoch=epoch)))
+    path = os.path.join(folder, f"ckpt-{step:08d}.npz")
+    _atomic_write(path, lambda fh: np.savez(fh, **arrays))
+    for old in list_checkpoints(folder)[:-keep]:
+        os.unlink(old)
+    return path
+
+
+def load_checkpoint(path: str, *, model, optimizer) -> dict:
+    """Restore variables in place; raise ValueError naming the file on any mismatch."""
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(str(z["meta"]))
+        for prefix, variables in (("m", model.variables), ("o", optimizer.variables)):
+            names = sorted(k for k in z.files if k.startswith(prefix) and k[1:].isdigit())
+            if len(names) != len(variables):
+                raise ValueError(f"{path}: {len(names)} {prefix}-variables, model has {len(variables)}")
+            for name, var in zip(names, variables):
+                if tuple(z[name].shape) != tuple(var.shape):
+                    raise ValueError(f"{path}: {var.path} has shape {tuple(var.shape)}, "
+                                     f"checkpoint {tuple(z[name].shape)}")
+                var.assign(z[name])
+    return meta
+
+
+def export_model(folder: str, model, meta: dict) -> tuple[str, str]:
+    """``model.keras`` + ``model.json`` (shape, modalities, regions, preprocessing) for unet-predict."""
+    os.makedirs(folder, exist_ok=True)
+    keras_path = os.path.join(folder, "model.keras")
+    tmp = os.path.join(folder, f".model.tmp-{os.getpid()}.keras")
+    model.save(tmp)
+    os.replace(tmp, keras_path)
+    json_path = os.path.join(folder, "model.json")
+    _atomic_write(json_path, lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
+    return keras_path, json_path

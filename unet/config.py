@@ -1,0 +1,127 @@
+"""Command-line flags of the trainer: names and meanings kept from the seed.
+
+Pure: parsing and validation only, no TensorFlow, no MPI. Validation that needs
+the file system (does --data exist?) lives in ``unet.data.sources``.
+"""
+from __future__ import annotations
+
+import argparse
+
+# Seed defaults (Intel's distributed U-Net, settings.py / settings_dist.py).
+SEED_LEARNINGRATE = 0.0005
+SEED_DECAY_STEPS = 150
+SEED_LR_FRACTION = 0.25
+SEED_BATCH_SIZE = 128
+SEED_EPOCHS = 10
+SEED_BLOCKTIME = 0
+SEED_INTER_THREADS = 2
+
+
+class UsageError(Exception):
+    """A mistake the user can fix; reported as one line, never a traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train_hvd.py",
+        description="Train the 2D U-Net on BraTS slices with Horovod ring-allreduce "
+                    "(launch with mpirun or horovodrun; one process per rank).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--use_upsampling", action="store_true",
+                   help="decoder uses UpSampling2D instead of 2x2 stride-2 Conv2DTranspose")
+    g.add_argument("--dropout", type=float, default=0.2,
+                   help="dropout rate after the first convolution of levels 3 and 4 (fraction)")
+    g.add_argument("--loss", choices=("dice", "dice_bce", "bce"), default="dice",
+                   help="dice: -log((2*sum(y*p)+1)/(sum(y)+sum(p)+1)) over the batch (the seed's); "
+                        "dice_bce: dice + binary cross-entropy; bce: cross-entropy only")
+
+    g = p.add_argument_group("threads (per rank, set before TensorFlow starts)")
+    g.add_argument("--num_threads", type=int, default=0,
+                   help="intra-op threads and OMP_NUM_THREADS per rank; 0 = the CPUs this rank is "
+                        "bound to, shared among ranks bound to the same CPUs")
+    g.add_argument("--num_inter_threads", type=int, default=SEED_INTER_THREADS,
+                   help="inter-op threads per rank")
+    g.add_argument("--blocktime", type=int, default=SEED_BLOCKTIME,
+                   help="KMP_BLOCKTIME in ms (over 1000 means 'infinite')")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--batch_size", type=int, default=SEED_BATCH_SIZE,
+                   help="images per rank per step (global batch = batch_size x ranks)")
+    g.add_argument("--epochs", type=int, default=SEED_EPOCHS, help="passes over the training split")
+    g.add_argument("--steps_per_epoch", type=int, default=0,
+                   help="cap on optimizer steps per epoch; 0 = ceil(train images / global batch)")
+    g.add_argument("--learningrate", type=float, default=SEED_LEARNINGRATE,
+                   help="base Adam learning rate for one worker (scaled by --lr_scaling)")
+    g.add_argument("--const_learningrate", action="store_true",
+                   help="no decay: keep the (scaled) learning rate constant after warmup")
+    g.add_argument("--decay_steps", type=int, default=SEED_DECAY_STEPS,
+                   help="global optimizer steps over which the rate falls to lr_fraction of itself")
+    g.add_argument("--lr_fraction", type=float, default=SEED_LR_FRACTION,
+                   help="fraction of the rate left after decay_steps (continuous exponential decay)")
+    g.add_argument("--lr_scaling", choices=("linear", "sqrt", "none"), default="linear",
+                   help="scale the base rate by workers (linear), sqrt(workers), or not at all")
+    g.add_argument("--warmup_epochs", type=float, default=1.0,
+                   help="epochs over which the rate ramps from the 1-worker rate to the scaled "
+                        "rate (Goyal et al. 2017); 0 = no warmup")
+    g.add_argument("--seed", type=int, default=816, help="seed for weights, data order, augmentation")
+    g.add_argument("--no_augment", action="store_true",
+                   help="no flips/rotations/intensity jitter on training images")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=None,
+                   help="HDF5 file written by unet-convert, or a folder holding the seed's "
+                        "imgs_train.npy, msks_train.npy, imgs_test.npy, msks_test.npy")
+    g.add_argument("--synthetic", action="store_true",
+                   help="in-memory synthetic images (bright blobs to segment); no file needed")
+    g.add_argument("--synthetic_size", type=int, default=128, help="--synthetic: image side (pixels)")
+    g.add_argument("--synthetic_channels", type=int, default=1, help="--synthetic: input channels")
+    g.add_argument("--synthetic_regions", type=int, default=1, help="--synthetic: output regions")
+    g.add_argument("--synthetic_train", type=int, default=512, help="--synthetic: training images")
+    g.add_argument("--synthetic_val", type=int, default=64, help="--synthetic: validation images")
+
+    g = p.add_argument_group("logging and output (rank 0 only)")
+    g.add_argument("--logdir", default="./logs",
+                   help="TensorBoard events, training.log, checkpoints and the exported model")
+    g.add_argument("--log_every", type=int, default=10,
+                   help="steps between scalar summaries / training.log lines")
+    g.add_argument("--image_every", type=int, default=100,
+                   help="steps between image summaries (input, ground truth, prediction)")
+    g.add_argument("--no_validation", action="store_true", help="skip validation at epoch ends")
+    return p
+
+
+def validate(a: argparse.Namespace) -> argparse.Namespace:
+    """Reject impossible flag values with a message naming the flag."""
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise UsageError(msg)
+
+    need(a.batch_size >= 1, f"--batch_size must be >= 1 (got {a.batch_size})")
+    need(a.epochs >= 1, f"--epochs must be >= 1 (got {a.epochs})")
+    need(a.steps_per_epoch >= 0, f"--steps_per_epoch must be >= 0 (got {a.steps_per_epoch})")
+    need(a.learningrate > 0, f"--learningrate must be > 0 (got {a.learningrate})")
+    need(a.decay_steps >= 1, f"--decay_steps must be >= 1 (got {a.decay_steps})")
+    need(0 < a.lr_fraction <= 1, f"--lr_fraction must be in (0, 1] (got {a.lr_fraction})")
+    need(a.warmup_epochs >= 0, f"--warmup_epochs must be >= 0 (got {a.warmup_epochs})")
+    need(0 <= a.dropout < 1, f"--dropout must be in [0, 1) (got {a.dropout})")
+    need(a.num_threads >= 0, f"--num_threads must be >= 0 (got {a.num_threads})")
+    need(a.num_inter_threads >= 1, f"--num_inter_threads must be >= 1 (got {a.num_inter_threads})")
+    need(a.blocktime >= 0, f"--blocktime must be >= 0 (got {a.blocktime})")
+    need(a.log_every >= 1, f"--log_every must be >= 1 (got {a.log_every})")
+    need(a.image_every >= 1, f"--image_every must be >= 1 (got {a.image_every})")
+    need(bool(a.synthetic) != bool(a.data),
+         "give exactly one of --data PATH or --synthetic")
+    if a.synthetic:
+        need(a.synthetic_size >= 16 and a.synthetic_size % 16 == 0,
+             f"--synthetic_size must be a multiple of 16 (4 poolings), got {a.synthetic_size}")
+        need(a.synthetic_channels >= 1, "--synthetic_channels must be >= 1")
+        need(a.synthetic_regions >= 1, "--synthetic_regions must be >= 1")
+        need(a.synthetic_train >= 1, "--synthetic_train must be >= 1")
+        need(a.synthetic_val >= 0, "--synthetic_val must be >= 0")
+    return a
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and validate; raises UsageError (not SystemExit) for bad values."""
+    return validate(build_parser().parse_args(argv))

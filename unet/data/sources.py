@@ -1,0 +1,201 @@
+"""Where training slices come from, behind one small interface.
+
+A source has ``len(source)``, ``source.shape`` = (H, W, C, R) and
+``source.read(indices) -> (images float32 (B,H,W,C), masks float32 (B,H,W,R))``.
+Reads are random access and streamed: nothing holds the dataset in memory.
+
+* ``H5Source``: the HDF5 file of ``unet-convert`` (groups ``train``/``val`` with
+  ``images`` (N,H,W,C) and ``masks`` (N,H,W,R); root attributes name the
+  modalities, regions, size and preprocessing).
+* ``NpySource``: the seed's ``imgs_train.npy``/``msks_train.npy``/``imgs_test.npy``/
+  ``msks_test.npy`` (memory-mapped).
+* ``SyntheticSource``: bright ellipses over noise, generated per index from the
+  seed, so any size costs no memory; the masks are nested (region r+1 inside
+  region r), like WT > TC > ET.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from unet.config import UsageError
+
+NPY_FILES = {"train": ("imgs_train.npy", "msks_train.npy"), "val": ("imgs_test.npy", "msks_test.npy")}
+
+
+@dataclass
+class DataInfo:
+    """What the model and the exported metadata need to know about the data."""
+    height: int
+    width: int
+    channels: int
+    regions: int
+    modalities: list[str] = field(default_factory=list)
+    region_names: list[str] = field(default_factory=list)
+    attrs: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"height": self.height, "width": self.width, "channels": self.channels,
+                "regions": self.regions, "modalities": self.modalities,
+                "region_names": self.region_names, "attrs": self.attrs}
+
+
+class SyntheticSource:
+    def __init__(self, n: int, size: int, channels: int, regions: int, seed: int, split: str):
+        self.n, self.size, self.channels, self.regions = n, size, channels, regions
+        self.seed, self.split_id = seed, {"train": 0, "val": 1}[split]
+        self.shape = (size, size, channels, regions)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def sample(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng([self.seed, self.split_id, int(i)])
+        s = self.size
+        yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
+        cy, cx = rng.uniform(0.3 * s, 0.7 * s, 2)
+        ry, rx = rng.uniform(0.08 * s, 0.25 * s, 2)
+        theta = rng.uniform(0, np.pi)
+        dy, dx = yy - cy, xx - cx
+        u = (dx * np.cos(theta) + dy * np.sin(theta)) / rx
+        v = (-dx * np.sin(theta) + dy * np.cos(theta)) / ry
+        r2 = u * u + v * v
+        mask = np.stack([(r2 <= (1.0 - 0.3 * k) ** 2) for k in range(self.regions)], -1)
+        img = rng.normal(0.0, 0.5, (s, s, self.channels)).astype(np.float32)
+        gain = rng.uniform(1.0, 2.0, self.channels).astype(np.float32)
+        img += gain * mask[..., :1].astype(np.float32)
+        if self.regions > 1:
+            img += 0.5 * gain * mask[..., 1:2].astype(np.float32)
+        return img.astype(np.float32), mask.astype(np.float32)
+
+    def read(self, indices) -> tuple[np.ndarray, np.ndarray]:
+        pairs = [self.sample(i) for i in indices]
+        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+
+class H5Source:
+    def __init__(self, path: str, split: str):
+        import h5py
+        self.path, self.split = path, split
+        self.f = h5py.File(path, "r")
+        self.images, self.masks = self.f[split]["images"], self.f[split]["masks"]
+        n, h, w, c = self.images.shape
+        self.shape = (h, w, c, self.masks.shape[-1])
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def read(self, indices) -> tuple[np.ndarray, np.ndarray]:
+        idx = np.asarray(indices)
+        uniq, inverse = np.unique(idx, return_inverse=True)  # h5py wants increasing indices
+        imgs = self.images[uniq].astype(np.float32)
+        msks = self.masks[uniq].astype(np.float32)
+        return imgs[inverse], msks[inverse]
+
+
+class NpySource:
+    def __init__(self, folder: str, split: str):
+        img_name, msk_name = NPY_FILES[split]
+        self.images = np.load(os.path.join(folder, img_name), mmap_mode="r", allow_pickle=False)
+        self.masks = np.load(os.path.join(folder, msk_name), mmap_mode="r", allow_pickle=False)
+        n, h, w, c = self.images.shape
+        self.shape = (h, w, c, self.masks.shape[-1])
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def read(self, indices) -> tuple[np.ndarray, np.ndarray]:
+        idx = np.asarray(indices)
+        return self.images[idx].astype(np.float32), self.masks[idx].astype(np.float32)
+
+
+def _attr_list(value) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, (bytes, str)):
+        s = value.decode() if isinstance(value, bytes) else value
+        try:
+            v = json.loads(s)
+            return [str(x) for x in v] if isinstance(v, list) else [s]
+        except ValueError:
+            return [x for x in s.split(",") if x]
+    return [x.decode() if isinstance(x, bytes) else str(x) for x in value]
+
+
+def check_data(path: str) -> None:
+    """Cheap checks of --data that every rank runs before any heavy work."""
+    if not os.path.exists(path):
+        raise UsageError(f"--data {path}: no such file or folder")
+    if os.path.isdir(path):
+        for split, names in NPY_FILES.items():
+            for name in names:
+                if not os.path.isfile(os.path.join(path, name)):
+                    raise UsageError(f"--data {path}: folder lacks {name} (the seed's npy layout)")
+        return
+    with open(path, "rb") as fh:
+        if fh.read(8) != b"\x89HDF\r\n\x1a\n":
+            raise UsageError(f"--data {path}: not an HDF5 file")
+
+
+def _check_pair(path: str, split: str, src) -> None:
+    ni, h, w, c = (len(src),) + tuple(src.shape[:3])
+    nm = src.masks.shape[0]
+    if src.masks.ndim != 4 or src.images.ndim != 4:
+        raise UsageError(f"--data {path}: {split} images/masks must be 4-D (N,H,W,C)/(N,H,W,R)")
+    if nm != ni or tuple(src.masks.shape[1:3]) != (h, w):
+        raise UsageError(f"--data {path}: {split} images {tuple(src.images.shape)} and masks "
+                         f"{tuple(src.masks.shape)} do not match")
+
+
+def open_sources(args) -> tuple[object, object | None, DataInfo]:
+    """(train source, validation source or None, DataInfo) for the parsed flags."""
+    if args.synthetic:
+        s, c, r = args.synthetic_size, args.synthetic_channels, args.synthetic_regions
+        train = SyntheticSource(args.synthetic_train, s, c, r, args.seed, "train")
+        val = SyntheticSource(args.synthetic_val, s, c, r, args.seed, "val") if args.synthetic_val else None
+        info = DataInfo(s, s, c, r, [f"synthetic{i}" for i in range(c)],
+                        ["WT", "TC", "ET"][:r] if r <= 3 else [f"region{i}" for i in range(r)],
+                        {"source": "synthetic"})
+        return train, val, info
+    path = args.data
+    check_data(path)
+    attrs: dict = {}
+    try:
+        if os.path.isdir(path):
+            train, val = NpySource(path, "train"), NpySource(path, "val")
+            modalities, regions = ["FLAIR"], ["WT"]
+            attrs = {"source": "npy", "layout": "seed-npy"}
+        else:
+            import h5py
+            with h5py.File(path, "r") as f:
+                for split in ("train", "val"):
+                    if split not in f or "images" not in f[split] or "masks" not in f[split]:
+                        raise UsageError(f"--data {path}: missing group '{split}' with 'images' and 'masks'")
+                attrs = {k: (v.decode() if isinstance(v, bytes) else v.tolist() if hasattr(v, "tolist") else v)
+                         for k, v in f.attrs.items()}
+                modalities = _attr_list(f.attrs.get("modalities"))
+                regions = _attr_list(f.attrs.get("regions"))
+            train, val = H5Source(path, "train"), H5Source(path, "val")
+    except UsageError:
+        raise
+    except (OSError, ValueError, KeyError) as e:
+        raise UsageError(f"--data {path}: cannot read ({str(e).splitlines()[0]})") from None
+    for split, src in (("train", train), ("val", val)):
+        _check_pair(path, split, src)
+    if len(train) == 0:
+        raise UsageError(f"--data {path}: the train split is empty")
+    if train.shape != val.shape and len(val):
+        raise UsageError(f"--data {path}: train {train.shape} and val {val.shape} shapes differ")
+    h, w, c, r = train.shape
+    if h % 16 or w % 16:
+        raise UsageError(f"--data {path}: image size {h}x{w} is not a multiple of 16 (4 poolings)")
+    if modalities and len(modalities) != c:
+        raise UsageError(f"--data {path}: attribute 'modalities' names {len(modalities)} channels, images have {c}")
+    if regions and len(regions) != r:
+        raise UsageError(f"--data {path}: attribute 'regions' names {len(regions)} regions, masks have {r}")
+    info = DataInfo(h, w, c, r, modalities or [f"channel{i}" for i in range(c)],
+                    regions or [f"region{i}" for i in range(r)], attrs)
+    return train, (val if len(val) else None), info

@@ -1,0 +1,47 @@
+"""Losses and metrics of the training step (TensorFlow ops).
+
+The seed's Dice loss pools the whole batch: ``-log((2*sum(y*p) + s) /
+(sum(y) + sum(p) + s))`` with s = 1, over every pixel and region. Metrics are
+per region, from pooled sums, so ranks can add their sums and get exactly the
+single-process value.
+"""
+from __future__ import annotations
+
+import tensorflow as tf
+
+SMOOTH = 1.0
+
+
+def dice_loss(y_true: tf.Tensor, y_pred: tf.Tensor, smooth: float = SMOOTH) -> tf.Tensor:
+    inter = tf.reduce_sum(y_true * y_pred)
+    denom = tf.reduce_sum(y_true) + tf.reduce_sum(y_pred)
+    return -tf.math.log((2.0 * inter + smooth) / (denom + smooth))
+
+
+def bce_loss(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+    eps = 1e-7
+    p = tf.clip_by_value(y_pred, eps, 1.0 - eps)
+    return -tf.reduce_mean(y_true * tf.math.log(p) + (1.0 - y_true) * tf.math.log(1.0 - p))
+
+
+def get_loss(name: str):
+    if name == "dice":
+        return dice_loss
+    if name == "bce":
+        return bce_loss
+    if name == "dice_bce":
+        return lambda y, p: dice_loss(y, p) + bce_loss(y, p)
+    raise ValueError(f"unknown loss {name!r}")
+
+
+def dice_sums(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+    """Per-region [intersection, sum(y)+sum(p)] over batch and pixels, shape (2, R)."""
+    axes = (0, 1, 2)
+    inter = tf.reduce_sum(y_true * y_pred, axis=axes)
+    denom = tf.reduce_sum(y_true, axis=axes) + tf.reduce_sum(y_pred, axis=axes)
+    return tf.stack([inter, denom])
+
+
+def dice_from_sums(sums, smooth: float = SMOOTH):
+    """Dice per region from (possibly rank-summed) ``dice_sums``."""
+    return (2.0 * sums[0] + smooth) / (sums[1] + smooth)

@@ -1,0 +1,137 @@
+"""Everything only rank 0 does: console, tqdm, training.log, TensorBoard, checkpoints, export.
+
+The training loop calls one reporter object; ``make_reporter`` returns the real
+one on rank 0 and a silent one elsewhere. This is the single rank-0 guard.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from unet import checkpoint
+
+
+class NullReporter:
+    """Ranks other than 0: write nothing."""
+    wants_images = False
+
+    def __getattr__(self, name):
+        return lambda *a, **k: None
+
+    def want_images(self, step: int) -> bool:
+        return False
+
+
+class Rank0Reporter:
+    def __init__(self, args, info, setup, global_batch: int, steps_per_epoch: int):
+        import tensorflow as tf
+        self.tf, self.args, self.info = tf, args, info
+        self.logdir = os.path.abspath(args.logdir)
+        os.makedirs(self.logdir, exist_ok=True)
+        self.ckpt_dir = os.path.join(self.logdir, "checkpoints")
+        self.writer = tf.summary.create_file_writer(os.path.join(self.logdir, "train"))
+        self.val_writer = tf.summary.create_file_writer(os.path.join(self.logdir, "validation"))
+        self.log = open(os.path.join(self.logdir, "training.log"), "a", buffering=1)
+        self.regions = info.region_names
+        self.steps_per_epoch = steps_per_epoch
+        self.bar = None
+        self.t_window, self.n_window = time.perf_counter(), 0
+        self.last_rate = 0.0
+        print(f"training: ranks={setup.size} batch_size/rank={args.batch_size} "
+              f"global_batch={global_batch} steps/epoch={steps_per_epoch} epochs={args.epochs} "
+              f"input {info.height}x{info.width}x{info.channels} ({','.join(info.modalities)}) "
+              f"regions {','.join(info.region_names)}", flush=True)
+        print(f"logdir: {self.logdir}", flush=True)
+
+    # -- per step -------------------------------------------------------------
+    def epoch_start(self, epoch: int) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        from tqdm import tqdm
+        self.bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.args.epochs}",
+                        unit="step", disable=not sys.stderr.isatty(), leave=False)
+
+    def want_images(self, step: int) -> bool:
+        return step % self.args.image_every == 0
+
+    def step(self, step: int, epoch: int, images: int, loss: float, dice: np.ndarray, lr: float) -> None:
+        self.n_window += images
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.3f}", dice=f"{float(dice[0]):.3f}")
+        if step % self.args.log_every:
+            return
+        now = time.perf_counter()
+        self.last_rate = self.n_window / max(now - self.t_window, 1e-9)
+        self.t_window, self.n_window = now, 0
+        tf = self.tf
+        with self.writer.as_default(step=step):
+            tf.summary.scalar("loss", loss)
+            tf.summary.scalar("learning_rate", lr)
+            tf.summary.scalar("img_per_sec", self.last_rate)
+            for name, d in zip(self.regions, dice):
+                tf.summary.scalar(f"dice_{name}", float(d))
+        dices = " ".join(f"dice_{n} {float(d):.4f}" for n, d in zip(self.regions, dice))
+        self.log.write(f"step {step} epoch {epoch + 1} loss {loss:.5f} {dices} lr {lr:.6g} "
+                       f"img/s {self.last_rate:.2f}\n")
+
+    def images(self, step: int, x: np.ndarray, y: np.ndarray, pred: np.ndarray) -> None:
+        tf = self.tf
+
+        def to_img(a):  # (B,H,W,K) -> displayable (B,H,W,1|3) in [0,1]
+            a = a[..., :3] if a.shape[-1] >= 3 else a[..., :1]
+            lo = a.min(axis=(1, 2, 3), keepdims=True)
+            hi = a.max(axis=(1, 2, 3), keepdims=True)
+            return (a - lo) / np.maximum(hi - lo, 1e-6)
+
+        with self.writer.as_default(step=step):
+            tf.summary.image("input", to_img(x[..., :1]), max_outputs=3)
+            tf.summary.image("ground_truth", np.clip(y[..., :3] if y.shape[-1] >= 3 else y[..., :1], 0, 1), max_outputs=3)
+            tf.summary.image("prediction", np.clip(pred[..., :3] if pred.shape[-1] >= 3 else pred[..., :1], 0, 1), max_outputs=3)
+
+    # -- per epoch --------------------------------------------------------------
+    def epoch_end(self, epoch: int, step: int, model, optimizer, val: dict | None, meta: dict) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        tf = self.tf
+        with self.writer.as_default(step=step):
+            for v in model.trainable_variables:
+                tf.summary.histogram(v.path, v.numpy())
+        msg = f"epoch {epoch + 1}/{self.args.epochs} step {step} img/s {self.last_rate:.2f}"
+        if val:
+            with self.val_writer.as_default(step=step):
+                tf.summary.scalar("loss", val["loss"])
+                for name, d in zip(self.regions, val["dice"]):
+                    tf.summary.scalar(f"dice_{name}", float(d))
+            dices = " ".join(f"dice_{n} {float(d):.4f}" for n, d in zip(self.regions, val["dice"]))
+            msg += f" val_loss {val['loss']:.4f} val {dices}"
+            self.log.write(f"validation epoch {epoch + 1} step {step} loss {val['loss']:.5f} {dices}\n")
+        self.writer.flush()
+        self.val_writer.flush()
+        path = checkpoint.save_checkpoint(self.ckpt_dir, model=model, optimizer=optimizer,
+                                          step=step, epoch=epoch + 1, meta=meta)
+        print(msg + f" checkpoint {os.path.relpath(path, self.logdir)}", flush=True)
+
+    def finish(self, model, meta: dict, val: dict | None) -> None:
+        keras_path, json_path = checkpoint.export_model(self.logdir, model, meta)
+        self.writer.close()
+        self.val_writer.close()
+        self.log.close()
+        print(f"model: {keras_path} (metadata {json_path})", flush=True)
+        print(f"tensorboard: tensorboard --logdir {self.logdir} --host 127.0.0.1", flush=True)
+        if val:
+            dices = " ".join(f"{n}={float(d):.4f}" for n, d in zip(self.regions, val["dice"]))
+            print(f"final validation Dice (slice-pooled, threshold 0.5): {dices}", flush=True)
+
+
+def make_reporter(is_chief: bool, *args, **kwargs):
+    return Rank0Reporter(*args, **kwargs) if is_chief else NullReporter()
+
+
+def describe(meta: dict) -> str:
+    return json.dumps(meta, sort_keys=True)

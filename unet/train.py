@@ -1,0 +1,146 @@
+"""The training loop: Horovod's recipe, one screen.
+
+init -> shard -> scale the LR -> average gradients with ring allreduce ->
+start all ranks from rank 0's state -> rank 0 logs, checkpoints and exports.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import sys
+import time
+
+import numpy as np
+
+from unet import config
+from unet.distributed import agree, init_horovod, launcher_rank, prepare_rank
+
+
+def _parse(argv):
+    """Parse flags; only rank 0 prints help or errors so N ranks do not print N copies."""
+    quiet = launcher_rank() != 0
+    sink = io.StringIO()
+    with (contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext()), \
+         (contextlib.redirect_stderr(sink) if quiet else contextlib.nullcontext()):
+        return config.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = _parse(argv)
+    except config.UsageError as e:
+        if launcher_rank() == 0:
+            print(f"train_hvd.py: error: {e}", file=sys.stderr)
+        return 2
+    setup = prepare_rank(args.num_threads, args.num_inter_threads, args.blocktime)
+    print(setup.line(), flush=True)
+
+    from unet.data.sources import open_sources  # h5py only; TensorFlow still not loaded
+    error, sources = None, None
+    try:
+        sources = open_sources(args)
+        train_src = sources[0]
+        if len(train_src) < args.batch_size * setup.size and args.steps_per_epoch == 0:
+            pass  # a short set is topped up by the sharding rule; nothing to refuse
+    except config.UsageError as e:
+        error = str(e)
+    error = agree(setup.comm, error)  # every rank exits on any rank's error: none is left waiting
+    if error:
+        if setup.rank == 0:
+            print(f"train_hvd.py: error: {error}", file=sys.stderr)
+        return 2
+    hvd = init_horovod(setup)
+    return run(args, setup, hvd, *sources)
+
+
+def run(args, setup, hvd, train_src, val_src, info) -> int:
+    import keras
+    import tensorflow as tf
+
+    from unet.data import pipeline
+    from unet.losses import dice_from_sums, dice_sums, get_loss
+    from unet.model import build_unet
+    from unet.reporting import make_reporter
+    from unet.schedule import learning_rate
+
+    rank, size = hvd.rank(), hvd.size()
+    keras.utils.set_random_seed(args.seed + rank)  # dropout differs per rank; weights come from rank 0
+    model = build_unet(info.height, info.width, info.channels, info.regions,
+                       use_upsampling=args.use_upsampling, dropout=args.dropout)
+    optimizer = keras.optimizers.Adam(learning_rate=args.learningrate)
+    optimizer.build(model.trainable_variables)  # create Adam's slots now, so they can be broadcast
+    loss_fn = get_loss(args.loss)
+
+    # Horovod: every rank starts from rank 0's weights and optimizer state (Keras 3
+    # variables wrap a tf.Variable in .value, which is what Horovod broadcasts).
+    hvd.broadcast_variables([v.value for v in model.variables], root_rank=0)
+    hvd.broadcast_variables([v.value for v in optimizer.variables], root_rank=0)
+
+    global_batch = args.batch_size * size
+    steps = pipeline.steps_per_epoch(len(train_src), global_batch, args.steps_per_epoch)
+    warmup_steps = int(round(args.warmup_epochs * steps))
+
+    def lr_at(step: int) -> float:
+        # Horovod: the rate grows with the workers (the global batch does), after a warmup.
+        return learning_rate(step, base_lr=args.learningrate, num_workers=size,
+                             scaling=args.lr_scaling, warmup_steps=warmup_steps,
+                             decay_steps=args.decay_steps, lr_fraction=args.lr_fraction,
+                             constant=args.const_learningrate)
+
+    @tf.function
+    def train_step(x, y):
+        with tf.GradientTape() as tape:
+            pred = model(x, training=True)
+            loss = loss_fn(y, pred)
+        grads = tape.gradient(loss, model.trainable_variables)
+        # Horovod: average gradients over all ranks with one fused ring allreduce;
+        # the loss and Dice sums ride along so rank 0 logs global figures.
+        reduced = hvd.grouped_allreduce(grads + [loss, dice_sums(y, pred)], op=hvd.Average)
+        optimizer.apply_gradients(zip(reduced[:-2], model.trainable_variables))
+        return reduced[-2], dice_from_sums(reduced[-1])
+
+    spec = tf.TensorSpec((None, info.height, info.width, info.channels), tf.float32)
+
+    @tf.function(input_signature=[spec])
+    def predict(x):
+        return model(x, training=False)
+
+    def validate() -> dict | None:
+        if val_src is None or args.no_validation:
+            return None
+        sums, loss_sum, count = np.zeros((2, info.regions)), 0.0, 0
+        for x, y in pipeline.val_batches(val_src, batch_size=args.batch_size, rank=rank, size=size):
+            p = predict(x)
+            sums += dice_sums(y, tf.cast(p > 0.5, tf.float32)).numpy()
+            loss_sum += float(loss_fn(y, p)) * len(x)
+            count += len(x)
+        # Horovod: add every rank's share; Dice from pooled sums equals the 1-process value.
+        total = hvd.allreduce(np.concatenate([sums.ravel(), [loss_sum, count]]), op=hvd.Sum).numpy()
+        return {"dice": dice_from_sums(total[:-2].reshape(2, -1)), "loss": total[-2] / max(total[-1], 1)}
+
+    meta = {"data": info.to_json(), "model": {"use_upsampling": args.use_upsampling,
+            "dropout": args.dropout, "loss": args.loss}, "ranks": size,
+            "global_batch": global_batch, "seed": args.seed}
+    reporter = make_reporter(rank == 0, args, info, setup, global_batch, steps)
+    step, val = 0, None
+    for epoch in range(args.epochs):
+        ds, _ = pipeline.train_dataset(train_src, batch_size=args.batch_size, rank=rank, size=size,
+                                       epoch=epoch, seed=args.seed, cap=args.steps_per_epoch,
+                                       augment_on=not args.no_augment)
+        reporter.epoch_start(epoch)
+        for x, y in ds:
+            lr = lr_at(step)
+            optimizer.learning_rate.assign(lr)
+            loss, dice = train_step(x, y)
+            reporter.step(step, epoch, global_batch, float(loss), dice.numpy(), lr)
+            if reporter.want_images(step):
+                reporter.images(step, x.numpy()[:3], y.numpy()[:3], predict(x[:3]).numpy())
+            step += 1
+        val = validate()
+        reporter.epoch_end(epoch, step, model, optimizer, val, meta)
+    reporter.finish(model, meta, val)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
