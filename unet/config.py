@@ -32,9 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decoder uses UpSampling2D instead of 2x2 stride-2 Conv2DTranspose")
     g.add_argument("--dropout", type=float, default=0.2,
                    help="dropout rate after the first convolution of levels 3 and 4 (fraction)")
-    g.add_argument("--loss", choices=("dice", "dice_bce", "bce"), default="dice",
-                   help="dice: -log((2*sum(y*p)+1)/(sum(y)+sum(p)+1)) over the batch (the seed's); "
-                        "dice_bce: dice + binary cross-entropy; bce: cross-entropy only")
+    g.add_argument("--loss", choices=("dice", "dice_bce", "bce"), default="dice_bce",
+                   help="dice: -log((2*sum(y*p)+1)/(sum(y)+sum(p)+1)) over the batch (the seed's; "
+                        "at the seed's rate it can collapse to all-background, see docs/TRAINING.md); "
+                        "dice_bce: that plus binary cross-entropy; bce: cross-entropy only")
 
     g = p.add_argument_group("threads (per rank, set before TensorFlow starts)")
     g.add_argument("--num_threads", type=int, default=0,

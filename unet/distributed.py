@@ -122,3 +122,18 @@ def init_horovod(setup: RankSetup):
         raise RuntimeError(f"Horovod sees rank {hvd.rank()}/{hvd.size()}, launcher said "
                            f"{setup.rank}/{setup.size}")
     return hvd
+
+
+def weights_digest(variables) -> str:
+    """sha256 over the bytes of ``variables`` (order-sensitive)."""
+    import hashlib
+    h = hashlib.sha256()
+    for v in variables:
+        h.update(v.numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_replicas(hvd, model) -> tuple[bool, list[str]]:
+    """Do all ranks hold bit-identical weights? (collective: every rank calls it)."""
+    digests = hvd.allgather_object(weights_digest(model.variables))
+    return len(set(digests)) == 1, digests

@@ -117,6 +117,13 @@ class Rank0Reporter:
                                           step=step, epoch=epoch + 1, meta=meta)
         print(msg + f" checkpoint {os.path.relpath(path, self.logdir)}", flush=True)
 
+    def replicas(self, same: bool, digests: list[str]) -> None:
+        if same:
+            print(f"weights: identical on {len(digests)} ranks (sha256 {digests[0][:16]})", flush=True)
+        else:
+            print("weights: DIFFER across ranks: " + " ".join(f"rank{i}={d[:12]}" for i, d in enumerate(digests)),
+                  file=sys.stderr, flush=True)
+
     def finish(self, model, meta: dict, val: dict | None) -> None:
         keras_path, json_path = checkpoint.export_model(self.logdir, model, meta)
         self.writer.close()

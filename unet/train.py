@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from unet import config
-from unet.distributed import agree, init_horovod, launcher_rank, prepare_rank
+from unet.distributed import agree, check_replicas, init_horovod, launcher_rank, prepare_rank
 
 
 def _parse(argv):
@@ -138,8 +138,10 @@ def run(args, setup, hvd, train_src, val_src, info) -> int:
             step += 1
         val = validate()
         reporter.epoch_end(epoch, step, model, optimizer, val, meta)
+    same, digests = check_replicas(hvd, model)
+    reporter.replicas(same, digests)
     reporter.finish(model, meta, val)
-    return 0
+    return 0 if same else 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,16 @@
+"""Run under mpirun: Horovod allreduce of known values and a broadcast from rank 0."""
+import json
+
+import numpy as np
+import tensorflow as tf
+import horovod.tensorflow as hvd
+
+hvd.init()
+r, n = hvd.rank(), hvd.size()
+mine = tf.constant(np.arange(4, dtype=np.float32) + 10.0 * r)      # rank r holds [10r, 10r+1, ...]
+total = hvd.allreduce(mine, op=hvd.Sum).numpy()
+mean = hvd.allreduce(mine, op=hvd.Average).numpy()
+seed = tf.Variable(np.full(3, 100.0 + r, dtype=np.float32))          # differs per rank until broadcast
+hvd.broadcast_variables([seed], root_rank=0)
+print("RESULT " + json.dumps({"rank": r, "size": n, "sum": total.tolist(), "mean": mean.tolist(),
+                              "bcast": seed.numpy().tolist()}), flush=True)

@@ -1,0 +1,29 @@
+import pytest
+
+from unet.config import UsageError, build_parser, parse_args
+
+SEED_FLAGS = ["--use_upsampling", "--num_threads", "--num_inter_threads", "--batch_size", "--blocktime",
+              "--epochs", "--learningrate", "--const_learningrate", "--decay_steps", "--lr_fraction"]
+
+
+def test_seed_flag_names_and_defaults_are_kept():
+    text = build_parser().format_help()
+    for flag in SEED_FLAGS + ["--data", "--logdir", "--seed", "--steps_per_epoch", "--synthetic",
+                              "--lr_scaling", "--warmup_epochs"]:
+        assert flag in text
+    a = parse_args(["--synthetic"])
+    assert (a.learningrate, a.decay_steps, a.lr_fraction, a.blocktime) == (0.0005, 150, 0.25, 0)
+    assert a.lr_scaling == "linear" and not a.use_upsampling and not a.const_learningrate
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--synthetic", "--batch_size", "0"], "--batch_size"),
+    (["--synthetic", "--lr_fraction", "1.5"], "--lr_fraction"),
+    (["--synthetic", "--learningrate", "-1"], "--learningrate"),
+    (["--synthetic", "--synthetic_size", "100"], "--synthetic_size"),
+    ([], "--data"),
+    (["--synthetic", "--data", "x.h5"], "--data"),
+])
+def test_bad_values_name_the_flag(argv, flag):
+    with pytest.raises(UsageError, match=flag):
+        parse_args(argv)

@@ -1,0 +1,45 @@
+import os
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.needs_stack
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def test_seed_unet_has_7759521_parameters():
+    from unet.model import build_unet
+    m = build_unet(128, 128, 1, 1)
+    assert m.count_params() == 7_759_521
+    assert m.output_shape == (None, 128, 128, 1)
+    names = [l.name for l in m.layers]
+    assert "drop3" in names and "drop4" in names and "drop1" not in names
+    assert names.index("drop3") == names.index("conv3a") + 1   # right after the level's first conv
+
+
+def test_upsampling_variant_and_multi_region_head():
+    from unet.model import build_unet
+    up = build_unet(64, 64, 4, 3, use_upsampling=True)
+    assert up.output_shape == (None, 64, 64, 3)
+    assert not any("transConv" in l.name for l in up.layers)
+    # UpSampling2D keeps the deeper level's channels, so the next convolutions see more inputs
+    assert up.get_layer("conv6a").input.shape[-1] == 512 + 256
+
+
+def test_dice_loss_equals_hand_computation():
+    import tensorflow as tf
+    from unet.losses import dice_from_sums, dice_loss, dice_sums
+    y = np.zeros((1, 4, 4, 1), np.float32); y[0, :2, :2] = 1          # 4 pixels
+    p = np.zeros((1, 4, 4, 1), np.float32); p[0, :2, :] = 0.5         # 8 pixels at 0.5
+    # sum(y*p)=2, sum(y)=4, sum(p)=4 -> -log((2*2+1)/(4+4+1)) = -log(5/9)
+    assert float(dice_loss(tf.constant(y), tf.constant(p))) == pytest.approx(-np.log(5 / 9), rel=1e-6)
+    sums = dice_sums(tf.constant(y), tf.constant(p)).numpy()
+    assert sums.tolist() == [[2.0], [8.0]]
+    assert float(dice_from_sums(sums)[0]) == pytest.approx(5 / 9)
+
+
+def test_perfect_prediction_gives_zero_loss():
+    import tensorflow as tf
+    from unet.losses import dice_loss
+    y = np.zeros((2, 8, 8, 1), np.float32); y[:, 2:5, 2:6] = 1
+    assert float(dice_loss(tf.constant(y), tf.constant(y))) == pytest.approx(0.0, abs=1e-6)

@@ -1,0 +1,75 @@
+"""Rank 0 alone logs: a real TensorBoard server reads the tags; rank 1 writes nothing."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from conftest import ROOT, mpi_env
+from h5fixture import write_h5
+
+pytestmark = pytest.mark.mpi
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(url):
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return json.loads(r.read())
+
+
+def test_rank0_tensorboard_scalars_images_histograms_and_nothing_from_rank1(tmp_path):
+    data = write_h5(str(tmp_path / "data.h5"))
+    wd0, wd1 = tmp_path / "rank0", tmp_path / "rank1"
+    wd0.mkdir(); wd1.mkdir()
+    train = [sys.executable, os.path.join(ROOT, "train_hvd.py"), "--data", data, "--logdir", "logs",
+             "--batch_size", "4", "--epochs", "2", "--log_every", "1", "--image_every", "2"]
+    # MPMD launch: same program, each rank in its own working directory, so a
+    # relative --logdir shows exactly what each rank wrote.
+    cmd = ["mpirun", "--oversubscribe", "-np", "1", "-wdir", str(wd0), *train, ":",
+           "-np", "1", "-wdir", str(wd1), *train]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=mpi_env())
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "input 32x32x2 (FLAIR,T1ce) regions WT,TC,ET" in p.stdout   # shape from the file's metadata
+    assert "global_batch=8 steps/epoch=3" in p.stdout
+    assert not (wd1 / "logs").exists(), list(wd1.rglob("*"))
+    logs = wd0 / "logs"
+    assert (logs / "model.keras").is_file() and (logs / "model.json").is_file()
+    assert len(list((logs / "checkpoints").glob("ckpt-*.npz"))) == 2
+    lines = (logs / "training.log").read_text().splitlines()
+    assert sum(l.startswith("step ") for l in lines) == 6 and "dice_ET" in lines[0]
+
+    port = free_port()
+    tb = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "tensorboard"),
+                           "--logdir", str(logs), "--host", "127.0.0.1", "--port", str(port),
+                           "--reload_interval", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline, scalars = time.time() + 90, {}
+        while time.time() < deadline:
+            try:
+                scalars = get_json(f"{base}/data/plugin/scalars/tags")
+                if "validation" in scalars and "train" in scalars:
+                    break
+            except OSError:
+                pass
+            time.sleep(1)
+        assert {"loss", "learning_rate", "img_per_sec", "dice_WT", "dice_TC", "dice_ET"} <= set(scalars["train"])
+        assert {"loss", "dice_WT", "dice_TC", "dice_ET"} <= set(scalars["validation"])
+        loss = get_json(f"{base}/data/plugin/scalars/scalars?run=train&tag=loss")
+        assert [pt[1] for pt in loss] == [0, 1, 2, 3, 4, 5]       # one point per step
+        images = get_json(f"{base}/data/plugin/images/tags")
+        assert {"input", "ground_truth", "prediction"} <= set(images["train"])
+        hist = get_json(f"{base}/data/plugin/histograms/tags")
+        assert any("conv1a" in t for t in hist["train"])
+    finally:
+        tb.terminate()
+        tb.wait(timeout=30)

@@ -1,0 +1,59 @@
+"""The trainer under a real ``mpirun``: averaging, identical replicas, bad input."""
+import glob
+import os
+import re
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, run_mpi, train_args
+
+pytestmark = pytest.mark.mpi
+DETERMINISTIC = ["--loss", "bce", "--dropout", "0", "--no_augment", "--lr_scaling", "none",
+                 "--warmup_epochs", "0", "--const_learningrate", "--learningrate", "0.001",
+                 "--no_validation", "--seed", "5"]
+
+
+def model_weights(logdir):
+    (ckpt,) = glob.glob(os.path.join(logdir, "checkpoints", "ckpt-*.npz"))
+    with np.load(ckpt) as z:
+        return [z[k] for k in sorted(z.files) if re.fullmatch(r"m\d+", k)]
+
+
+def test_two_ranks_average_like_one_rank_with_double_batch(tmp_path):
+    two, one = str(tmp_path / "two"), str(tmp_path / "one")
+    # 32 training images: global batch 8 -> 4 steps, both runs see the same samples per step
+    p2 = run_mpi(2, train_args(two, "--batch_size", "4", *DETERMINISTIC))
+    assert p2.returncode == 0, p2.stderr[-3000:]
+    p1 = run_mpi(1, train_args(one, "--batch_size", "8", *DETERMINISTIC))
+    assert p1.returncode == 0, p1.stderr[-3000:]
+    assert "global_batch=8 steps/epoch=4" in p2.stdout and "global_batch=8 steps/epoch=4" in p1.stdout
+    assert re.search(r"weights: identical on 2 ranks", p2.stdout), p2.stdout
+
+    w2, w1 = model_weights(two), model_weights(one)
+    diff = np.sqrt(sum(float(np.sum((a - b) ** 2)) for a, b in zip(w2, w1)))
+    norm = np.sqrt(sum(float(np.sum(b ** 2)) for b in w1))
+    # and how far training moved the weights, to show the tolerance is meaningful
+    p0 = run_mpi(1, train_args(str(tmp_path / "zero"), "--batch_size", "8", *DETERMINISTIC,
+                               "--learningrate", "1e-12"))
+    assert p0.returncode == 0, p0.stderr[-3000:]
+    w0 = model_weights(str(tmp_path / "zero"))
+    moved = np.sqrt(sum(float(np.sum((a - b) ** 2)) for a, b in zip(w1, w0)))
+    print(f"|w2-w1| = {diff:.3e}, |w1| = {norm:.3e}, |w1-w_init| = {moved:.3e}")
+    assert moved > 1e-3
+    assert diff < 1e-3 * moved          # the 2-rank run lands where the 1-rank run does
+
+
+def test_missing_data_file_fails_fast_on_every_rank(tmp_path):
+    p = run_mpi(2, [os.path.join(ROOT, "train_hvd.py"), "--data", str(tmp_path / "nope.h5"),
+                    "--logdir", str(tmp_path / "logs")], timeout=90)
+    assert p.returncode != 0
+    errors = [l for l in p.stderr.splitlines() if l.startswith("train_hvd.py: error:")]
+    assert errors == [f"train_hvd.py: error: --data {tmp_path / 'nope.h5'}: no such file or folder"]
+    assert not (tmp_path / "logs").exists()
+
+
+def test_bad_flag_value_is_one_line_from_rank0(tmp_path):
+    p = run_mpi(2, [os.path.join(ROOT, "train_hvd.py"), "--synthetic", "--batch_size", "0"], timeout=60)
+    assert p.returncode != 0
+    assert p.stderr.count("--batch_size must be >= 1 (got 0)") == 1
