@@ -136,10 +136,12 @@ if ((CHECKS)); then
 import os; os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 import tensorflow as tf, horovod.tensorflow as hvd
 hvd.init()
-s = hvd.allreduce(tf.constant(float(hvd.rank() + 1)), op=hvd.Sum)
-print("allreduce rank %d/%d sum %g" % (hvd.rank(), hvd.size(), float(s)))
+s = hvd.allreduce(tf.constant([float(hvd.rank() + 1)]), op=hvd.Sum)  # 1 + 2
+every = hvd.allgather(s).numpy().tolist()                             # the result on every rank
+if hvd.rank() == 0:
+    print("allreduce-smoke ranks=%d sums=%s" % (hvd.size(), ",".join("%g" % v for v in every)))
 ' 2>&1) || { echo "$out" >&2; false; }
-  echo "$out" | grep '^allreduce' | sed 's/^/    /'
-  [[ $(echo "$out" | grep -c '^allreduce rank [01]/2 sum 3$') -eq 2 ]] || { echo "$out" >&2; echo "setup.sh: 2-rank allreduce did not give 3 on both ranks" >&2; false; }
+  echo "$out" | grep '^allreduce-smoke' | sed 's/^/    /'
+  echo "$out" | grep -qx 'allreduce-smoke ranks=2 sums=3,3' || { echo "$out" >&2; echo "setup.sh: 2-rank allreduce did not give 3 on both ranks" >&2; false; }
 fi
 echo "==> setup done in $(( $(date +%s) - t0 )) s; activate with: source .venv/bin/activate"

@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"train_hvd.py: error: {e}", file=sys.stderr)
         return 2
     setup = prepare_rank(args.num_threads, args.num_inter_threads, args.blocktime)
-    print(setup.line(), flush=True)
+    sys.stdout.write(setup.line() + "\n")  # one write: lines of several ranks do not interleave
+    sys.stdout.flush()
 
     from unet.data.sources import open_sources  # h5py only; TensorFlow still not loaded
     error, sources = None, None

@@ -12,5 +12,7 @@ total = hvd.allreduce(mine, op=hvd.Sum).numpy()
 mean = hvd.allreduce(mine, op=hvd.Average).numpy()
 seed = tf.Variable(np.full(3, 100.0 + r, dtype=np.float32))          # differs per rank until broadcast
 hvd.broadcast_variables([seed], root_rank=0)
-print("RESULT " + json.dumps({"rank": r, "size": n, "sum": total.tolist(), "mean": mean.tolist(),
-                              "bcast": seed.numpy().tolist()}), flush=True)
+mine = {"rank": r, "size": n, "sum": total.tolist(), "mean": mean.tolist(), "bcast": seed.numpy().tolist()}
+every = hvd.allgather_object(mine)          # one line from rank 0: ranks' stdout may interleave
+if r == 0:
+    print("RESULT " + json.dumps(every), flush=True)
