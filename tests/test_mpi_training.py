@@ -57,3 +57,26 @@ def test_bad_flag_value_is_one_line_from_rank0(tmp_path):
     p = run_mpi(2, [os.path.join(ROOT, "train_hvd.py"), "--synthetic", "--batch_size", "0"], timeout=60)
     assert p.returncode != 0
     assert p.stderr.count("--batch_size must be >= 1 (got 0)") == 1
+
+
+def rank_lines(stdout):
+    return sorted(l for l in stdout.splitlines() if l.startswith("rank "))
+
+
+def test_threads_follow_the_binding_of_plain_mpirun_map_by_socket(tmp_path):
+    ncpu = len(os.sched_getaffinity(0))   # this box: one socket
+    hostfile = os.path.join(ROOT, "hostfiles", "localhost")
+    one = run_mpi(1, train_args(str(tmp_path / "a"), "--blocktime", "30"),
+                  mpi_args=["-hostfile", hostfile, "--map-by", "socket"])
+    assert one.returncode == 0, one.stderr[-2000:]
+    (line,) = rank_lines(one.stdout)
+    assert f"({ncpu}) intra {ncpu} inter 2 KMP_BLOCKTIME 30" in line   # the socket's cores
+    two = run_mpi(2, train_args(str(tmp_path / "b")), mpi_args=["-hostfile", hostfile, "--map-by", "socket"])
+    assert two.returncode == 0, two.stderr[-2000:]
+    lines = rank_lines(two.stdout)
+    assert [l.split()[1] for l in lines] == ["0/2", "1/2"]
+    for l in lines:   # both ranks bound to the same socket: they split its cores
+        assert f"({ncpu}) intra {max(1, ncpu // 2)} " in l
+    forced = run_mpi(2, train_args(str(tmp_path / "c"), "--num_threads", "3", "--num_inter_threads", "1"))
+    assert forced.returncode == 0, forced.stderr[-2000:]
+    assert all(" intra 3 inter 1 " in l for l in rank_lines(forced.stdout))
