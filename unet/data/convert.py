@@ -1,0 +1,427 @@
+"""unet-convert: BraTS / BraTS 2023 / MSD NIfTI cases -> one HDF5 file (or the seed's npy files).
+
+    unet-convert --input DIR --output data.h5 [--size 128] [--workers N]
+    mpirun -np 4 unet-convert --input DIR --output data.h5   # cases split over ranks
+
+Cases are read with SimpleITK one at a time (memory does not grow with the
+number of cases), split by patient into train/val, normalised (z-score over
+brain voxels per modality), brought in-plane to --size with OpenCV (masks by
+nearest neighbour) and written as axial slices. The output appears under its
+final name only when complete.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from unet.data import labels as L
+from unet.data import preprocess as P
+from unet.data.layouts import MODALITIES, MSD_CHANNELS, SUFFIXES, Case, LayoutError, detect_layout, find_cases
+
+CONVERTER_VERSION = "1"
+SPACING_TOL = 1e-3
+
+
+class DataError(Exception):
+    def __init__(self, case: str, path: str, msg: str):
+        super().__init__(f"case {case}: {path}: {msg}")
+        self.case = case
+
+
+@dataclass
+class Options:
+    modalities: tuple
+    regions: tuple
+    size: int
+    inplane: str
+    slices: str
+    background_fraction: float
+    seed: int
+
+
+def _read(case: Case, path: str):
+    import SimpleITK as sitk
+    try:
+        img = sitk.ReadImage(path)
+    except RuntimeError as e:
+        msg = next((l.strip() for l in str(e).splitlines() if l.strip()), "unreadable")
+        raise DataError(case.case_id, path, f"cannot read ({msg[:160]})") from None
+    return img, sitk.GetArrayFromImage(img)
+
+
+def _geometry(img) -> dict:
+    d = img.GetDimension()
+    keep = 3
+    return {"size": list(img.GetSize())[:keep], "spacing": list(img.GetSpacing())[:keep],
+            "origin": list(img.GetOrigin())[:keep],
+            "direction": [img.GetDirection()[r * d + c] for r in range(keep) for c in range(keep)]}
+
+
+def read_case(case: Case, opts: Options):
+    """-> (channels (C,z,y,x) float32, seg (z,y,x) int, geometry of the first file)."""
+    folder = os.path.dirname(next(iter(case.files.values()), case.seg or case.case_id))
+    if case.seg is None:
+        suf = {"msd": "labelsTr/<case>.nii.gz"}.get(case.layout, f"*{SUFFIXES.get(case.layout, {}).get('seg', '_seg')}.nii.gz")
+        raise DataError(case.case_id, folder, f"missing segmentation ({suf})")
+    vols, ref, ref_path = [], None, None
+    if case.layout == "msd":
+        img, arr = _read(case, case.files["image"])
+        if arr.ndim != 4 or arr.shape[0] < 4:
+            raise DataError(case.case_id, case.files["image"], f"expected a 4-D image with 4 channels, got array {arr.shape}")
+        vols = [arr[MSD_CHANNELS[m]] for m in opts.modalities]
+        ref, ref_path, geom = img, case.files["image"], _geometry(img)
+        ref_shape, ref_spacing = arr.shape[1:], img.GetSpacing()[:3]
+        paths = [case.files["image"]] * len(vols)
+    else:
+        paths = []
+        for m in opts.modalities:
+            if m not in case.files:
+                raise DataError(case.case_id, folder, f"missing {m} file (*{SUFFIXES[case.layout][m]}.nii.gz)")
+            img, arr = _read(case, case.files[m])
+            if ref is None:
+                ref, ref_path, geom = img, case.files[m], _geometry(img)
+                ref_shape, ref_spacing = arr.shape, img.GetSpacing()
+            elif arr.shape != ref_shape:
+                raise DataError(case.case_id, case.files[m], f"shape {arr.shape[::-1]} differs from "
+                                f"{os.path.basename(ref_path)} {ref_shape[::-1]}")
+            elif not np.allclose(img.GetSpacing(), ref_spacing, atol=SPACING_TOL):
+                raise DataError(case.case_id, case.files[m], f"spacing {img.GetSpacing()} differs from "
+                                f"{os.path.basename(ref_path)} {ref_spacing}")
+            vols.append(arr)
+            paths.append(case.files[m])
+    for v, p in zip(vols, paths):
+        if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all():
+            raise DataError(case.case_id, p, "contains NaN or Inf")
+    seg_img, seg = _read(case, case.seg)
+    if seg.shape != tuple(ref_shape):
+        raise DataError(case.case_id, case.seg, f"shape {seg.shape[::-1]} differs from "
+                        f"{os.path.basename(ref_path)} {tuple(ref_shape)[::-1]}")
+    if not np.allclose(seg_img.GetSpacing()[:3], ref_spacing[:3], atol=SPACING_TOL):
+        raise DataError(case.case_id, case.seg, f"spacing {seg_img.GetSpacing()} differs from "
+                        f"{os.path.basename(ref_path)} {tuple(ref_spacing)}")
+    if np.issubdtype(seg.dtype, np.floating):
+        if not np.isfinite(seg).all() or not np.array_equal(seg, np.round(seg)):
+            raise DataError(case.case_id, case.seg, "segmentation has non-integer, NaN or Inf values")
+    bad = L.unexpected_labels(seg, case.layout)
+    if bad:
+        raise DataError(case.case_id, case.seg, f"unexpected label values {bad} for layout {case.layout} "
+                        f"(expected {', '.join(map(str, L.VALID_LABELS[case.layout]))})")
+    return np.stack(vols).astype(np.float32), seg.astype(np.int16), geom
+
+
+def process_case(case: Case, opts: Options, split: str) -> dict:
+    """Read, normalise, resample in-plane and slice one case (runs in a worker)."""
+    chans, seg, geom = read_case(case, opts)
+    brain = P.brain_mask(chans)
+    chans = np.stack([P.zscore(v, brain) for v in chans])
+    regions = L.regions_from_labels(seg, case.layout, opts.regions)
+    tumour = np.isin(seg, L.REGION_LABELS[case.layout]["WT"])
+    rng = np.random.default_rng([opts.seed, zlib.crc32(case.case_id.encode())])
+    keep = P.select_slices(brain, tumour, "all" if split == "val" else opts.slices, rng,
+                           opts.background_fraction)
+    plan = P.inplane_plan(chans.shape[2:], opts.size, opts.inplane)
+    imgs = np.stack([P.apply_inplane(np.moveaxis(chans[:, z], 0, -1), plan, is_mask=False) for z in keep]) \
+        if len(keep) else np.zeros((0, opts.size, opts.size, len(opts.modalities)), np.float32)
+    msks = np.stack([P.apply_inplane(regions[z], plan, is_mask=True) for z in keep]) \
+        if len(keep) else np.zeros((0, opts.size, opts.size, len(opts.regions)), np.uint8)
+    return {"case_id": case.case_id, "split": split, "images": imgs.astype(np.float32),
+            "masks": msks.astype(np.uint8), "slice_index": np.asarray(keep, np.int32),
+            "geometry": dict(geom, plan=plan, slices=len(keep))}
+
+
+def split_by_patient(case_ids: list[str], val_fraction: float, seed: int) -> dict[str, str]:
+    """case id -> 'train' | 'val'; deterministic by seed, no case in both."""
+    ids = sorted(case_ids)
+    order = np.random.default_rng(seed).permutation(len(ids))
+    n_val = int(math.ceil(val_fraction * len(ids))) if val_fraction > 0 else 0
+    if len(ids) >= 2:
+        n_val = min(max(n_val, 1 if val_fraction > 0 else 0), len(ids) - 1)
+    val = {ids[i] for i in order[:n_val]}
+    return {c: ("val" if c in val else "train") for c in ids}
+
+
+class H5Writer:
+    """Appends slices to resizable, per-slice-chunked, compressed datasets."""
+
+    def __init__(self, path: str, size: int, channels: int, regions: int):
+        import h5py
+        self.f = h5py.File(path, "w")
+        self.cases = self.f.create_group("cases")
+        for split in ("train", "val"):
+            g = self.f.create_group(split)
+            g.create_dataset("images", (0, size, size, channels), np.float32, maxshape=(None, size, size, channels),
+                             chunks=(1, size, size, channels), compression="gzip", compression_opts=1, shuffle=True)
+            g.create_dataset("masks", (0, size, size, regions), np.uint8, maxshape=(None, size, size, regions),
+                             chunks=(1, size, size, regions), compression="gzip", compression_opts=1)
+            g.create_dataset("case_id", (0,), h5py.string_dtype(), maxshape=(None,), chunks=(1024,))
+            g.create_dataset("slice_index", (0,), np.int32, maxshape=(None,), chunks=(1024,))
+
+    def append(self, r: dict) -> None:
+        g, n = self.f[r["split"]], len(r["slice_index"])
+        start = g["images"].shape[0]
+        for name, data in (("images", r["images"]), ("masks", r["masks"]),
+                           ("case_id", np.array([r["case_id"]] * n, dtype=object)),
+                           ("slice_index", r["slice_index"])):
+            g[name].resize(start + n, axis=0)
+            if n:
+                g[name][start:] = data
+        self.cases.attrs[r["case_id"]] = json.dumps(dict(r["geometry"], split=r["split"]))
+
+    def close(self, attrs: dict) -> None:
+        for k, v in attrs.items():
+            self.f.attrs[k] = v
+        self.f.close()
+
+
+def _iter_results(cases, opts, splits, workers):
+    """Yield (case, result | DataError) in case order, at most 2*workers cases in flight."""
+    if workers <= 1:
+        for c in cases:
+            try:
+                yield c, process_case(c, opts, splits[c.case_id])
+            except DataError as e:
+                yield c, e
+        return
+    import multiprocessing as mp
+    from collections import deque
+    with mp.get_context("fork").Pool(workers) as pool:
+        pending = deque()
+        it = iter(cases)
+        for c in it:
+            pending.append((c, pool.apply_async(_worker, (c, opts, splits[c.case_id]))))
+            if len(pending) >= 2 * workers:
+                break
+        while pending:
+            c, fut = pending.popleft()
+            yield c, fut.get()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append((nxt, pool.apply_async(_worker, (nxt, opts, splits[nxt.case_id]))))
+
+
+def _worker(case, opts, split):
+    try:
+        return process_case(case, opts, split)
+    except DataError as e:
+        return e
+
+
+def convert_to(path: str, cases, opts: Options, splits, *, workers: int, skip_bad: bool, progress: bool):
+    """Write all ``cases`` into a new HDF5 file at ``path``; returns (slices per split, skipped)."""
+    from tqdm import tqdm
+    w = H5Writer(path, opts.size, len(opts.modalities), len(opts.regions))
+    counts, skipped = {"train": 0, "val": 0}, []
+    try:
+        bar = tqdm(total=len(cases), unit="case", disable=not progress, desc="converting")
+        for case, r in _iter_results(cases, opts, splits, workers):
+            bar.update(1)
+            if isinstance(r, DataError):
+                if not skip_bad:
+                    raise r
+                skipped.append(str(r))
+                continue
+            w.append(r)
+            counts[r["split"]] += len(r["slice_index"])
+        bar.close()
+    finally:
+        w.close({})
+    return counts, skipped
+
+
+def merge_parts(parts: list[str], out: str, opts: Options) -> None:
+    """Concatenate per-rank part files (same options) into ``out``."""
+    import h5py
+    w = H5Writer(out, opts.size, len(opts.modalities), len(opts.regions))
+    try:
+        for p in parts:
+            with h5py.File(p, "r") as f:
+                for split in ("train", "val"):
+                    g = f[split]
+                    n, start = g["images"].shape[0], w.f[split]["images"].shape[0]
+                    for name in ("images", "masks", "case_id", "slice_index"):
+                        w.f[split][name].resize(start + n, axis=0)
+                        for s in range(0, n, 256):  # bounded memory
+                            w.f[split][name][start + s:start + min(s + 256, n)] = g[name][s:s + 256]
+                for k, v in f["cases"].attrs.items():
+                    w.cases.attrs[k] = v
+    finally:
+        w.close({})
+
+
+def write_npy(h5_path: str, folder: str) -> list[str]:
+    """The seed's four files from a finished HDF5 file (copied in bounded chunks)."""
+    import h5py
+    os.makedirs(folder, exist_ok=True)
+    names = {("train", "images"): "imgs_train.npy", ("train", "masks"): "msks_train.npy",
+             ("val", "images"): "imgs_test.npy", ("val", "masks"): "msks_test.npy"}
+    written = []
+    with h5py.File(h5_path, "r") as f:
+        for (split, key), name in names.items():
+            src = f[split][key]
+            final = os.path.join(folder, name)
+            tmp = final + f".tmp-{os.getpid()}.npy"
+            mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32 if key == "images" else np.uint8,
+                                           shape=src.shape)
+            for s in range(0, src.shape[0], 256):
+                mm[s:s + 256] = src[s:s + 256]
+            mm.flush()
+            del mm
+            os.replace(tmp, final)
+            written.append(final)
+    return written
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="unet-convert", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--input", required=True, help="dataset root (BraTS 2017-22, BraTS 2023 GLI or MSD Task01)")
+    p.add_argument("--output", required=True, help="output .h5 file, or folder for --format npy")
+    p.add_argument("--format", choices=("h5", "npy"), default="h5",
+                   help="h5: one HDF5 file; npy: the seed's imgs/msks_{train,test}.npy")
+    p.add_argument("--layout", choices=("auto", "brats", "brats2023", "msd"), default="auto",
+                   help="input layout; auto-detected by file names")
+    p.add_argument("--modalities", default=None,
+                   help="comma list in channel order from FLAIR,T1,T1ce,T2 (default: all four for h5, "
+                        "FLAIR for npy)")
+    p.add_argument("--regions", default=None,
+                   help="comma list from WT,TC,ET (default: WT,TC,ET for h5, WT for npy)")
+    p.add_argument("--size", type=int, default=128,
+                   help="in-plane size in pixels (multiple of 16); 240 keeps the BraTS grid untouched")
+    p.add_argument("--inplane", choices=("resize", "crop"), default="resize",
+                   help="resize the whole slice (keeps all the brain) or centre-crop it")
+    p.add_argument("--slices", choices=("all", "brain", "tumour"), default="brain",
+                   help="training slices kept: all; those with brain (default: drops empty slices "
+                        "above/below the head, keeps the class balance inference sees); tumour: slices "
+                        "with tumour plus --background_fraction of the others. Validation keeps all.")
+    p.add_argument("--background_fraction", type=float, default=0.1,
+                   help="--slices tumour: fraction of tumour-free brain slices kept")
+    p.add_argument("--val_fraction", type=float, default=0.2, help="fraction of patients for validation")
+    p.add_argument("--seed", type=int, default=816, help="seed of the patient split")
+    p.add_argument("--workers", type=int, default=1, help="processes converting cases in parallel (one machine)")
+    p.add_argument("--skip_bad", action="store_true", help="skip bad cases, list them at the end")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _opts(a) -> Options:
+    fmt_default = ("FLAIR", "WT") if a.format == "npy" else (",".join(MODALITIES), ",".join(L.REGIONS))
+    mods = tuple(x.strip() for x in (a.modalities or fmt_default[0]).split(",") if x.strip())
+    regs = tuple(x.strip() for x in (a.regions or fmt_default[1]).split(",") if x.strip())
+    for m in mods:
+        if m not in MODALITIES:
+            raise ValueError(f"--modalities: unknown modality {m!r} (choose from {','.join(MODALITIES)})")
+    for r in regs:
+        if r not in L.REGIONS:
+            raise ValueError(f"--regions: unknown region {r!r} (choose from WT,TC,ET)")
+    if len(set(mods)) != len(mods) or not mods:
+        raise ValueError("--modalities: give each modality once")
+    if len(set(regs)) != len(regs) or not regs:
+        raise ValueError("--regions: give each region once")
+    if a.size < 16 or a.size % 16:
+        raise ValueError(f"--size must be a multiple of 16 (got {a.size})")
+    if not 0 <= a.val_fraction < 1:
+        raise ValueError(f"--val_fraction must be in [0, 1) (got {a.val_fraction})")
+    if a.workers < 1:
+        raise ValueError(f"--workers must be >= 1 (got {a.workers})")
+    return Options(mods, regs, a.size, a.inplane, a.slices, a.background_fraction, a.seed)
+
+
+def _comm():
+    if not any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")):
+        return None
+    from mpi4py import MPI
+    return MPI.COMM_WORLD if MPI.COMM_WORLD.Get_size() > 1 else None
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    comm = _comm()
+    rank, size = (comm.Get_rank(), comm.Get_size()) if comm else (0, 1)
+
+    def fail(msg: str) -> int:
+        if rank == 0:
+            print(f"unet-convert: error: {msg}", file=sys.stderr)
+        return 1
+
+    try:
+        opts = _opts(a)
+        layout = detect_layout(a.input) if a.layout == "auto" else a.layout
+        cases = find_cases(a.input, layout)
+    except (ValueError, LayoutError) as e:
+        return fail(str(e))
+    if not cases:
+        return fail(f"{a.input}: no cases found for layout {layout}")
+    splits = split_by_patient([c.case_id for c in cases], a.val_fraction, a.seed)
+    out = os.path.abspath(a.output)
+    h5_final = out if a.format == "h5" else os.path.join(out, ".unet-convert.h5")
+    os.makedirs(os.path.dirname(h5_final) or ".", exist_ok=True)
+    tmp = f"{h5_final}.part{rank}-of-{size}.tmp"
+    mine = cases[rank::size]
+    error = None
+    try:
+        counts, skipped = convert_to(tmp, mine, opts, splits, workers=a.workers, skip_bad=a.skip_bad,
+                                     progress=(rank == 0 and not a.no_progress and sys.stderr.isatty()))
+    except DataError as e:
+        error, counts, skipped = str(e), {}, []
+    if comm:
+        errors = comm.allgather(error)
+        error = next((e for e in errors if e), None)
+        all_skipped = sum(comm.allgather(skipped), [])
+        totals = comm.allgather(counts)
+    else:
+        all_skipped, totals = skipped, [counts]
+    parts = [f"{h5_final}.part{r}-of-{size}.tmp" for r in range(size)]
+    try:
+        if error:
+            return fail(error)
+        if rank == 0:
+            attrs = {"modalities": json.dumps(list(opts.modalities)), "regions": json.dumps(list(opts.regions)),
+                     "size": opts.size, "normalisation": "zscore over brain (non-zero) voxels per modality",
+                     "inplane": opts.inplane, "slices_train": opts.slices, "slices_val": "all",
+                     "layout": layout, "converter_version": CONVERTER_VERSION,
+                     "val_fraction": a.val_fraction, "seed": a.seed, "source": os.path.abspath(a.input)}
+            staged = f"{h5_final}.tmp-{os.getpid()}"
+            if size > 1:
+                merge_parts(parts, staged, opts)
+            else:
+                os.replace(tmp, staged)
+            import h5py
+            with h5py.File(staged, "a") as f:
+                for k, v in attrs.items():
+                    f.attrs[k] = v
+            os.replace(staged, h5_final)  # only a complete file gets the final name
+            n_train = sum(t.get("train", 0) for t in totals)
+            n_val = sum(t.get("val", 0) for t in totals)
+            n_cases = {s: sum(1 for c in cases if splits[c.case_id] == s) for s in ("train", "val")}
+            if a.format == "npy":
+                files = write_npy(h5_final, out)
+                os.unlink(h5_final)
+                where = ", ".join(os.path.basename(f) for f in files) + f" in {out}"
+            else:
+                where = out
+            print(f"unet-convert: {len(cases) - len(all_skipped)} cases ({layout}) -> {where}: "
+                  f"train {n_train} slices from {n_cases['train']} cases, val {n_val} slices from "
+                  f"{n_cases['val']} cases, {opts.size}x{opts.size}, channels {','.join(opts.modalities)}, "
+                  f"regions {','.join(opts.regions)}")
+            if all_skipped:
+                print(f"unet-convert: skipped {len(all_skipped)} bad case(s):", file=sys.stderr)
+                for s in all_skipped:
+                    print(f"  {s}", file=sys.stderr)
+        return 0
+    finally:
+        if comm:
+            comm.Barrier()
+        for p in parts if rank == 0 else [tmp]:
+            if os.path.exists(p):
+                os.unlink(p)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

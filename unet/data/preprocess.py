@@ -1,0 +1,95 @@
+"""Per-case preprocessing (pure numpy/OpenCV): normalisation, in-plane geometry, slice choice.
+
+Arrays are SimpleITK's (z, y, x); axial slices are ``volume[z]``.
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+
+def brain_mask(channels: np.ndarray) -> np.ndarray:
+    """Voxels where any modality is non-zero; channels is (C, z, y, x)."""
+    return np.any(channels != 0, axis=0)
+
+
+def zscore(volume: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """(v - mean) / std over ``mask`` voxels; voxels outside the mask become 0."""
+    v = volume.astype(np.float32)
+    vals = v[mask]
+    out = np.zeros_like(v)
+    if vals.size:
+        std = float(vals.std())
+        out[mask] = (vals - float(vals.mean())) / (std if std > 0 else 1.0)
+    return out
+
+
+def inplane_plan(shape_yx: tuple[int, int], size: int, mode: str) -> dict:
+    """How a (y, x) slice becomes size x size, in a form that can be undone.
+
+    ``resize``: scale the whole slice; ``crop``: centre crop (padding if smaller);
+    a slice already size x size is left untouched either way.
+    """
+    h, w = shape_yx
+    if (h, w) == (size, size):
+        return {"mode": "none", "shape": [h, w], "size": size}
+    if mode == "resize":
+        return {"mode": "resize", "shape": [h, w], "size": size}
+    if mode == "crop":
+        return {"mode": "crop", "shape": [h, w], "size": size, "y0": (h - size) // 2, "x0": (w - size) // 2}
+    raise ValueError(f"unknown in-plane mode {mode!r}")
+
+
+def _crop_or_pad(img: np.ndarray, y0: int, x0: int, size: int) -> np.ndarray:
+    out = np.zeros((size, size) + img.shape[2:], img.dtype)
+    h, w = img.shape[:2]
+    sy, sx = max(y0, 0), max(x0, 0)
+    ey, ex = min(y0 + size, h), min(x0 + size, w)
+    out[sy - y0:ey - y0, sx - x0:ex - x0] = img[sy:ey, sx:ex]
+    return out
+
+
+def apply_inplane(img: np.ndarray, plan: dict, *, is_mask: bool) -> np.ndarray:
+    """(y, x[, k]) slice -> (size, size[, k]); masks use nearest neighbour only."""
+    if plan["mode"] == "none":
+        return img
+    s = plan["size"]
+    if plan["mode"] == "crop":
+        return _crop_or_pad(img, plan["y0"], plan["x0"], s)
+    interp = cv2.INTER_NEAREST if is_mask else cv2.INTER_AREA
+    out = cv2.resize(img, (s, s), interpolation=interp)
+    return out.reshape((s, s) + img.shape[2:])
+
+
+def undo_inplane(img: np.ndarray, plan: dict, *, is_mask: bool) -> np.ndarray:
+    """Inverse of apply_inplane back to the original (y, x) grid (cropped-away border = 0)."""
+    if plan["mode"] == "none":
+        return img
+    h, w = plan["shape"]
+    if plan["mode"] == "crop":
+        return _crop_or_pad(img, -plan["y0"], -plan["x0"], max(h, w))[:h, :w]
+    interp = cv2.INTER_NEAREST if is_mask else cv2.INTER_LINEAR
+    out = cv2.resize(img, (w, h), interpolation=interp)
+    return out.reshape((h, w) + img.shape[2:])
+
+
+def select_slices(brain: np.ndarray, tumour: np.ndarray, policy: str, rng: np.random.Generator,
+                  background_fraction: float = 0.1) -> np.ndarray:
+    """Axial slice indices to keep. brain, tumour: (z, y, x) booleans.
+
+    ``all``: every slice; ``brain``: slices with any brain voxel; ``tumour``: slices
+    with tumour plus ``background_fraction`` of the other brain slices.
+    """
+    z = brain.shape[0]
+    if policy == "all":
+        return np.arange(z)
+    has_brain = brain.reshape(z, -1).any(1)
+    if policy == "brain":
+        return np.flatnonzero(has_brain)
+    if policy == "tumour":
+        has_t = tumour.reshape(z, -1).any(1)
+        rest = np.flatnonzero(has_brain & ~has_t)
+        k = int(round(background_fraction * len(rest)))
+        extra = rng.choice(rest, size=k, replace=False) if k else np.array([], int)
+        return np.sort(np.concatenate([np.flatnonzero(has_t), extra]).astype(int))
+    raise ValueError(f"unknown slice policy {policy!r}")
