@@ -46,8 +46,47 @@ class Options:
     seed: int
 
 
+def nifti_problem(path: str) -> str | None:
+    """Why a NIfTI-1 file cannot be trusted, or None.
+
+    ITK fills a truncated .nii.gz with zeros and turns NaN/Inf voxels into 0
+    without complaint, so both are checked on the raw bytes here.
+    """
+    import gzip
+    import struct
+    opener = gzip.open if path.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as fh:
+            hdr = fh.read(348)
+            if len(hdr) < 348:
+                return "cannot read (truncated header)"
+            endian = "<" if struct.unpack("<i", hdr[:4])[0] == 348 else ">"
+            if struct.unpack(endian + "i", hdr[:4])[0] != 348:
+                return None  # not NIfTI-1 (NIfTI-2, Analyze...): left to the reader
+            dim = struct.unpack(endian + "8h", hdr[40:56])
+            datatype, bitpix = struct.unpack(endian + "2h", hdr[70:74])
+            offset = int(struct.unpack(endian + "f", hdr[108:112])[0])
+            count = int(np.prod([max(d, 1) for d in dim[1:1 + max(min(dim[0], 7), 0)]]))
+            fh.read(max(offset - 348, 0))
+            floating = {16: np.dtype(endian + "f4"), 64: np.dtype(endian + "f8")}.get(datatype)
+            have, bad = 0, False
+            while chunk := fh.read((1 << 22) * (bitpix // 8 or 1)):
+                if floating is not None:
+                    usable = len(chunk) - len(chunk) % floating.itemsize
+                    bad = bad or not np.isfinite(np.frombuffer(chunk[:usable], floating)).all()
+                have += len(chunk)
+    except (OSError, EOFError) as e:
+        return f"cannot read (truncated or corrupt: {e})"
+    if have < count * bitpix // 8:
+        return f"cannot read (truncated: {have} of {count * bitpix // 8} data bytes)"
+    return "contains NaN or Inf" if bad else None
+
+
 def _read(case: Case, path: str):
     import SimpleITK as sitk
+    why = nifti_problem(path)
+    if why:
+        raise DataError(case.case_id, path, why)
     try:
         img = sitk.ReadImage(path)
     except RuntimeError as e:

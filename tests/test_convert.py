@@ -1,0 +1,199 @@
+"""unet-synth -> unet-convert on every layout, patient split, npy output, bad input."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import ROOT, mpi_env, run_mpi
+
+# The label tables, written out here independently of unet.data.labels.
+EXPECTED = {"brats": ({1, 2, 4}, {1, 4}, {4}), "brats2023": ({1, 2, 3}, {1, 3}, {3}),
+            "msd": ({1, 2, 3}, {2, 3}, {3})}
+SMALL = ["--shape", "40,64,64"]
+
+
+def synth(out, *args):
+    from unet.data.synth import main
+    assert main(["--out", str(out), *args]) == 0
+
+
+def convert(*args):
+    return subprocess.run([sys.executable, "-m", "unet.data.convert", "--no_progress", *map(str, args)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
+def rows(path):
+    """(case_id, slice) -> (image, masks) for every slice of both splits."""
+    out = {}
+    with h5py.File(path) as f:
+        for split in ("train", "val"):
+            g = f[split]
+            for i, (c, z) in enumerate(zip(g["case_id"].asstr()[:], g["slice_index"][:])):
+                out[(c, int(z))] = (split, g["images"][i], g["masks"][i])
+    return out
+
+
+@pytest.fixture(scope="module", params=["brats", "brats2023", "msd"])
+def full_size_dataset(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    synth(root, "--cases", "2", "--layout", request.param, "--seed", "3")
+    if request.param == "msd":   # the MSD tarball's macOS debris must be ignored
+        (root / "imagesTr" / "._BRATS_001.nii.gz").write_bytes(b"\x00junk")
+        (root / "labelsTr" / "._BRATS_001.nii.gz").write_bytes(b"\x00junk")
+    return request.param, root
+
+
+def seg_files(layout, root):
+    pat = {"brats": "*/*_seg.nii.gz", "brats2023": "*/*-seg.nii.gz", "msd": "labelsTr/BRATS_*.nii.gz"}[layout]
+    return sorted(glob.glob(os.path.join(root, pat)))
+
+
+def test_size_240_masks_match_the_generated_labels_voxel_for_voxel(full_size_dataset, tmp_path):
+    layout, root = full_size_dataset
+    out = tmp_path / "d.h5"
+    p = convert("--input", root, "--output", out, "--size", 240, "--slices", "all", "--val_fraction", 0.5)
+    assert p.returncode == 0, p.stderr
+    assert f"2 cases ({layout})" in p.stdout
+    got = rows(out)
+    with h5py.File(out) as f:
+        assert json.loads(f.attrs["regions"]) == ["WT", "TC", "ET"]
+        assert json.loads(f.attrs["modalities"]) == ["FLAIR", "T1", "T1ce", "T2"]
+        assert f.attrs["layout"] == layout and f["train"]["images"].chunks[0] == 1
+    for path in seg_files(layout, root):
+        seg = sitk.GetArrayFromImage(sitk.ReadImage(path))           # (z, y, x)
+        case = os.path.basename(os.path.dirname(path)) if layout != "msd" else os.path.basename(path)[:-7]
+        assert seg.shape == (155, 240, 240)
+        for z in range(155):
+            _, img, msk = got[(case, z)]
+            for k, labels in enumerate(EXPECTED[layout]):
+                assert np.array_equal(msk[..., k], np.isin(seg[z], list(labels))), (case, z, k)
+        assert (seg == max(EXPECTED[layout][2])).any() or (seg > 0).any()
+
+
+def test_patient_split_is_disjoint_and_complete(tmp_path):
+    synth(tmp_path / "in", "--cases", "5", *SMALL)
+    p = convert("--input", tmp_path / "in", "--output", tmp_path / "d.h5", "--size", 64, "--val_fraction", 0.4)
+    assert p.returncode == 0, p.stderr
+    with h5py.File(tmp_path / "d.h5") as f:
+        tr, va = set(f["train"]["case_id"].asstr()[:]), set(f["val"]["case_id"].asstr()[:])
+        assert f["val"]["slice_index"].shape[0] == 2 * 40           # validation keeps every slice
+    assert len(va) == 2 and len(tr) == 3 and not tr & va
+    assert tr | va == {f"BraTS20_Training_{i:03d}" for i in range(1, 6)}
+
+
+def test_workers_and_mpi_ranks_give_the_same_slices(tmp_path):
+    synth(tmp_path / "in", "--cases", "4", *SMALL, "--grades")
+    base = ["--input", tmp_path / "in", "--size", 64, "--slices", "tumour"]
+    assert convert(*base, "--output", tmp_path / "a.h5").returncode == 0
+    assert convert(*base, "--output", tmp_path / "b.h5", "--workers", 2).returncode == 0
+    p = run_mpi(2, ["-m", "unet.data.convert", "--no_progress", *map(str, base), "--output", str(tmp_path / "c.h5")],
+                timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    a, b, c = rows(tmp_path / "a.h5"), rows(tmp_path / "b.h5"), rows(tmp_path / "c.h5")
+    assert a.keys() == b.keys() == c.keys() and len(a) > 0
+    for k in a:
+        assert a[k][0] == c[k][0] and np.array_equal(a[k][2], c[k][2]) and np.allclose(a[k][1], c[k][1])
+    assert not glob.glob(str(tmp_path / "*.tmp*"))
+
+
+def test_npy_format_is_the_seeds_four_files(tmp_path):
+    synth(tmp_path / "in", "--cases", "3", *SMALL)
+    p = convert("--input", tmp_path / "in", "--output", tmp_path / "npy", "--size", 64, "--format", "npy")
+    assert p.returncode == 0, p.stderr
+    names = sorted(os.listdir(tmp_path / "npy"))
+    assert names == ["imgs_test.npy", "imgs_train.npy", "msks_test.npy", "msks_train.npy"]
+    imgs, msks = np.load(tmp_path / "npy" / "imgs_train.npy"), np.load(tmp_path / "npy" / "msks_train.npy")
+    assert imgs.shape[1:] == (64, 64, 1) and msks.shape == imgs.shape and imgs.dtype == np.float32
+
+
+# -- bad input ---------------------------------------------------------------------------------------
+
+@pytest.fixture
+def small_cases(tmp_path):
+    root = tmp_path / "in"
+    synth(root, "--cases", "3", *SMALL)
+    return root
+
+
+def case_file(root, n, suffix):
+    return root / f"BraTS20_Training_{n:03d}" / f"BraTS20_Training_{n:03d}_{suffix}.nii.gz"
+
+
+def write_like(path, arr):
+    img = sitk.GetImageFromArray(arr)
+    sitk.WriteImage(img, str(path), True)
+
+
+def bad(root, out):
+    p = convert("--input", root, "--output", out, "--size", 64)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode != 0 and not os.path.exists(out) and not glob.glob(f"{out}*")
+    assert len(lines) == 1 and lines[0].startswith("unet-convert: error: case BraTS20_Training_002: "), p.stderr
+    return lines[0]
+
+
+def test_truncated_file(small_cases, tmp_path):
+    f = case_file(small_cases, 2, "t1")
+    f.write_bytes(f.read_bytes()[:2000])
+    msg = bad(small_cases, tmp_path / "o.h5")
+    assert str(f) in msg and "cannot read" in msg
+
+
+def test_missing_modality(small_cases, tmp_path):
+    os.unlink(case_file(small_cases, 2, "t1ce"))
+    assert "missing T1ce file" in bad(small_cases, tmp_path / "o.h5")
+
+
+def test_shape_mismatch(small_cases, tmp_path):
+    write_like(case_file(small_cases, 2, "t2"), np.zeros((40, 64, 60), np.int16))
+    msg = bad(small_cases, tmp_path / "o.h5")
+    assert "_t2.nii.gz" in msg and "shape (60, 64, 40) differs" in msg
+
+
+def test_spacing_mismatch(small_cases, tmp_path):
+    f = case_file(small_cases, 2, "seg")
+    img = sitk.ReadImage(str(f)); img.SetSpacing((1.0, 1.0, 2.5)); sitk.WriteImage(img, str(f), True)
+    assert "_seg.nii.gz: spacing" in bad(small_cases, tmp_path / "o.h5")
+
+
+def test_unexpected_labels(small_cases, tmp_path):
+    f = case_file(small_cases, 2, "seg")
+    seg = sitk.GetArrayFromImage(sitk.ReadImage(str(f))); seg[0, 0, 0] = 3
+    write_like(f, seg)
+    assert "unexpected label values [3] for layout brats" in bad(small_cases, tmp_path / "o.h5")
+
+
+def test_nan_in_image(small_cases, tmp_path):
+    f = case_file(small_cases, 2, "flair")
+    arr = sitk.GetArrayFromImage(sitk.ReadImage(str(f))).astype(np.float32); arr[5, 5, 5] = np.nan
+    write_like(f, arr)
+    assert "_flair.nii.gz: contains NaN or Inf" in bad(small_cases, tmp_path / "o.h5")
+
+
+def test_skip_bad_carries_on_and_lists_the_skipped(small_cases, tmp_path):
+    os.unlink(case_file(small_cases, 2, "t1ce"))
+    out = tmp_path / "o.h5"
+    p = convert("--input", small_cases, "--output", out, "--size", 64, "--skip_bad", "--val_fraction", 0.3)
+    assert p.returncode == 0, p.stderr
+    assert "skipped 1 bad case(s)" in p.stderr and "BraTS20_Training_002" in p.stderr
+    ids = set(rows(out)[k][0] and k[0] for k in rows(out))
+    assert ids == {"BraTS20_Training_001", "BraTS20_Training_003"}
+
+
+def test_trainer_reads_converted_h5_and_npy(tmp_path):
+    synth(tmp_path / "in", "--cases", "3", *SMALL)
+    assert convert("--input", tmp_path / "in", "--output", tmp_path / "d.h5", "--size", 64).returncode == 0
+    assert convert("--input", tmp_path / "in", "--output", tmp_path / "npy", "--size", 64,
+                   "--format", "npy").returncode == 0
+    for data, shape in ((tmp_path / "d.h5", "64x64x4 (FLAIR,T1,T1ce,T2) regions WT,TC,ET"),
+                        (tmp_path / "npy", "64x64x1 (FLAIR) regions WT")):
+        p = run_mpi(2, [os.path.join(ROOT, "train_hvd.py"), "--data", str(data), "--logdir", str(tmp_path / "l"),
+                        "--batch_size", "4", "--epochs", "1", "--steps_per_epoch", "2"])
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert shape in p.stdout

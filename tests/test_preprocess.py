@@ -1,0 +1,44 @@
+import numpy as np
+
+from unet.data.preprocess import apply_inplane, inplane_plan, select_slices, undo_inplane, zscore
+
+
+def test_zscore_over_brain_voxels_only():
+    v = np.zeros((2, 4, 4), np.float32)
+    v[0, :2, :2] = [[1, 2], [3, 4]]
+    mask = v != 0
+    z = zscore(v, mask)
+    vals = np.array([1, 2, 3, 4.0])
+    assert np.allclose(z[mask], (vals - vals.mean()) / vals.std())
+    assert np.all(z[~mask] == 0)
+
+
+def test_240_grid_is_left_untouched_and_resize_keeps_masks_binary():
+    img = np.random.default_rng(0).random((240, 240, 2)).astype(np.float32)
+    plan = inplane_plan((240, 240), 240, "resize")
+    assert apply_inplane(img, plan, is_mask=False) is img
+    m = np.zeros((240, 240, 3), np.uint8); m[100:140, 90:150] = 1
+    plan = inplane_plan((240, 240), 128, "resize")
+    r = apply_inplane(m, plan, is_mask=True)
+    assert r.shape == (128, 128, 3) and set(np.unique(r)) == {0, 1}
+    back = undo_inplane(r, plan, is_mask=True)
+    assert back.shape == (240, 240, 3) and (back != m).mean() < 0.01
+
+
+def test_centre_crop_round_trip():
+    m = np.zeros((240, 240), np.uint8); m[50:190, 50:190] = 1
+    plan = inplane_plan((240, 240), 128, "crop")
+    c = apply_inplane(m, plan, is_mask=True)
+    assert c.shape == (128, 128) and c.all()
+    back = undo_inplane(c, plan, is_mask=True)
+    assert back[56:184, 56:184].all() and back.sum() == 128 * 128
+
+
+def test_slice_policies():
+    brain = np.zeros((10, 4, 4), bool); brain[2:8] = True
+    tum = np.zeros_like(brain); tum[4:6, 1, 1] = True
+    rng = np.random.default_rng(0)
+    assert select_slices(brain, tum, "all", rng).tolist() == list(range(10))
+    assert select_slices(brain, tum, "brain", rng).tolist() == [2, 3, 4, 5, 6, 7]
+    assert select_slices(brain, tum, "tumour", rng, background_fraction=0).tolist() == [4, 5]
+    assert len(select_slices(brain, tum, "tumour", rng, background_fraction=0.5)) == 4
