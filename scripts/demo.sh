@@ -1,29 +1,38 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: set up whatever is missing, then train
-# the U-Net on 2 ranks with mpirun on synthetic in-memory BraTS-shaped slices
-# (128x128, FLAIR -> whole tumour) for a short budget, and print where the
-# TensorBoard logs and the model are, and the validation Dice.
-# Options: --dry-run (print the command), --logdir DIR (default runs/demo),
-# anything else is passed to train_hvd.py.
+# The main job on the embedded default, end to end on this machine:
+#   set up what is missing -> write synthetic BraTS-format cases (unet-synth)
+#   -> convert them to HDF5 (unet-convert) -> train the U-Net on 2 ranks with
+#   mpirun -> print where the TensorBoard logs and the model are, and the Dice.
+# Options: --dry-run (print the commands), --out DIR (default runs/demo),
+#          --cases N (default 8), --epochs N (default 2); anything else goes to train_hvd.py.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-LOGDIR="$ROOT/runs/demo"; DRY=0; EXTRA=()
+OUT="$ROOT/runs/demo"; DRY=0; CASES=8; EPOCHS=2; EXTRA=()
 while (($#)); do
   case "$1" in
     --help|-h) sed -n '2,7p' "$0"; exit 0 ;;
     --dry-run) DRY=1 ;;
-    --logdir) LOGDIR="$2"; shift ;;
+    --out) OUT="$2"; shift ;;
+    --cases) CASES="$2"; shift ;;
+    --epochs) EPOCHS="$2"; shift ;;
     *) EXTRA+=("$1") ;;
   esac; shift
 done
-CMD=(mpirun -np 2 --oversubscribe "$ROOT/.venv/bin/python" "$ROOT/train_hvd.py" --synthetic
-     --synthetic_train 384 --synthetic_val 64 --batch_size 8 --epochs 4 --log_every 8
-     --logdir "$LOGDIR" "${EXTRA[@]}")
-if ((DRY)); then printf '%q ' "${CMD[@]}"; echo; exit 0; fi
+PY="$ROOT/.venv/bin/python"
+SYNTH=("$PY" -m unet.data.synth --out "$OUT/cases" --cases "$CASES" --seed 0 --workers 2)
+CONVERT=("$PY" -m unet.data.convert --input "$OUT/cases" --output "$OUT/brats.h5" --size 128 --workers 2)
+TRAIN=(mpirun -np 2 --oversubscribe "$PY" "$ROOT/train_hvd.py" --data "$OUT/brats.h5" --batch_size 8 --learningrate 0.0001
+       --epochs "$EPOCHS" --log_every 10 --logdir "$OUT/logs" "${EXTRA[@]}")
+if ((DRY)); then
+  for c in SYNTH CONVERT TRAIN; do declare -n cmd=$c; printf '%q ' "${cmd[@]}"; echo; done
+  exit 0
+fi
 "$ROOT/scripts/setup.sh" --no-checks
 [[ $(id -u) -eq 0 ]] && export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-3}"
-rm -rf "$LOGDIR"
 t0=$(date +%s)
-"${CMD[@]}"
-echo "demo: finished in $(( $(date +%s) - t0 )) s of training (2 ranks); logs in $LOGDIR"
+rm -rf "$OUT/cases" "$OUT/brats.h5" "$OUT/logs"
+echo "==> synthetic cases";  "${SYNTH[@]}"
+echo "==> conversion";       "${CONVERT[@]}"
+echo "==> training, 2 ranks"; "${TRAIN[@]}"
+echo "demo: done in $(( $(date +%s) - t0 )) s: cases $OUT/cases, data $OUT/brats.h5, logs and model $OUT/logs"
