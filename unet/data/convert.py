@@ -103,10 +103,10 @@ def _geometry(img) -> dict:
             "direction": [img.GetDirection()[r * d + c] for r in range(keep) for c in range(keep)]}
 
 
-def read_case(case: Case, opts: Options):
-    """-> (channels (C,z,y,x) float32, seg (z,y,x) int, geometry of the first file)."""
+def read_case(case: Case, opts: Options, need_seg: bool = True):
+    """-> (channels (C,z,y,x) float32, seg (z,y,x) int or None, geometry of the first file)."""
     folder = os.path.dirname(next(iter(case.files.values()), case.seg or case.case_id))
-    if case.seg is None:
+    if case.seg is None and need_seg:
         suf = {"msd": "labelsTr/<case>.nii.gz"}.get(case.layout, f"*{SUFFIXES.get(case.layout, {}).get('seg', '_seg')}.nii.gz")
         raise DataError(case.case_id, folder, f"missing segmentation ({suf})")
     vols, ref, ref_path = [], None, None
@@ -138,6 +138,8 @@ def read_case(case: Case, opts: Options):
     for v, p in zip(vols, paths):
         if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all():
             raise DataError(case.case_id, p, "contains NaN or Inf")
+    if case.seg is None:
+        return np.stack(vols).astype(np.float32), None, geom
     seg_img, seg = _read(case, case.seg)
     if seg.shape != tuple(ref_shape):
         raise DataError(case.case_id, case.seg, f"shape {seg.shape[::-1]} differs from "

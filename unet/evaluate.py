@@ -1,0 +1,202 @@
+"""unet-evaluate: per-case, volume-level Dice / HD95 / sensitivity / specificity for WT, TC, ET.
+
+    unet-evaluate --pred_dir P --ref_dir R [--labels brats|brats2023|msd] [--csv out.csv]
+    mpirun -np 2 unet-evaluate --model LOGDIR --data data.h5 [--csv out.csv] [--pred_dir OUT]
+
+The first form scores any segmentations: ``<case>.nii.gz`` in P against
+``<case>.nii.gz`` in R, or against the reference dataset root R in any layout
+unet-convert reads. The second runs a trained model over the validation cases of
+the HDF5 file (read back from their original NIfTI, geometry intact); under mpirun
+the cases are shared among ranks and rank 0 gathers, prints and writes.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+
+import numpy as np
+
+from unet.data import labels as L
+from unet.data.layouts import LayoutError, detect_layout, find_cases
+from unet.metrics import score_regions, summarise
+
+GEOMETRY_TOL = 1e-3
+
+
+class EvalError(Exception):
+    pass
+
+
+def columns(regions=L.REGIONS) -> list[str]:
+    return [f"{m}_{r}" for m in ("dice", "hd95", "sens", "spec") for r in regions]
+
+
+def _read(path):
+    import SimpleITK as sitk
+    try:
+        img = sitk.ReadImage(path)
+    except RuntimeError:
+        raise EvalError(f"{path}: cannot read") from None
+    return img, sitk.GetArrayFromImage(img)
+
+
+def same_geometry(a, b) -> str | None:
+    if a.GetSize() != b.GetSize():
+        return f"size {a.GetSize()} vs {b.GetSize()}"
+    for name in ("GetSpacing", "GetOrigin", "GetDirection"):
+        if not np.allclose(getattr(a, name)(), getattr(b, name)(), atol=GEOMETRY_TOL):
+            return f"{name[3:].lower()} {getattr(a, name)()} vs {getattr(b, name)()}"
+    return None
+
+
+def score_files(case: str, pred_path: str, ref_path: str, pred_labels: str, ref_labels: str) -> dict:
+    pimg, parr = _read(pred_path)
+    rimg, rarr = _read(ref_path)
+    why = same_geometry(pimg, rimg)
+    if why:
+        raise EvalError(f"case {case}: {pred_path} and {ref_path} differ in {why}")
+    spacing = rimg.GetSpacing()[::-1]          # array axes are (z, y, x)
+    pred = L.regions_from_labels(parr, pred_labels)
+    ref = L.regions_from_labels(rarr, ref_labels)
+    return dict(case=case, **score_regions(pred, ref, spacing, L.REGIONS))
+
+
+def _nifti_by_case(folder: str) -> dict:
+    out = {}
+    for f in sorted(os.listdir(folder)):
+        if f.startswith("._"):
+            continue
+        for ext in (".nii.gz", ".nii"):
+            if f.endswith(ext):
+                out[f[: -len(ext)]] = os.path.join(folder, f)
+    return out
+
+
+def references(ref_dir: str, labels: str) -> tuple[dict, str]:
+    """case -> reference path, and the label convention of the references."""
+    try:
+        layout = detect_layout(ref_dir)
+        return {c.case_id: c.seg for c in find_cases(ref_dir, layout) if c.seg}, layout
+    except LayoutError:
+        return _nifti_by_case(ref_dir), labels
+
+
+def report(rows: list[dict], csv_path: str | None, only_pred=(), only_ref=()) -> None:
+    cols = columns()
+    if csv_path:
+        tmp = csv_path + ".tmp"
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["case"] + cols)
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
+        os.replace(tmp, csv_path)
+    print(f"volume-level scores over {len(rows)} case(s):")
+    if rows:
+        s = summarise(rows, cols)
+        print(f"{'metric':<10}{'mean':>10}{'std':>10}{'median':>10}{'p25':>10}{'p75':>10}")
+        for c in cols:
+            v = s[c]
+            print(f"{c:<10}{v['mean']:>10.4f}{v['std']:>10.4f}{v['median']:>10.4f}{v['p25']:>10.4f}{v['p75']:>10.4f}")
+    for name, missing in (("predictions only", only_pred), ("reference only", only_ref)):
+        if missing:
+            print(f"not scored, in {name}: {', '.join(sorted(missing))}")
+    if csv_path:
+        print(f"per-case scores: {csv_path}")
+
+
+def evaluate_folders(a) -> int:
+    if not os.path.isdir(a.pred_dir):
+        raise EvalError(f"--pred_dir {a.pred_dir}: not a folder")
+    if not os.path.isdir(a.ref_dir):
+        raise EvalError(f"--ref_dir {a.ref_dir}: not a folder")
+    preds = _nifti_by_case(a.pred_dir)
+    refs, ref_labels = references(a.ref_dir, a.labels)
+    both = sorted(set(preds) & set(refs))
+    rows = [score_files(c, preds[c], refs[c], a.labels, ref_labels) for c in both]
+    report(rows, a.csv, set(preds) - set(refs), set(refs) - set(preds))
+    return 0
+
+
+def evaluate_model(a) -> int:
+    """Predict the validation cases of --data with --model and score them (sharded over MPI ranks)."""
+    import h5py
+    comm = None
+    if any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")):
+        from mpi4py import MPI
+        comm = MPI.COMM_WORLD
+    rank, size = (comm.Get_rank(), comm.Get_size()) if comm else (0, 1)
+    if not os.path.isfile(a.data):
+        raise EvalError(f"--data {a.data}: no such file")
+    with h5py.File(a.data, "r") as f:
+        source, layout = f.attrs["source"], f.attrs["layout"]
+        val_ids = sorted(set(f["val"]["case_id"].asstr()[:]))
+    source = source.decode() if isinstance(source, bytes) else str(source)
+    cases = [c for c in find_cases(source, str(layout)) if c.case_id in val_ids]
+    from unet.predict import Predictor, reference_image, write_labels
+    pred = Predictor(a.model)
+    rows = []
+    for case in cases[rank::size]:
+        chans, seg, _ = pred.read(case)
+        masks = pred.regions_mask(chans)
+        ref = L.regions_from_labels(seg, case.layout, pred.regions)
+        img = reference_image(case)
+        rows.append(dict(case=case.case_id, **score_regions(
+            _full(masks, pred.regions), _full(ref, pred.regions), img.GetSpacing()[::-1], L.REGIONS)))
+        if a.pred_dir:
+            os.makedirs(a.pred_dir, exist_ok=True)
+            write_labels(pred.label_map(masks, a.labels), img, os.path.join(a.pred_dir, f"{case.case_id}.nii.gz"))
+    if comm:
+        rows = sum(comm.gather(rows, root=0) or [], [])
+    if rank == 0:
+        rows.sort(key=lambda r: r["case"])
+        report(rows, a.csv)
+        _tensorboard(a.model, rows)
+    return 0
+
+
+def _full(masks: np.ndarray, regions) -> np.ndarray:
+    """(..., R) masks for the named regions -> (..., 3) WT/TC/ET (absent ones empty)."""
+    out = np.zeros(masks.shape[:-1] + (3,), np.uint8)
+    for k, r in enumerate(regions):
+        if r in L.REGIONS:
+            out[..., L.REGIONS.index(r)] = masks[..., k]
+    return out
+
+
+def _tensorboard(model: str, rows: list[dict]) -> None:
+    logdir = model if os.path.isdir(model) else os.path.dirname(model)
+    import tensorflow as tf
+    with tf.summary.create_file_writer(os.path.join(logdir, "evaluation")).as_default(step=0):
+        for c in columns():
+            tf.summary.scalar(f"volume_{c}", float(np.mean([r[c] for r in rows])) if rows else 0.0)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="unet-evaluate", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--pred_dir", help="predicted <case>.nii.gz files (with --model: where to write them)")
+    ap.add_argument("--ref_dir", help="reference <case>.nii.gz files, or a dataset root in any layout")
+    ap.add_argument("--labels", choices=("brats", "brats2023", "msd"), default="brats",
+                    help="label convention of the predictions (and of flat reference folders)")
+    ap.add_argument("--model", help="training logdir or model.keras: score it on --data's validation cases")
+    ap.add_argument("--data", help="HDF5 file from unet-convert (its validation cases and source folder)")
+    ap.add_argument("--csv", help="write one row per case here")
+    a = ap.parse_args(argv)
+    try:
+        if a.model or a.data:
+            if not (a.model and a.data):
+                raise EvalError("--model and --data go together")
+            return evaluate_model(a)
+        if not (a.pred_dir and a.ref_dir):
+            raise EvalError("give --pred_dir and --ref_dir, or --model and --data")
+        return evaluate_folders(a)
+    except (EvalError, LayoutError, FileNotFoundError) as e:
+        print(f"unet-evaluate: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
