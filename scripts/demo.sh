@@ -2,7 +2,8 @@
 # The main job on the embedded default, end to end on this machine:
 #   set up what is missing -> write synthetic BraTS-format cases (unet-synth)
 #   -> convert them to HDF5 (unet-convert) -> train the U-Net on 2 ranks with
-#   mpirun -> print where the TensorBoard logs and the model are, and the Dice.
+#   mpirun -> score the validation cases volume by volume (unet-evaluate, 2 ranks)
+#   -> print where the TensorBoard logs and the model are, and Dice / HD95 per region.
 # Options: --dry-run (print the commands), --out DIR (default runs/demo),
 #          --cases N (default 8), --epochs N (default 2); anything else goes to train_hvd.py.
 set -euo pipefail
@@ -10,7 +11,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="$ROOT/runs/demo"; DRY=0; CASES=8; EPOCHS=2; EXTRA=()
 while (($#)); do
   case "$1" in
-    --help|-h) sed -n '2,7p' "$0"; exit 0 ;;
+    --help|-h) sed -n '2,8p' "$0"; exit 0 ;;
     --dry-run) DRY=1 ;;
     --out) OUT="$2"; shift ;;
     --cases) CASES="$2"; shift ;;
@@ -23,16 +24,20 @@ SYNTH=("$PY" -m unet.data.synth --out "$OUT/cases" --cases "$CASES" --seed 0 --w
 CONVERT=("$PY" -m unet.data.convert --input "$OUT/cases" --output "$OUT/brats.h5" --size 128 --workers 2)
 TRAIN=(mpirun -np 2 --oversubscribe "$PY" "$ROOT/train_hvd.py" --data "$OUT/brats.h5" --batch_size 8 --learningrate 0.0001
        --epochs "$EPOCHS" --log_every 10 --logdir "$OUT/logs" "${EXTRA[@]}")
+EVAL=(mpirun -np 2 --oversubscribe "$PY" -m unet.evaluate --model "$OUT/logs" --data "$OUT/brats.h5"
+      --csv "$OUT/scores.csv" --pred_dir "$OUT/predictions")
 if ((DRY)); then
-  for c in SYNTH CONVERT TRAIN; do declare -n cmd=$c; printf '%q ' "${cmd[@]}"; echo; done
+  for c in SYNTH CONVERT TRAIN EVAL; do declare -n cmd=$c; printf '%q ' "${cmd[@]}"; echo; done
   exit 0
 fi
 "$ROOT/scripts/setup.sh" --no-checks
 [[ $(id -u) -eq 0 ]] && export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-3}"
 t0=$(date +%s)
-rm -rf "$OUT/cases" "$OUT/brats.h5" "$OUT/logs"
+rm -rf "$OUT/cases" "$OUT/brats.h5" "$OUT/logs" "$OUT/predictions" "$OUT/scores.csv"
 echo "==> synthetic cases";  "${SYNTH[@]}"
 echo "==> conversion";       "${CONVERT[@]}"
 echo "==> training, 2 ranks"; "${TRAIN[@]}"
-echo "demo: done in $(( $(date +%s) - t0 )) s: cases $OUT/cases, data $OUT/brats.h5, logs and model $OUT/logs"
+echo "==> volume-level evaluation of the validation cases, 2 ranks"; "${EVAL[@]}"
+echo "demo: done in $(( $(date +%s) - t0 )) s: cases $OUT/cases, data $OUT/brats.h5, logs and model $OUT/logs,"
+echo "      predictions $OUT/predictions, per-case scores $OUT/scores.csv"

@@ -1,0 +1,52 @@
+"""Open MPI hostfiles: parse and check before launching (pure functions).
+
+Syntax, one host per line: ``host [slots=N] [max_slots=M]``; ``#`` starts a comment.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.\-_]*[A-Za-z0-9])?$")
+
+
+class HostfileError(Exception):
+    """A one-line message naming the hostfile (and line) that is wrong."""
+
+
+def parse(text: str, name: str = "hostfile") -> list[tuple[str, int]]:
+    """[(host, slots)] in file order; slots default to 1."""
+    hosts, seen = [], {}
+    for no, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        host, slots = parts[0], 1
+        if not HOST_RE.match(host):
+            raise HostfileError(f"{name}:{no}: bad host name {host!r}")
+        for opt in parts[1:]:
+            key, eq, val = opt.partition("=")
+            if not eq or key not in ("slots", "max_slots", "max-slots") or not val.isdigit() or int(val) < 1:
+                raise HostfileError(f"{name}:{no}: cannot parse {opt!r} (expected slots=N)")
+            if key == "slots":
+                slots = int(val)
+        if host in seen:
+            raise HostfileError(f"{name}:{no}: host {host} already listed on line {seen[host]}")
+        seen[host] = no
+        hosts.append((host, slots))
+    if not hosts:
+        raise HostfileError(f"{name}: no hosts")
+    return hosts
+
+
+def check(path: str, ranks: int) -> list[tuple[str, int]]:
+    """Read ``path`` and make sure it offers at least ``ranks`` slots."""
+    if not os.path.isfile(path):
+        raise HostfileError(f"{path}: no such hostfile")
+    with open(path) as f:
+        hosts = parse(f.read(), path)
+    total = sum(s for _, s in hosts)
+    if total < ranks:
+        raise HostfileError(f"{path}: {total} slots on {len(hosts)} host(s), fewer than the {ranks} ranks asked for")
+    return hosts

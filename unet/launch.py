@@ -1,0 +1,163 @@
+"""Launchers: hostfile + hardware profile -> the exact mpirun / horovodrun command.
+
+    python -m unet.launch mpirun     [--hostfile F] [--np N] [--profile local|knl|skylake|FILE] [--dry-run] [-- TRAIN_ARGS]
+    python -m unet.launch horovodrun [--hostfile F] [--np N] [--profile ...] [--controller mpi|gloo]
+                                     [--timeline-filename F] [--autotune] [--dry-run] [-- TRAIN_ARGS]
+
+(``scripts/launch_mpirun.sh`` and ``scripts/launch_horovodrun.sh`` call these.) The
+hostfile is checked first (missing, syntax, duplicate hosts, too few slots). The
+command is executed directly (``execvp``), never through a shell, so paths from
+the hostfile or flags are not interpreted. Intra-op threads are left to the
+trainer, which derives them from the binding mpirun gives each rank.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+
+from unet.hostfile import HostfileError, check
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROFILE_DIR = os.path.join(ROOT, "scripts", "profiles")
+TRAINER = os.path.join(ROOT, "train_hvd.py")
+PROFILE_KEYS = {"cores_per_socket", "threads_per_core", "ranks_per_socket", "inter_threads", "KMP_BLOCKTIME",
+                "KMP_AFFINITY", "numactl", "HOROVOD_CYCLE_TIME", "HOROVOD_FUSION_THRESHOLD",
+                "OMPI_MCA_mpi_yield_when_idle"}
+
+
+class LaunchError(Exception):
+    pass
+
+
+def load_profile(name: str) -> dict:
+    path = name if os.sep in name or name.endswith(".conf") else os.path.join(PROFILE_DIR, f"{name}.conf")
+    if not os.path.isfile(path):
+        choices = sorted(f[:-5] for f in os.listdir(PROFILE_DIR) if f.endswith(".conf"))
+        raise LaunchError(f"--profile {name}: no such profile (have: {', '.join(choices)}, or a path)")
+    prof = {}
+    with open(path) as f:
+        for no, raw in enumerate(f, start=1):
+            line = raw.split("#", 1)[0].strip()
+            if not line:
+                continue
+            key, eq, val = line.partition("=")
+            if not eq or key.strip() not in PROFILE_KEYS:
+                raise LaunchError(f"{path}:{no}: expected one of {', '.join(sorted(PROFILE_KEYS))} as key=value")
+            prof[key.strip()] = val.strip()
+    for k in ("cores_per_socket", "ranks_per_socket", "inter_threads"):
+        if not prof.get(k, "").isdigit() or int(prof[k]) < 1:
+            raise LaunchError(f"{path}: {k} must be a positive integer")
+    return prof
+
+
+def runtime_env(prof: dict) -> dict:
+    env = {k: prof[k] for k in ("KMP_BLOCKTIME", "KMP_AFFINITY", "HOROVOD_CYCLE_TIME",
+                                "HOROVOD_FUSION_THRESHOLD", "OMPI_MCA_mpi_yield_when_idle") if prof.get(k)}
+    return env
+
+
+def trainer_cmd(prof: dict, python: str, train_args: list[str]) -> list[str]:
+    cmd = []
+    if prof.get("numactl"):
+        cmd += ["numactl", *shlex.split(prof["numactl"])]
+    cmd += [python, TRAINER, "--num_inter_threads", prof["inter_threads"]]
+    if prof.get("KMP_BLOCKTIME", "").isdigit():
+        cmd += ["--blocktime", prof["KMP_BLOCKTIME"]]
+    return cmd + train_args
+
+
+def mpirun_cmd(hostfile: str, np_: int, prof: dict, python: str, train_args: list[str],
+               ranks_per_socket: int | None = None) -> list[str]:
+    k = ranks_per_socket or int(prof["ranks_per_socket"])
+    cores = int(prof["cores_per_socket"])
+    cmd = ["mpirun", "-hostfile", hostfile, "-np", str(np_)]
+    if k == 1:
+        cmd += ["--map-by", "socket", "--bind-to", "socket"]
+    else:
+        cmd += ["--map-by", f"ppr:{k}:socket:pe={max(cores // k, 1)}", "--bind-to", "core"]
+    cmd += ["--report-bindings"]
+    if os.geteuid() == 0:
+        cmd += ["--allow-run-as-root"]
+    env = runtime_env(prof)
+    yield_idle = env.pop("OMPI_MCA_mpi_yield_when_idle", None)
+    if yield_idle is not None:
+        cmd += ["--mca", "mpi_yield_when_idle", yield_idle]
+    env["OMP_NUM_THREADS"] = str(max(cores // k, 1))
+    for key, val in env.items():
+        cmd += ["-x", f"{key}={val}"]
+    cmd += ["-x", "PATH", "-x", "PYTHONPATH"] if os.environ.get("PYTHONPATH") else ["-x", "PATH"]
+    return cmd + trainer_cmd(prof, python, train_args)
+
+
+def horovodrun_cmd(hostfile: str, np_: int, prof: dict, python: str, train_args: list[str], *,
+                   controller: str, timeline: str | None, autotune: bool) -> list[str]:
+    # horovodrun's -H form, trimmed to np slots: its Gloo launcher starts one worker per listed slot
+    left, parts = np_, []
+    for h, n in check(hostfile, np_):
+        if left > 0:
+            parts.append(f"{h}:{min(n, left)}")
+            left -= min(n, left)
+    hosts = ",".join(parts)
+    cmd = [os.path.join(os.path.dirname(python), "horovodrun"), "-np", str(np_), "-H", hosts, f"--{controller}"]
+    if prof.get("HOROVOD_CYCLE_TIME"):
+        cmd += ["--cycle-time-ms", prof["HOROVOD_CYCLE_TIME"]]
+    if prof.get("HOROVOD_FUSION_THRESHOLD"):
+        cmd += ["--fusion-threshold-mb", str(max(int(prof["HOROVOD_FUSION_THRESHOLD"]) // (1 << 20), 1))]
+    if timeline:
+        cmd += ["--timeline-filename", timeline]
+    if autotune:
+        cmd += ["--autotune"]
+    return cmd + trainer_cmd(prof, python, train_args)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    train_args = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, train_args = argv[:i], argv[i + 1:]
+    ap = argparse.ArgumentParser(prog="launch", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("launcher", choices=("mpirun", "horovodrun"))
+    ap.add_argument("--hostfile", default=os.path.join(ROOT, "hostfiles", "localhost"),
+                    help="Open MPI hostfile ('host slots=N' per line)")
+    ap.add_argument("--np", type=int, default=2, help="number of ranks")
+    ap.add_argument("--profile", default="local", help="hardware profile: local, knl, skylake or a .conf path")
+    ap.add_argument("--ranks_per_socket", type=int, default=0, help="override the profile's ranks per socket")
+    ap.add_argument("--controller", choices=("mpi", "gloo"), default="mpi", help="horovodrun: controller")
+    ap.add_argument("--timeline-filename", dest="timeline", default=None, help="horovodrun: Horovod timeline file")
+    ap.add_argument("--autotune", action="store_true", help="horovodrun: Horovod autotuning")
+    ap.add_argument("--python", default=sys.executable, help="Python that runs train_hvd.py on every host")
+    ap.add_argument("--dry-run", action="store_true", help="print the exact command, run nothing")
+    a = ap.parse_args(argv)
+    try:
+        if a.np < 1:
+            raise LaunchError(f"--np must be >= 1 (got {a.np})")
+        check(a.hostfile, a.np)
+        prof = load_profile(a.profile)
+        if a.launcher == "mpirun":
+            cmd = mpirun_cmd(a.hostfile, a.np, prof, a.python, train_args, a.ranks_per_socket or None)
+            env = {}
+        else:
+            cmd = horovodrun_cmd(a.hostfile, a.np, prof, a.python, train_args, controller=a.controller,
+                                 timeline=a.timeline, autotune=a.autotune)
+            env = runtime_env(prof)
+    except (HostfileError, LaunchError) as e:
+        print(f"launch: error: {e}", file=sys.stderr)
+        return 2
+    if a.dry_run:
+        print(" ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + (" " if env else "") + shlex.join(cmd))
+        return 0
+    os.environ.update(env)
+    if os.geteuid() == 0:
+        os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    sys.stdout.flush()
+    os.execvp(cmd[0], cmd)
+    return 127
+
+
+if __name__ == "__main__":
+    sys.exit(main())
