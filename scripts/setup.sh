@@ -11,7 +11,8 @@ usage() {
 Usage: scripts/setup.sh [--help] [--dry-run] [--no-checks]
 
 Installs, in order, skipping what is already there:
-  1. apt packages openmpi-bin libopenmpi-dev cmake rsync openssh-client
+  1. apt packages openmpi-bin libopenmpi-dev cmake rsync openssh-client iproute2
+     slurm-wlm munge numactl (Slurm, namespaces: for the launch tests)
      (when root; otherwise prints the apt-get line to run)
   2. .venv in the repository root (Python 3.11)
   3. tensorflow-cpu and Horovod's build requirements, pinned by
@@ -47,7 +48,7 @@ CONSTRAINTS="$ROOT/scripts/constraints.txt"
 PY_BASE="${PYTHON:-python3}"
 TF_PKG="tensorflow-cpu==2.21.0"
 HVD_VERSION="0.28.1"
-APT_PKGS=(openmpi-bin libopenmpi-dev cmake rsync openssh-client)
+APT_PKGS=(openmpi-bin libopenmpi-dev cmake rsync openssh-client iproute2 slurm-wlm munge numactl)
 CACHE_ROOT="${UNET_HVD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/unet-hvd}"
 
 STEP="start"

@@ -50,3 +50,23 @@ def check(path: str, ranks: int) -> list[tuple[str, int]]:
     if total < ranks:
         raise HostfileError(f"{path}: {total} slots on {len(hosts)} host(s), fewer than the {ranks} ranks asked for")
     return hosts
+
+
+def main(argv=None) -> int:
+    """``python -m unet.hostfile FILE [RANKS]``: print the hosts, or one error line (exit 2)."""
+    import sys
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: python -m unet.hostfile HOSTFILE [RANKS]")
+        return 0 if argv else 2
+    try:
+        hosts = check(argv[0], int(argv[1]) if len(argv) > 1 else 1)
+    except HostfileError as e:
+        print(f"hostfile: error: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(h for h, _ in hosts))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
