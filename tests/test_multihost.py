@@ -1,0 +1,70 @@
+"""Two hosts on one machine: a rank in each of two network namespaces, the allreduce over TCP."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import IN_CI, ROOT, mpi_env, train_args
+
+pytestmark = pytest.mark.mpi
+PREFIX = "unethvd"
+BRIDGE = "br-unethvd"
+SUBNET = "10.213.77"          # only inside the namespaces (and the bridge) this test creates
+
+
+def ip(*args, check=True):
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
+
+
+def teardown():
+    for i in (1, 2):
+        ip("netns", "del", f"{PREFIX}{i}", check=False)
+    ip("link", "del", BRIDGE, check=False)
+
+
+@pytest.fixture
+def two_hosts():
+    if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("unshare"):
+        if IN_CI:
+            pytest.fail("network namespaces need root, iproute2 and unshare under CI=true")
+        pytest.skip("network namespaces need root, iproute2 and unshare")
+    teardown()
+    try:
+        ip("link", "add", BRIDGE, "type", "bridge")
+        ip("addr", "add", f"{SUBNET}.254/24", "dev", BRIDGE)
+        ip("link", "set", BRIDGE, "up")
+        for i in (1, 2):
+            ns = f"{PREFIX}{i}"
+            ip("netns", "add", ns)
+            ip("link", "add", f"veth-uh{i}", "type", "veth", "peer", "name", "eth0", "netns", ns)
+            ip("link", "set", f"veth-uh{i}", "master", BRIDGE)
+            ip("link", "set", f"veth-uh{i}", "up")
+            ip("netns", "exec", ns, "ip", "addr", "add", f"{SUBNET}.{i}/24", "dev", "eth0")
+            ip("netns", "exec", ns, "ip", "link", "set", "eth0", "up")
+            ip("netns", "exec", ns, "ip", "link", "set", "lo", "up")
+        yield [f"{SUBNET}.1", f"{SUBNET}.2"]
+    finally:
+        teardown()
+
+
+def test_one_rank_per_host_trains_over_tcp(two_hosts, tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("".join(f"{h} slots=1\n" for h in two_hosts))
+    agent = os.path.join(ROOT, "tests", "mpi_scripts", "netns_agent.sh")
+    net = f"{SUBNET}.0/24"
+    cmd = ["mpirun", "-np", "2", "-hostfile", str(hostfile), "--mca", "plm_rsh_agent", agent,
+           "--mca", "oob_tcp_if_include", net, "--mca", "btl_tcp_if_include", net, "--mca", "btl", "self,tcp",
+           "-x", "PATH", "-x", "PYTHONPATH", "-x", "TF_CPP_MIN_LOG_LEVEL", "-x", "UNET_NETNS_PREFIX",
+           "-x", "OMPI_ALLOW_RUN_AS_ROOT", "-x", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM",
+           sys.executable, *train_args(str(tmp_path / "logs"))]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=mpi_env(UNET_NETNS_PREFIX=PREFIX),
+                       cwd=ROOT)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    ranks = sorted(l for l in p.stdout.splitlines() if l.startswith("rank "))
+    assert [l.split()[1] for l in ranks] == ["0/2", "1/2"]
+    assert {l.split()[3] for l in ranks} == {"node1", "node2"}      # each rank on its own host
+    assert "weights: identical on 2 ranks" in p.stdout
+    assert (tmp_path / "logs" / "model.keras").is_file()
+    assert ip("netns", "list").stdout.count(PREFIX) == 2              # still up until the fixture ends
