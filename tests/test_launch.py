@@ -71,3 +71,25 @@ def test_launcher_dry_run_and_one_line_errors(tmp_path):
     (tmp_path / "dup").write_text("n1 slots=1\nn1 slots=1\n")
     p = launch("--hostfile", str(tmp_path / "dup"))
     assert p.returncode == 2 and "already listed on line 1" in p.stderr
+
+
+def test_sync_pushes_the_tree_and_data_to_every_host(tmp_path):
+    # a remote shell that runs the command here, so rsync really copies
+    rsh = tmp_path / "rsh"
+    rsh.write_text('#!/bin/sh\nshift\nexec sh -c "$*"\n')
+    rsh.chmod(0o755)
+    (tmp_path / "hosts").write_text("nodeA slots=1\nnodeB slots=1\n")
+    data = tmp_path / "d.h5"
+    data.write_bytes(b"x" * 1000)
+    dest = tmp_path / "dest"
+    p = subprocess.run([os.path.join(ROOT, "scripts", "sync.sh"), "--hostfile", str(tmp_path / "hosts"),
+                        "--dest", str(dest), "--data", str(data), "--data_dest", str(tmp_path / "ddest"),
+                        "--rsh", str(rsh)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines() == ["sync.sh: nodeA done", "sync.sh: nodeB done"]
+    assert (dest / "train_hvd.py").is_file() and (dest / "unet" / "train.py").is_file()
+    assert not (dest / ".venv").exists() and not (dest / ".git").exists()
+    assert (tmp_path / "ddest" / "d.h5").stat().st_size == 1000
+    bad = subprocess.run([os.path.join(ROOT, "scripts", "sync.sh"), "--hostfile", str(tmp_path / "nope")],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "no such hostfile" in bad.stderr
