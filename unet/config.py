@@ -81,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--synthetic_train", type=int, default=512, help="--synthetic: training images")
     g.add_argument("--synthetic_val", type=int, default=64, help="--synthetic: validation images")
 
+    g = p.add_argument_group("benchmark")
+    g.add_argument("--benchmark", action="store_true",
+                   help="time training steps on in-memory synthetic data and print one 'benchmark:' line")
+    g.add_argument("--warmup_steps", type=int, default=5, help="--benchmark: untimed steps first")
+    g.add_argument("--bench_steps", type=int, default=20, help="--benchmark: timed steps")
+
     g = p.add_argument_group("logging and output (rank 0 only)")
     g.add_argument("--logdir", default="./logs",
                    help="TensorBoard events, training.log, checkpoints and the exported model")
@@ -111,6 +117,11 @@ def validate(a: argparse.Namespace) -> argparse.Namespace:
     need(a.blocktime >= 0, f"--blocktime must be >= 0 (got {a.blocktime})")
     need(a.log_every >= 1, f"--log_every must be >= 1 (got {a.log_every})")
     need(a.image_every >= 1, f"--image_every must be >= 1 (got {a.image_every})")
+    if a.benchmark:
+        need(not a.data, "--benchmark uses in-memory synthetic data; drop --data")
+        need(a.bench_steps >= 3, f"--bench_steps must be >= 3 (got {a.bench_steps})")
+        need(a.warmup_steps >= 1, f"--warmup_steps must be >= 1 (got {a.warmup_steps})")
+        a.synthetic = True
     need(bool(a.synthetic) != bool(a.data),
          "give exactly one of --data PATH or --synthetic")
     if a.synthetic:

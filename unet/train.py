@@ -100,6 +100,10 @@ def run(args, setup, hvd, train_src, val_src, info) -> int:
         optimizer.apply_gradients(zip(reduced[:-2], model.trainable_variables))
         return reduced[-2], dice_from_sums(reduced[-1])
 
+    if args.benchmark:
+        from unet import benchmark
+        return benchmark.run(args, setup, hvd, model, optimizer, train_step, loss_fn, train_src)
+
     spec = tf.TensorSpec((None, info.height, info.width, info.channels), tf.float32)
 
     @tf.function(input_signature=[spec])
