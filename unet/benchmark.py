@@ -51,16 +51,16 @@ def run(args, setup, hvd, model, optimizer, train_step, loss_fn, source) -> int:
     grads = [tf.zeros_like(v.value) for v in model.trainable_variables]
 
     @tf.function
-    def allreduce_alone():
-        return hvd.grouped_allreduce(grads, op=hvd.Average)[0]
+    def allreduce_alone(tensors):
+        return hvd.grouped_allreduce(list(tensors), op=hvd.Average)[0]
 
     for _ in range(2):
         local_step(x, y).numpy()
-        allreduce_alone().numpy()
+        allreduce_alone(grads).numpy()
     hvd.allreduce(tf.constant(0.0))            # line the ranks up before each timed phase
     local_ms = _timed(lambda: local_step(x, y).numpy(), max(args.bench_steps // 2, 3))
     hvd.allreduce(tf.constant(0.0))
-    alone_ms = _timed(lambda: allreduce_alone().numpy(), args.bench_steps)
+    alone_ms = _timed(lambda: allreduce_alone(grads).numpy(), args.bench_steps)
     nbytes = sum(int(np.prod(v.shape)) * 4 for v in model.trainable_variables)
     mpi_ms = [0.0]
     if setup.comm is not None and size > 1:

@@ -1,0 +1,29 @@
+"""--benchmark prints one well-formed line with positive figures (no speed thresholds here)."""
+import os
+import re
+
+import pytest
+
+from conftest import ROOT, run_mpi
+
+pytestmark = pytest.mark.mpi
+LINE = re.compile(r"^benchmark: ranks=2 threads_per_rank=(\d+) global_batch=8 img_per_sec=([\d.]+) "
+                  r"p50_ms=([\d.]+) p90_ms=([\d.]+) p99_ms=([\d.]+) allreduce_ms=([\d.]+) "
+                  r"allreduce_alone_ms=([\d.]+) mpi_allreduce_ms=([\d.]+) grad_mb=([\d.]+)$", re.M)
+
+
+def test_benchmark_line(tmp_path):
+    p = run_mpi(2, [os.path.join(ROOT, "train_hvd.py"), "--benchmark", "--synthetic_size", "32",
+                    "--batch_size", "4", "--warmup_steps", "2", "--bench_steps", "4", "--logdir", str(tmp_path)])
+    assert p.returncode == 0, p.stderr[-2000:]
+    (m,) = LINE.findall(p.stdout)
+    threads, ips, p50, p90, p99, ar, alone, mpi, mb = map(float, m)
+    assert threads >= 1 and ips > 0 and 0 < p50 <= p90 <= p99 and alone > 0 and mpi > 0
+    assert ar >= 0
+    assert mb == pytest.approx(7_759_521 * 4 / 1e6, abs=0.1)     # the seed U-Net's gradients
+    assert not any(tmp_path.iterdir())                           # a benchmark writes no logs
+
+
+def test_benchmark_refuses_a_data_file(tmp_path):
+    p = run_mpi(2, [os.path.join(ROOT, "train_hvd.py"), "--benchmark", "--data", "x.h5"], timeout=60)
+    assert p.returncode == 2 and "--benchmark uses in-memory synthetic data; drop --data" in p.stderr
