@@ -24,8 +24,9 @@ def write_h5(path, n_train=24, n_val=8, size=32, channels=2, regions=3, seed=0):
                 for k in range(regions):
                     msks[i, ..., k] = r2 <= (6 - 2 * k) ** 2
                 imgs[i, ..., 0] += 2.0 * msks[i, ..., 0]
-            g.create_dataset("images", data=imgs, chunks=(1, size, size, channels), compression="gzip")
-            g.create_dataset("masks", data=msks, chunks=(1, size, size, regions), compression="gzip")
+            kw = dict(compression="gzip") if n else {}
+            g.create_dataset("images", data=imgs, chunks=(1, size, size, channels) if n else None, **kw)
+            g.create_dataset("masks", data=msks, chunks=(1, size, size, regions) if n else None, **kw)
             g.create_dataset("case_id", data=np.array([f"case{i // 4:03d}".encode() for i in range(n)]))
             g.create_dataset("slice_index", data=np.arange(n) % 4)
     return path

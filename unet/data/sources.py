@@ -76,17 +76,26 @@ class SyntheticSource:
         return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
 
-class H5Source:
-    def __init__(self, path: str, split: str):
-        import h5py
-        self.path, self.split = path, split
-        self.f = h5py.File(path, "r")
-        self.images, self.masks = self.f[split]["images"], self.f[split]["masks"]
-        n, h, w, c = self.images.shape
-        self.shape = (h, w, c, self.masks.shape[-1])
+class _ArraySource:
+    """images (N,H,W,C) and masks (N,H,W,R) array-likes (h5py datasets or memory maps)."""
+
+    def __init__(self, images, masks, name: str):
+        if len(images.shape) != 4 or len(masks.shape) != 4:
+            raise UsageError(f"--data {name}: images/masks must be 4-D (N,H,W,C)/(N,H,W,R), "
+                             f"got {tuple(images.shape)} and {tuple(masks.shape)}")
+        self.images, self.masks = images, masks
+        n, h, w, c = images.shape
+        self.shape = (h, w, c, masks.shape[-1])
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+
+class H5Source(_ArraySource):
+    def __init__(self, path: str, split: str):
+        import h5py
+        self.f = h5py.File(path, "r")
+        super().__init__(self.f[split]["images"], self.f[split]["masks"], path)
 
     def read(self, indices) -> tuple[np.ndarray, np.ndarray]:
         idx = np.asarray(indices)
@@ -96,16 +105,11 @@ class H5Source:
         return imgs[inverse], msks[inverse]
 
 
-class NpySource:
+class NpySource(_ArraySource):
     def __init__(self, folder: str, split: str):
         img_name, msk_name = NPY_FILES[split]
-        self.images = np.load(os.path.join(folder, img_name), mmap_mode="r", allow_pickle=False)
-        self.masks = np.load(os.path.join(folder, msk_name), mmap_mode="r", allow_pickle=False)
-        n, h, w, c = self.images.shape
-        self.shape = (h, w, c, self.masks.shape[-1])
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
+        super().__init__(np.load(os.path.join(folder, img_name), mmap_mode="r", allow_pickle=False),
+                         np.load(os.path.join(folder, msk_name), mmap_mode="r", allow_pickle=False), folder)
 
     def read(self, indices) -> tuple[np.ndarray, np.ndarray]:
         idx = np.asarray(indices)
