@@ -37,21 +37,38 @@ def list_checkpoints(folder: str) -> list[str]:
 
 
 def save_checkpoint(folder: str, *, model, optimizer, step: int, epoch: int, meta: dict,
-                    keep: int = 3) -> str:
+                    keep: int = 3, name: str | None = None) -> str:
+    """Write ``ckpt-<step>.npz`` (or ``name``) atomically and keep the latest ``keep`` of them."""
     os.makedirs(folder, exist_ok=True)
     arrays = {f"m{i:03d}": np.asarray(v.numpy()) for i, v in enumerate(model.variables)}
     arrays.update({f"o{i:03d}": np.asarray(v.numpy()) for i, v in enumerate(optimizer.variables)})
     arrays["meta"] = np.array(json.dumps(dict(meta, step=step, epoch=epoch)))
-    path = os.path.join(folder, f"ckpt-{step:08d}.npz")
+    path = os.path.join(folder, name or f"ckpt-{step:08d}.npz")
     _atomic_write(path, lambda fh: np.savez(fh, **arrays))
-    for old in list_checkpoints(folder)[:-keep]:
+    for old in ([] if name else list_checkpoints(folder)[:-keep]):
         os.unlink(old)
     return path
 
 
+def resume_path(logdir: str, resume: str | None, fresh: bool) -> str | None:
+    """The checkpoint a run starts from: --resume, else the latest under logdir, unless --fresh."""
+    if fresh:
+        return None
+    if resume:
+        return resume
+    found = list_checkpoints(os.path.join(logdir, "checkpoints"))
+    return found[-1] if found else None
+
+
 def load_checkpoint(path: str, *, model, optimizer) -> dict:
     """Restore variables in place; raise ValueError naming the file on any mismatch."""
-    with np.load(path, allow_pickle=False) as z:
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0][:120]})") from None
+    with z:
+        if "meta" not in z.files:
+            raise ValueError(f"{path}: not a unet-hvd checkpoint (no meta)")
         meta = json.loads(str(z["meta"]))
         for prefix, variables in (("m", model.variables), ("o", optimizer.variables)):
             names = sorted(k for k in z.files if k.startswith(prefix) and k[1:].isdigit())
@@ -59,8 +76,9 @@ def load_checkpoint(path: str, *, model, optimizer) -> dict:
                 raise ValueError(f"{path}: {len(names)} {prefix}-variables, model has {len(variables)}")
             for name, var in zip(names, variables):
                 if tuple(z[name].shape) != tuple(var.shape):
-                    raise ValueError(f"{path}: {var.path} has shape {tuple(var.shape)}, "
-                                     f"checkpoint {tuple(z[name].shape)}")
+                    raise ValueError(f"{path}: checkpoint of another model ({var.path} has shape "
+                                     f"{tuple(var.shape)} here, {tuple(z[name].shape)} in the file)")
+            for name, var in zip(names, variables):
                 var.assign(z[name])
     return meta
 

@@ -95,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image_every", type=int, default=100,
                    help="steps between image summaries (input, ground truth, prediction)")
     g.add_argument("--no_validation", action="store_true", help="skip validation at epoch ends")
+    g.add_argument("--checkpoint_every", type=int, default=0,
+                   help="steps between checkpoints (besides every epoch end); 0 = epoch ends only")
+    g.add_argument("--keep_checkpoints", type=int, default=3, help="latest checkpoints kept (plus best.npz)")
+    g.add_argument("--resume", default=None,
+                   help="checkpoint to resume from; default: the latest under --logdir, if any")
+    g.add_argument("--fresh", action="store_true", help="ignore checkpoints under --logdir, start from scratch")
     return p
 
 
@@ -115,6 +121,9 @@ def validate(a: argparse.Namespace) -> argparse.Namespace:
     need(a.num_threads >= 0, f"--num_threads must be >= 0 (got {a.num_threads})")
     need(a.num_inter_threads >= 1, f"--num_inter_threads must be >= 1 (got {a.num_inter_threads})")
     need(a.blocktime >= 0, f"--blocktime must be >= 0 (got {a.blocktime})")
+    need(a.checkpoint_every >= 0, f"--checkpoint_every must be >= 0 (got {a.checkpoint_every})")
+    need(a.keep_checkpoints >= 1, f"--keep_checkpoints must be >= 1 (got {a.keep_checkpoints})")
+    need(not (a.resume and a.fresh), "give at most one of --resume and --fresh")
     need(a.log_every >= 1, f"--log_every must be >= 1 (got {a.log_every})")
     need(a.image_every >= 1, f"--image_every must be >= 1 (got {a.image_every})")
     if a.benchmark:

@@ -41,6 +41,7 @@ class Rank0Reporter:
         self.bar = None
         self.t_window, self.n_window = time.perf_counter(), 0
         self.last_rate = 0.0
+        self.best = -1.0
         print(f"training: ranks={setup.size} batch_size/rank={args.batch_size} "
               f"global_batch={global_batch} steps/epoch={steps_per_epoch} epochs={args.epochs} "
               f"input {info.height}x{info.width}x{info.channels} ({','.join(info.modalities)}) "
@@ -113,9 +114,25 @@ class Rank0Reporter:
             self.log.write(f"validation epoch {epoch + 1} step {step} loss {val['loss']:.5f} {dices}\n")
         self.writer.flush()
         self.val_writer.flush()
-        path = checkpoint.save_checkpoint(self.ckpt_dir, model=model, optimizer=optimizer,
-                                          step=step, epoch=epoch + 1, meta=meta)
+        path = self.checkpoint(model, optimizer, meta, step=step, epoch=epoch + 1, step_in_epoch=0)
+        if val:
+            score = float(np.mean(val["dice"]))
+            if score > self.best:
+                self.best = score
+                checkpoint.save_checkpoint(self.ckpt_dir, model=model, optimizer=optimizer, step=step,
+                                           epoch=epoch + 1, meta=dict(meta, step_in_epoch=0, val_dice=score),
+                                           name="best.npz")
+                msg += " (best)"
         print(msg + f" checkpoint {os.path.relpath(path, self.logdir)}", flush=True)
+
+    def checkpoint(self, model, optimizer, meta: dict, *, step: int, epoch: int, step_in_epoch: int) -> str:
+        return checkpoint.save_checkpoint(self.ckpt_dir, model=model, optimizer=optimizer, step=step,
+                                          epoch=epoch, meta=dict(meta, step_in_epoch=step_in_epoch),
+                                          keep=self.args.keep_checkpoints)
+
+    def resumed(self, step: int, path: str) -> None:
+        print(f"resumed from step {step} ({path})", flush=True)
+        self.log.write(f"resumed from step {step} ({path})\n")
 
     def replicas(self, same: bool, digests: list[str]) -> None:
         if same:

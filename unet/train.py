@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import sys
 import time
 
@@ -43,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         train_src = sources[0]
         if len(train_src) < args.batch_size * setup.size and args.steps_per_epoch == 0:
             pass  # a short set is topped up by the sharding rule; nothing to refuse
+        if args.resume and not os.path.isfile(args.resume):
+            raise config.UsageError(f"--resume {args.resume}: no such checkpoint file")
     except config.UsageError as e:
         error = str(e)
     error = agree(setup.comm, error)  # every rank exits on any rank's error: none is left waiting
@@ -58,6 +61,7 @@ def run(args, setup, hvd, train_src, val_src, info) -> int:
     import keras
     import tensorflow as tf
 
+    from unet import checkpoint
     from unet.data import pipeline
     from unet.losses import dice_from_sums, dice_sums, get_loss
     from unet.model import build_unet
@@ -72,8 +76,22 @@ def run(args, setup, hvd, train_src, val_src, info) -> int:
     optimizer.build(model.trainable_variables)  # create Adam's slots now, so they can be broadcast
     loss_fn = get_loss(args.loss)
 
-    # Horovod: every rank starts from rank 0's weights and optimizer state (Keras 3
-    # variables wrap a tf.Variable in .value, which is what Horovod broadcasts).
+    # Rank 0 restores the checkpoint to resume from (if any); every rank learns the outcome.
+    restored = None
+    if rank == 0 and not args.benchmark:
+        path = checkpoint.resume_path(args.logdir, args.resume, args.fresh)
+        try:
+            restored = path and dict(checkpoint.load_checkpoint(path, model=model, optimizer=optimizer), path=path)
+        except ValueError as e:
+            restored = {"error": str(e)}
+    restored = hvd.broadcast_object(restored, root_rank=0)
+    if restored and "error" in restored:
+        if rank == 0:
+            print(f"train_hvd.py: error: {restored['error']}", file=sys.stderr)
+        return 2
+
+    # Horovod: every rank starts from rank 0's weights and optimizer state, fresh or
+    # restored (Keras 3 variables wrap a tf.Variable in .value, which Horovod broadcasts).
     hvd.broadcast_variables([v.value for v in model.variables], root_rank=0)
     hvd.broadcast_variables([v.value for v in optimizer.variables], root_rank=0)
 
@@ -127,13 +145,17 @@ def run(args, setup, hvd, train_src, val_src, info) -> int:
             "dropout": args.dropout, "loss": args.loss}, "ranks": size,
             "global_batch": global_batch, "seed": args.seed}
     reporter = make_reporter(rank == 0, args, info, setup, global_batch, steps)
-    step, val = 0, None
-    for epoch in range(args.epochs):
+    step, first_epoch, skip, val = 0, 0, 0, None
+    if restored:
+        step, first_epoch, skip = restored["step"], restored["epoch"], restored.get("step_in_epoch", 0)
+        reporter.resumed(step, restored["path"])
+    for epoch in range(first_epoch, args.epochs):
+        start = skip if epoch == first_epoch else 0
         ds, _ = pipeline.train_dataset(train_src, batch_size=args.batch_size, rank=rank, size=size,
                                        epoch=epoch, seed=args.seed, cap=args.steps_per_epoch,
-                                       augment_on=not args.no_augment)
+                                       augment_on=not args.no_augment, start=start)
         reporter.epoch_start(epoch)
-        for x, y in ds:
+        for t, (x, y) in enumerate(ds, start=start):
             lr = lr_at(step)
             optimizer.learning_rate.assign(lr)
             loss, dice = train_step(x, y)
@@ -141,6 +163,8 @@ def run(args, setup, hvd, train_src, val_src, info) -> int:
             if reporter.want_images(step):
                 reporter.images(step, x.numpy()[:3], y.numpy()[:3], predict(x[:3]).numpy())
             step += 1
+            if args.checkpoint_every and step % args.checkpoint_every == 0 and t + 1 < steps:
+                reporter.checkpoint(model, optimizer, meta, step=step, epoch=epoch, step_in_epoch=t + 1)
         val = validate()
         reporter.epoch_end(epoch, step, model, optimizer, val, meta)
     same, digests = check_replicas(hvd, model)

@@ -65,22 +65,25 @@ def augment(imgs: np.ndarray, msks: np.ndarray, rng: np.random.Generator):
 
 
 def train_dataset(source, *, batch_size: int, rank: int, size: int, epoch: int, seed: int,
-                  cap: int = 0, augment_on: bool = True, prefetch: int = 2):
-    """tf.data.Dataset of this rank's (images, masks) batches for one epoch."""
+                  cap: int = 0, augment_on: bool = True, prefetch: int = 2, start: int = 0):
+    """tf.data.Dataset of this rank's (images, masks) batches for one epoch, from step ``start``.
+
+    Augmentation draws from a generator seeded by (seed, epoch, rank, step), so a run
+    resumed mid-epoch sees exactly the batches an uninterrupted run would.
+    """
     import tensorflow as tf
     h, w, c, r = source.shape
     batches = rank_batches(len(source), batch_size, rank, size, epoch, seed, cap)
 
     def gen():
-        rng = np.random.default_rng([seed, 104729, epoch, rank])
-        for idx in batches:
-            imgs, msks = source.read(idx)
+        for t in range(start, len(batches)):
+            imgs, msks = source.read(batches[t])
             if augment_on:
-                imgs, msks = augment(imgs, msks, rng)
+                imgs, msks = augment(imgs, msks, np.random.default_rng([seed, 104729, epoch, rank, t]))
             yield imgs, msks
 
     sig = (tf.TensorSpec((batch_size, h, w, c), tf.float32), tf.TensorSpec((batch_size, h, w, r), tf.float32))
-    return tf.data.Dataset.from_generator(gen, output_signature=sig).prefetch(prefetch), len(batches)
+    return tf.data.Dataset.from_generator(gen, output_signature=sig).prefetch(prefetch), len(batches) - start
 
 
 def val_batches(source, *, batch_size: int, rank: int, size: int):

@@ -1,0 +1,69 @@
+"""Checkpoints and resume: a 2-rank run killed mid-training and rerun lands where an uninterrupted run does."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, mpi_env, run_mpi, train_args
+
+pytestmark = pytest.mark.mpi
+FLAGS = ["--loss", "bce", "--dropout", "0", "--epochs", "2", "--checkpoint_every", "2", "--no_validation",
+         "--seed", "11"]                                   # augmentation stays on
+
+
+def weights(path):
+    with np.load(path) as z:
+        return [z[k] for k in sorted(z.files) if k[0] == "m" and k[1:].isdigit()]
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    p = run_mpi(2, train_args(full, *FLAGS))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "resumed" not in p.stdout
+
+    cmd = ["mpirun", "-np", "2", "--oversubscribe", sys.executable, *train_args(cut, *FLAGS)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=mpi_env(),
+                            cwd=ROOT, start_new_session=True)
+    first = os.path.join(cut, "checkpoints", "ckpt-00000002.npz")
+    deadline = time.time() + 240
+    while not os.path.exists(first) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)                      # the whole job, mid-training
+    proc.wait(timeout=60)
+    assert os.path.exists(first)
+    done = sorted(os.listdir(os.path.join(cut, "checkpoints")))
+    assert "ckpt-00000008.npz" not in done, "killed too late to test anything"
+
+    again = run_mpi(2, train_args(cut, *FLAGS))                # the same command again
+    assert again.returncode == 0, again.stderr[-2000:]
+    resumed = [l for l in again.stdout.splitlines() if l.startswith("resumed from step ")]
+    assert len(resumed) == 1 and int(resumed[0].split()[3]) in (2, 4, 6)
+    a = weights(os.path.join(full, "checkpoints", "ckpt-00000008.npz"))
+    b = weights(os.path.join(cut, "checkpoints", "ckpt-00000008.npz"))
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_fresh_ignores_and_resume_names_a_checkpoint(tmp_path):
+    logdir = str(tmp_path / "l")
+    assert run_mpi(2, train_args(logdir, "--epochs", "1")).returncode == 0
+    again = run_mpi(2, train_args(logdir, "--epochs", "1", "--fresh"))
+    assert again.returncode == 0 and "resumed" not in again.stdout
+    bad = run_mpi(2, train_args(logdir, "--resume", str(tmp_path / "none.npz")), timeout=60)
+    assert bad.returncode == 2 and f"--resume {tmp_path / 'none.npz'}: no such checkpoint file" in bad.stderr
+
+
+def test_checkpoint_of_another_model_is_refused_on_every_rank(tmp_path):
+    logdir = str(tmp_path / "l")
+    assert run_mpi(2, train_args(logdir, "--epochs", "1")).returncode == 0
+    (ckpt,) = [f for f in os.listdir(os.path.join(logdir, "checkpoints")) if f.startswith("ckpt-")]
+    other = run_mpi(2, train_args(str(tmp_path / "o"), "--synthetic_channels", "3", "--resume",
+                                  os.path.join(logdir, "checkpoints", ckpt)), timeout=120)
+    assert other.returncode == 2
+    errs = [l for l in other.stderr.splitlines() if l.startswith("train_hvd.py: error:")]
+    assert len(errs) == 1 and "checkpoint of another model" in errs[0]
