@@ -44,6 +44,10 @@ def test_rank0_tensorboard_scalars_images_histograms_and_nothing_from_rank1(tmp_
     logs = wd0 / "logs"
     assert (logs / "model.keras").is_file() and (logs / "model.json").is_file()
     assert len(list((logs / "checkpoints").glob("ckpt-*.npz"))) == 2
+    assert (logs / "checkpoints" / "best.npz").is_file()
+    exported = json.loads((logs / "model.json").read_text())["exported"]
+    assert exported in ("best validation epoch 1 of 2", "best validation epoch 2 of 2")
+    assert f"exporting the {exported[:21]}" in p.stdout
     lines = (logs / "training.log").read_text().splitlines()
     assert sum(l.startswith("step ") for l in lines) == 6 and "dice_ET" in lines[0]
 

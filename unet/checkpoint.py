@@ -61,7 +61,8 @@ def resume_path(logdir: str, resume: str | None, fresh: bool) -> str | None:
 
 
 def load_checkpoint(path: str, *, model, optimizer) -> dict:
-    """Restore variables in place; raise ValueError naming the file on any mismatch."""
+    """Restore variables in place (the optimizer's too unless it is None);
+    raise ValueError naming the file on any mismatch."""
     try:
         z = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
@@ -70,7 +71,8 @@ def load_checkpoint(path: str, *, model, optimizer) -> dict:
         if "meta" not in z.files:
             raise ValueError(f"{path}: not a unet-hvd checkpoint (no meta)")
         meta = json.loads(str(z["meta"]))
-        for prefix, variables in (("m", model.variables), ("o", optimizer.variables)):
+        groups = [("m", model.variables)] + ([("o", optimizer.variables)] if optimizer is not None else [])
+        for prefix, variables in groups:
             names = sorted(k for k in z.files if k.startswith(prefix) and k[1:].isdigit())
             if len(names) != len(variables):
                 raise ValueError(f"{path}: {len(names)} {prefix}-variables, model has {len(variables)}")

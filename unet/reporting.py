@@ -41,7 +41,7 @@ class Rank0Reporter:
         self.bar = None
         self.t_window, self.n_window = time.perf_counter(), 0
         self.last_rate = 0.0
-        self.best = -1.0
+        self.best, self.best_val, self.best_epoch = -1.0, None, 0
         print(f"training: ranks={setup.size} batch_size/rank={args.batch_size} "
               f"global_batch={global_batch} steps/epoch={steps_per_epoch} epochs={args.epochs} "
               f"input {info.height}x{info.width}x{info.channels} ({','.join(info.modalities)}) "
@@ -118,7 +118,7 @@ class Rank0Reporter:
         if val:
             score = float(np.mean(val["dice"]))
             if score > self.best:
-                self.best = score
+                self.best, self.best_val, self.best_epoch = score, val, epoch + 1
                 checkpoint.save_checkpoint(self.ckpt_dir, model=model, optimizer=optimizer, step=step,
                                            epoch=epoch + 1, meta=dict(meta, step_in_epoch=0, val_dice=score),
                                            name="best.npz")
@@ -142,6 +142,13 @@ class Rank0Reporter:
                   file=sys.stderr, flush=True)
 
     def finish(self, model, meta: dict, val: dict | None) -> None:
+        best = os.path.join(self.ckpt_dir, "best.npz")
+        if self.best_val is not None and os.path.exists(best):
+            # export the weights of the best validation epoch (rank 0's copy only; training is over)
+            checkpoint.load_checkpoint(best, model=model, optimizer=None)
+            val = self.best_val
+            meta = dict(meta, exported="best validation epoch %d of %d" % (self.best_epoch, self.args.epochs))
+            print(f"exporting the best validation epoch: {self.best_epoch}", flush=True)
         keras_path, json_path = checkpoint.export_model(self.logdir, model, meta)
         self.writer.close()
         self.val_writer.close()
@@ -150,7 +157,7 @@ class Rank0Reporter:
         print(f"tensorboard: tensorboard --logdir {self.logdir} --host 127.0.0.1", flush=True)
         if val:
             dices = " ".join(f"{n}={float(d):.4f}" for n, d in zip(self.regions, val["dice"]))
-            print(f"final validation Dice (slice-pooled, threshold 0.5): {dices}", flush=True)
+            print(f"validation Dice of the exported model (slice-pooled, threshold 0.5): {dices}", flush=True)
 
 
 def make_reporter(is_chief: bool, *args, **kwargs):
