@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import ROOT, mpi_env, run_mpi
+from conftest import ROOT, run_mpi
 
 # The label tables, written out here independently of unet.data.labels.
 EXPECTED = {"brats": ({1, 2, 4}, {1, 4}, {4}), "brats2023": ({1, 2, 3}, {1, 3}, {3}),

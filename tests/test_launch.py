@@ -1,7 +1,6 @@
 """Hostfile checks and the commands the launchers build (no ranks started here)."""
 import os
 import subprocess
-import sys
 
 import pytest
 

@@ -21,8 +21,8 @@ import numpy as np
 
 from unet.data import labels as L
 from unet.data import preprocess as P
-from unet.data.convert import DataError, Options, read_case
-from unet.data.layouts import Case, LayoutError, detect_layout, find_cases
+from unet.data.nifti import DataError, Options, read_case
+from unet.data.layouts import Case, LayoutError, find_cases
 
 LABEL_SETS = ("brats", "brats2023", "msd")
 

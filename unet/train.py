@@ -9,7 +9,6 @@ import contextlib
 import io
 import os
 import sys
-import time
 
 import numpy as np
 

@@ -17,144 +17,16 @@ import math
 import os
 import sys
 import zlib
-from dataclasses import dataclass
 
 import numpy as np
 
 from unet.data import labels as L
 from unet.data import preprocess as P
-from unet.data.layouts import MODALITIES, MSD_CHANNELS, SUFFIXES, Case, LayoutError, detect_layout, find_cases
+from unet.data.h5io import H5Writer, merge_parts, write_npy
+from unet.data.layouts import MODALITIES, Case, LayoutError, detect_layout, find_cases
+from unet.data.nifti import DataError, Options, read_case
 
 CONVERTER_VERSION = "1"
-SPACING_TOL = 1e-3
-
-
-class DataError(Exception):
-    def __init__(self, case: str, path: str, msg: str):
-        super().__init__(f"case {case}: {path}: {msg}")
-        self.case = case
-
-
-@dataclass
-class Options:
-    modalities: tuple
-    regions: tuple
-    size: int
-    inplane: str
-    slices: str
-    background_fraction: float
-    seed: int
-
-
-def nifti_problem(path: str) -> str | None:
-    """Why a NIfTI-1 file cannot be trusted, or None.
-
-    ITK fills a truncated .nii.gz with zeros and turns NaN/Inf voxels into 0
-    without complaint, so both are checked on the raw bytes here.
-    """
-    import gzip
-    import struct
-    opener = gzip.open if path.lower().endswith(".gz") else open
-    try:
-        with opener(path, "rb") as fh:
-            hdr = fh.read(348)
-            if len(hdr) < 348:
-                return "cannot read (truncated header)"
-            endian = "<" if struct.unpack("<i", hdr[:4])[0] == 348 else ">"
-            if struct.unpack(endian + "i", hdr[:4])[0] != 348:
-                return None  # not NIfTI-1 (NIfTI-2, Analyze...): left to the reader
-            dim = struct.unpack(endian + "8h", hdr[40:56])
-            datatype, bitpix = struct.unpack(endian + "2h", hdr[70:74])
-            offset = int(struct.unpack(endian + "f", hdr[108:112])[0])
-            count = int(np.prod([max(d, 1) for d in dim[1:1 + max(min(dim[0], 7), 0)]]))
-            fh.read(max(offset - 348, 0))
-            floating = {16: np.dtype(endian + "f4"), 64: np.dtype(endian + "f8")}.get(datatype)
-            have, bad = 0, False
-            while chunk := fh.read((1 << 22) * (bitpix // 8 or 1)):
-                if floating is not None:
-                    usable = len(chunk) - len(chunk) % floating.itemsize
-                    bad = bad or not np.isfinite(np.frombuffer(chunk[:usable], floating)).all()
-                have += len(chunk)
-    except (OSError, EOFError) as e:
-        return f"cannot read (truncated or corrupt: {e})"
-    if have < count * bitpix // 8:
-        return f"cannot read (truncated: {have} of {count * bitpix // 8} data bytes)"
-    return "contains NaN or Inf" if bad else None
-
-
-def _read(case: Case, path: str):
-    import SimpleITK as sitk
-    why = nifti_problem(path)
-    if why:
-        raise DataError(case.case_id, path, why)
-    try:
-        img = sitk.ReadImage(path)
-    except RuntimeError as e:
-        msg = next((l.strip() for l in str(e).splitlines() if l.strip()), "unreadable")
-        raise DataError(case.case_id, path, f"cannot read ({msg[:160]})") from None
-    return img, sitk.GetArrayFromImage(img)
-
-
-def _geometry(img) -> dict:
-    d = img.GetDimension()
-    keep = 3
-    return {"size": list(img.GetSize())[:keep], "spacing": list(img.GetSpacing())[:keep],
-            "origin": list(img.GetOrigin())[:keep],
-            "direction": [img.GetDirection()[r * d + c] for r in range(keep) for c in range(keep)]}
-
-
-def read_case(case: Case, opts: Options, need_seg: bool = True):
-    """-> (channels (C,z,y,x) float32, seg (z,y,x) int or None, geometry of the first file)."""
-    folder = os.path.dirname(next(iter(case.files.values()), case.seg or case.case_id))
-    if case.seg is None and need_seg:
-        suf = {"msd": "labelsTr/<case>.nii.gz"}.get(case.layout, f"*{SUFFIXES.get(case.layout, {}).get('seg', '_seg')}.nii.gz")
-        raise DataError(case.case_id, folder, f"missing segmentation ({suf})")
-    vols, ref, ref_path = [], None, None
-    if case.layout == "msd":
-        img, arr = _read(case, case.files["image"])
-        if arr.ndim != 4 or arr.shape[0] < 4:
-            raise DataError(case.case_id, case.files["image"], f"expected a 4-D image with 4 channels, got array {arr.shape}")
-        vols = [arr[MSD_CHANNELS[m]] for m in opts.modalities]
-        ref, ref_path, geom = img, case.files["image"], _geometry(img)
-        ref_shape, ref_spacing = arr.shape[1:], img.GetSpacing()[:3]
-        paths = [case.files["image"]] * len(vols)
-    else:
-        paths = []
-        for m in opts.modalities:
-            if m not in case.files:
-                raise DataError(case.case_id, folder, f"missing {m} file (*{SUFFIXES[case.layout][m]}.nii.gz)")
-            img, arr = _read(case, case.files[m])
-            if ref is None:
-                ref, ref_path, geom = img, case.files[m], _geometry(img)
-                ref_shape, ref_spacing = arr.shape, img.GetSpacing()
-            elif arr.shape != ref_shape:
-                raise DataError(case.case_id, case.files[m], f"shape {arr.shape[::-1]} differs from "
-                                f"{os.path.basename(ref_path)} {ref_shape[::-1]}")
-            elif not np.allclose(img.GetSpacing(), ref_spacing, atol=SPACING_TOL):
-                raise DataError(case.case_id, case.files[m], f"spacing {img.GetSpacing()} differs from "
-                                f"{os.path.basename(ref_path)} {ref_spacing}")
-            vols.append(arr)
-            paths.append(case.files[m])
-    for v, p in zip(vols, paths):
-        if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all():
-            raise DataError(case.case_id, p, "contains NaN or Inf")
-    if case.seg is None:
-        return np.stack(vols).astype(np.float32), None, geom
-    seg_img, seg = _read(case, case.seg)
-    if seg.shape != tuple(ref_shape):
-        raise DataError(case.case_id, case.seg, f"shape {seg.shape[::-1]} differs from "
-                        f"{os.path.basename(ref_path)} {tuple(ref_shape)[::-1]}")
-    if not np.allclose(seg_img.GetSpacing()[:3], ref_spacing[:3], atol=SPACING_TOL):
-        raise DataError(case.case_id, case.seg, f"spacing {seg_img.GetSpacing()} differs from "
-                        f"{os.path.basename(ref_path)} {tuple(ref_spacing)}")
-    if np.issubdtype(seg.dtype, np.floating):
-        if not np.isfinite(seg).all() or not np.array_equal(seg, np.round(seg)):
-            raise DataError(case.case_id, case.seg, "segmentation has non-integer, NaN or Inf values")
-    bad = L.unexpected_labels(seg, case.layout)
-    if bad:
-        raise DataError(case.case_id, case.seg, f"unexpected label values {bad} for layout {case.layout} "
-                        f"(expected {', '.join(map(str, L.VALID_LABELS[case.layout]))})")
-    return np.stack(vols).astype(np.float32), seg.astype(np.int16), geom
 
 
 def process_case(case: Case, opts: Options, split: str) -> dict:
@@ -186,39 +58,6 @@ def split_by_patient(case_ids: list[str], val_fraction: float, seed: int) -> dic
         n_val = min(max(n_val, 1 if val_fraction > 0 else 0), len(ids) - 1)
     val = {ids[i] for i in order[:n_val]}
     return {c: ("val" if c in val else "train") for c in ids}
-
-
-class H5Writer:
-    """Appends slices to resizable, per-slice-chunked, compressed datasets."""
-
-    def __init__(self, path: str, size: int, channels: int, regions: int):
-        import h5py
-        self.f = h5py.File(path, "w")
-        self.cases = self.f.create_group("cases")
-        for split in ("train", "val"):
-            g = self.f.create_group(split)
-            g.create_dataset("images", (0, size, size, channels), np.float32, maxshape=(None, size, size, channels),
-                             chunks=(1, size, size, channels), compression="gzip", compression_opts=1, shuffle=True)
-            g.create_dataset("masks", (0, size, size, regions), np.uint8, maxshape=(None, size, size, regions),
-                             chunks=(1, size, size, regions), compression="gzip", compression_opts=1)
-            g.create_dataset("case_id", (0,), h5py.string_dtype(), maxshape=(None,), chunks=(1024,))
-            g.create_dataset("slice_index", (0,), np.int32, maxshape=(None,), chunks=(1024,))
-
-    def append(self, r: dict) -> None:
-        g, n = self.f[r["split"]], len(r["slice_index"])
-        start = g["images"].shape[0]
-        for name, data in (("images", r["images"]), ("masks", r["masks"]),
-                           ("case_id", np.array([r["case_id"]] * n, dtype=object)),
-                           ("slice_index", r["slice_index"])):
-            g[name].resize(start + n, axis=0)
-            if n:
-                g[name][start:] = data
-        self.cases.attrs[r["case_id"]] = json.dumps(dict(r["geometry"], split=r["split"]))
-
-    def close(self, attrs: dict) -> None:
-        for k, v in attrs.items():
-            self.f.attrs[k] = v
-        self.f.close()
 
 
 def _iter_results(cases, opts, splits, workers):
@@ -274,49 +113,6 @@ def convert_to(path: str, cases, opts: Options, splits, *, workers: int, skip_ba
     finally:
         w.close({})
     return counts, skipped
-
-
-def merge_parts(parts: list[str], out: str, opts: Options) -> None:
-    """Concatenate per-rank part files (same options) into ``out``."""
-    import h5py
-    w = H5Writer(out, opts.size, len(opts.modalities), len(opts.regions))
-    try:
-        for p in parts:
-            with h5py.File(p, "r") as f:
-                for split in ("train", "val"):
-                    g = f[split]
-                    n, start = g["images"].shape[0], w.f[split]["images"].shape[0]
-                    for name in ("images", "masks", "case_id", "slice_index"):
-                        w.f[split][name].resize(start + n, axis=0)
-                        for s in range(0, n, 256):  # bounded memory
-                            w.f[split][name][start + s:start + min(s + 256, n)] = g[name][s:s + 256]
-                for k, v in f["cases"].attrs.items():
-                    w.cases.attrs[k] = v
-    finally:
-        w.close({})
-
-
-def write_npy(h5_path: str, folder: str) -> list[str]:
-    """The seed's four files from a finished HDF5 file (copied in bounded chunks)."""
-    import h5py
-    os.makedirs(folder, exist_ok=True)
-    names = {("train", "images"): "imgs_train.npy", ("train", "masks"): "msks_train.npy",
-             ("val", "images"): "imgs_test.npy", ("val", "masks"): "msks_test.npy"}
-    written = []
-    with h5py.File(h5_path, "r") as f:
-        for (split, key), name in names.items():
-            src = f[split][key]
-            final = os.path.join(folder, name)
-            tmp = final + f".tmp-{os.getpid()}.npy"
-            mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32 if key == "images" else np.uint8,
-                                           shape=src.shape)
-            for s in range(0, src.shape[0], 256):
-                mm[s:s + 256] = src[s:s + 256]
-            mm.flush()
-            del mm
-            os.replace(tmp, final)
-            written.append(final)
-    return written
 
 
 def build_parser() -> argparse.ArgumentParser:
