@@ -19,7 +19,10 @@ def test_latest_checkpoint_always_loads_after_sigkill(tmp_path):
         folder = tmp_path / f"try{attempt}"
         proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "mpi_scripts", "ckpt_writer.py"),
                                  str(folder)], env=env)
-        time.sleep(1.2 + rnd.random())
+        deadline = time.time() + 60           # wait for the first save, then kill at a random moment
+        while not list_checkpoints(str(folder)) and time.time() < deadline:
+            time.sleep(0.01)
+        time.sleep(rnd.random())
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         found = list_checkpoints(str(folder))
