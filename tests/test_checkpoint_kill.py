@@ -32,4 +32,4 @@ def test_latest_checkpoint_always_loads_after_sigkill(tmp_path):
         with np.load(latest, allow_pickle=False) as z:     # complete and consistent
             assert all(np.all(z[f"m{i:03d}"] == step) for i in range(8))
             assert z["o000"].shape == (1000,) and '"step": %d' % step in str(z["meta"])
-        assert len(found) <= 2
+        assert len(found) <= 3     # keep=2, plus one more if killed between rename and pruning
