@@ -15,10 +15,11 @@ from dataclasses import dataclass
 
 # Defaults for a box where ranks get one or a few cores each: Horovod's
 # background thread polls every 1 ms and Open MPI busy-waits, both stealing
-# the core TensorFlow computes on (measured: 13.8 -> 19.8 img/s for 2 ranks x
-# 1 core). Set only where the user has not set them.
+# the core TensorFlow computes on. Measured on 2 ranks x 1 core (docs/PERFORMANCE.md):
+# Horovod/Open MPI defaults 8.27 img/s; cycle 50 ms + yield 11.4-12.0; cycle 5 ms + yield
+# 14.5. Set only where the user has not set them.
 RUNTIME_DEFAULTS = {
-    "HOROVOD_CYCLE_TIME": "50",           # ms between Horovod's coordination cycles
+    "HOROVOD_CYCLE_TIME": "5",            # ms between Horovod's coordination cycles
     "OMPI_MCA_mpi_yield_when_idle": "1",  # Open MPI yields the core while it waits
 }
 
