@@ -123,8 +123,9 @@ def evaluate_folders(a) -> int:
 def evaluate_model(a) -> int:
     """Predict the validation cases of --data with --model and score them (sharded over MPI ranks)."""
     import h5py
+    from unet.distributed import under_mpirun
     comm = None
-    if any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")):
+    if under_mpirun():
         from mpi4py import MPI
         comm = MPI.COMM_WORLD
     rank, size = (comm.Get_rank(), comm.Get_size()) if comm else (0, 1)

@@ -5,7 +5,6 @@ one on rank 0 and a silent one elsewhere. This is the single rank-0 guard.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -163,6 +162,3 @@ class Rank0Reporter:
 def make_reporter(is_chief: bool, *args, **kwargs):
     return Rank0Reporter(*args, **kwargs) if is_chief else NullReporter()
 
-
-def describe(meta: dict) -> str:
-    return json.dumps(meta, sort_keys=True)

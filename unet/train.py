@@ -39,10 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from unet.data.sources import open_sources  # h5py only; TensorFlow still not loaded
     error, sources = None, None
     try:
-        sources = open_sources(args)
-        train_src = sources[0]
-        if len(train_src) < args.batch_size * setup.size and args.steps_per_epoch == 0:
-            pass  # a short set is topped up by the sharding rule; nothing to refuse
+        sources = open_sources(args)  # a set shorter than a global batch is topped up, not refused
         if args.resume and not os.path.isfile(args.resume):
             raise config.UsageError(f"--resume {args.resume}: no such checkpoint file")
     except config.UsageError as e:

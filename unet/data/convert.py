@@ -171,7 +171,8 @@ def _opts(a) -> Options:
 
 
 def _comm():
-    if not any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")):
+    from unet.distributed import under_mpirun
+    if not under_mpirun():
         return None
     from mpi4py import MPI
     return MPI.COMM_WORLD if MPI.COMM_WORLD.Get_size() > 1 else None

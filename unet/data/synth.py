@@ -20,6 +20,8 @@ import sys
 
 import numpy as np
 
+from unet.data.layouts import SUFFIXES
+
 SHAPE = (155, 240, 240)            # (z, y, x) as SimpleITK arrays
 ORIGIN = (0.0, -239.0, 0.0)        # the BraTS header in ITK's LPS convention
 MODALITIES = ("FLAIR", "T1", "T1ce", "T2")
@@ -98,7 +100,7 @@ def make_case(seed: int, index: int, shape=SHAPE):
     return vols, labels
 
 
-def _image(arr, ref=None):
+def _image(arr):
     import SimpleITK as sitk
     img = sitk.GetImageFromArray(arr)
     img.SetSpacing((1.0, 1.0, 1.0))
@@ -114,21 +116,18 @@ def write_case(root: str, layout: str, seed: int, index: int, shape=SHAPE, grade
     for src, dst in TO_LAYOUT[layout].items():
         seg[canon == src] = dst
     as_int = {m: np.round(v).astype(np.int16) for m, v in vols.items()}
-    if layout == "brats":
-        cid = f"BraTS20_Training_{index + 1:03d}"
-        grade = ("HGG" if (canon == 4).any() else "LGG") if grades else ""
+    if layout in ("brats", "brats2023"):
+        if layout == "brats":
+            cid = f"BraTS20_Training_{index + 1:03d}"
+            grade = ("HGG" if (canon == 4).any() else "LGG") if grades else ""
+        else:
+            cid, grade = f"BraTS-GLI-{index + 1:05d}-000", ""
         d = os.path.join(root, grade, cid)
         os.makedirs(d, exist_ok=True)
-        for m, suf in zip(MODALITIES, ("flair", "t1", "t1ce", "t2")):
-            sitk.WriteImage(_image(as_int[m]), os.path.join(d, f"{cid}_{suf}.nii.gz"), True)
-        sitk.WriteImage(_image(seg), os.path.join(d, f"{cid}_seg.nii.gz"), True)
-    elif layout == "brats2023":
-        cid = f"BraTS-GLI-{index + 1:05d}-000"
-        d = os.path.join(root, cid)
-        os.makedirs(d, exist_ok=True)
-        for m, suf in zip(MODALITIES, ("t2f", "t1n", "t1c", "t2w")):
-            sitk.WriteImage(_image(as_int[m]), os.path.join(d, f"{cid}-{suf}.nii.gz"), True)
-        sitk.WriteImage(_image(seg), os.path.join(d, f"{cid}-seg.nii.gz"), True)
+        suffix = SUFFIXES[layout]                 # the same table the converter reads with
+        for m in MODALITIES:
+            sitk.WriteImage(_image(as_int[m]), os.path.join(d, f"{cid}{suffix[m]}.nii.gz"), True)
+        sitk.WriteImage(_image(seg), os.path.join(d, f"{cid}{suffix['seg']}.nii.gz"), True)
     elif layout == "msd":
         cid = f"BRATS_{index + 1:03d}"
         for sub in ("imagesTr", "labelsTr"):
