@@ -255,10 +255,11 @@ def main(argv=None) -> int:
         return 0
     finally:
         if comm:
-            comm.Barrier()
-        for p in parts if rank == 0 else [tmp]:
-            if os.path.exists(p):
-                os.unlink(p)
+            comm.Barrier()  # rank 0 has finished reading every part
+        try:  # each rank removes only its own part: no two ranks race on one file
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
 
 
 if __name__ == "__main__":
