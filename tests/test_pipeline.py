@@ -46,3 +46,23 @@ def test_augment_moves_image_and_mask_together():
         assert np.argmax(a_img[i, ..., 0]) == np.argmax(a_msk[i, ..., 0])
     assert np.array_equal(np.sort(a_msk.ravel()), np.sort(msk.ravel()))  # masks stay binary
     assert len({np.argmax(a_msk[i, ..., 0]) for i in range(16)}) > 1      # it did transform
+
+
+def test_resized_epoch_continues_where_it_stopped():
+    """An epoch begun on 2 ranks and continued on 3 at sample s covers every sample once."""
+    n, b = 50, 4
+    first = [rank_batches(n, b, r, 2, epoch=1, seed=3)[:2] for r in range(2)]  # 2 steps x 8 samples
+    rest = [rank_batches(n, b, r, 3, epoch=1, seed=3, start_sample=16) for r in range(3)]
+    seen = [i for steps in first for bt in steps for i in bt] + [i for steps in rest for bt in steps for i in bt]
+    assert len(rest[0]) == 3  # ceil(34 / 12)
+    assert sorted(set(seen)) == list(range(n))  # nothing skipped
+    assert len(seen) == 16 + 36 and len(seen) - n == 2  # only the last batch's top-up repeats
+    # continuing at sample 0 is the plain epoch
+    assert all((a == c).all() for a, c in zip(rank_batches(n, b, 1, 2, 1, 3, start_sample=0),
+                                              rank_batches(n, b, 1, 2, 1, 3)))
+
+
+def test_start_sample_matches_step_offset():
+    full = rank_batches(100, 4, 1, 2, epoch=0, seed=5)
+    later = rank_batches(100, 4, 1, 2, epoch=0, seed=5, start_sample=3 * 8)
+    assert len(later) == len(full) - 3 and all((a == c).all() for a, c in zip(full[3:], later))

@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dice: -log((2*sum(y*p)+1)/(sum(y)+sum(p)+1)) over the batch (the seed's; "
                         "at the seed's rate it can collapse to all-background, see docs/TRAINING.md); "
                         "dice_bce: that plus binary cross-entropy; bce: cross-entropy only")
+    g.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="fp32, or bf16: Keras mixed_bfloat16 (float32 variables, bfloat16 compute, "
+                        "float32 sigmoid output, so losses and metrics stay float32)")
 
     g = p.add_argument_group("threads (per rank, set before TensorFlow starts)")
     g.add_argument("--num_threads", type=int, default=0,
@@ -97,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no_validation", action="store_true", help="skip validation at epoch ends")
     g.add_argument("--checkpoint_every", type=int, default=0,
                    help="steps between checkpoints (besides every epoch end); 0 = epoch ends only")
+    g.add_argument("--commit_every", type=int, default=10,
+                   help="elastic runs (horovodrun --min-np/--max-np): keep the training state in "
+                        "memory every N steps and at epoch ends; a lost worker costs at most N steps")
     g.add_argument("--keep_checkpoints", type=int, default=3, help="latest checkpoints kept (plus best.npz)")
     g.add_argument("--resume", default=None,
                    help="checkpoint to resume from; default: the latest under --logdir, if any")
@@ -123,6 +129,7 @@ def validate(a: argparse.Namespace) -> argparse.Namespace:
     need(a.blocktime >= 0, f"--blocktime must be >= 0 (got {a.blocktime})")
     need(a.checkpoint_every >= 0, f"--checkpoint_every must be >= 0 (got {a.checkpoint_every})")
     need(a.keep_checkpoints >= 1, f"--keep_checkpoints must be >= 1 (got {a.keep_checkpoints})")
+    need(a.commit_every >= 1, f"--commit_every must be >= 1 (got {a.commit_every})")
     need(not (a.resume and a.fresh), "give at most one of --resume and --fresh")
     need(a.log_every >= 1, f"--log_every must be >= 1 (got {a.log_every})")
     need(a.image_every >= 1, f"--image_every must be >= 1 (got {a.image_every})")

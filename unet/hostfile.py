@@ -52,16 +52,28 @@ def check(path: str, ranks: int) -> list[tuple[str, int]]:
     return hosts
 
 
+def discover(path: str) -> str:
+    """Elastic Horovod host discovery: ``host:slots`` lines for the hosts ``path`` lists now."""
+    with open(path) as f:
+        return "\n".join(f"{h}:{n}" for h, n in parse(f.read(), path))
+
+
 def main(argv=None) -> int:
-    """``python -m unet.hostfile FILE [RANKS]``: print the hosts, or one error line (exit 2)."""
+    """``python -m unet.hostfile FILE [RANKS]``: print the hosts, or one error line (exit 2).
+    ``python -m unet.hostfile --discover FILE``: print ``host:slots`` lines (discovery script)."""
     import sys
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python -m unet.hostfile HOSTFILE [RANKS]")
+        print("usage: python -m unet.hostfile HOSTFILE [RANKS] | --discover HOSTFILE")
         return 0 if argv else 2
     try:
+        if argv[0] == "--discover":
+            if len(argv) != 2:
+                raise HostfileError("--discover takes one hostfile")
+            print(discover(argv[1]))
+            return 0
         hosts = check(argv[0], int(argv[1]) if len(argv) > 1 else 1)
-    except HostfileError as e:
+    except (HostfileError, OSError) as e:
         print(f"hostfile: error: {e}", file=sys.stderr)
         return 2
     print("\n".join(h for h, _ in hosts))

@@ -3,6 +3,7 @@
     python -m unet.launch mpirun     [--hostfile F] [--np N] [--profile local|knl|skylake|FILE] [--dry-run] [-- TRAIN_ARGS]
     python -m unet.launch horovodrun [--hostfile F] [--np N] [--profile ...] [--controller mpi|gloo]
                                      [--timeline-filename F] [--autotune] [--dry-run] [-- TRAIN_ARGS]
+    python -m unet.launch horovodrun --elastic --min-np K [--max-np M] --hostfile F ...
 
 (``scripts/launch_mpirun.sh`` and ``scripts/launch_horovodrun.sh`` call these.) The
 hostfile is checked first (missing, syntax, duplicate hosts, too few slots). The
@@ -22,6 +23,7 @@ from unet.hostfile import HostfileError, check
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROFILE_DIR = os.path.join(ROOT, "scripts", "profiles")
 TRAINER = os.path.join(ROOT, "train_hvd.py")
+DISCOVER = os.path.join(ROOT, "scripts", "discover_hosts.sh")
 PROFILE_KEYS = {"cores_per_socket", "threads_per_core", "ranks_per_socket", "inter_threads", "KMP_BLOCKTIME",
                 "KMP_AFFINITY", "numactl", "HOROVOD_CYCLE_TIME", "HOROVOD_FUSION_THRESHOLD",
                 "OMPI_MCA_mpi_yield_when_idle"}
@@ -92,18 +94,27 @@ def mpirun_cmd(hostfile: str, np_: int, prof: dict, python: str, train_args: lis
 
 
 def horovodrun_cmd(hostfile: str, np_: int, prof: dict, python: str, train_args: list[str], *,
-                   controller: str, timeline: str | None, autotune: bool) -> list[str]:
-    # horovodrun's -H form, trimmed to np slots: its Gloo launcher starts one worker per listed slot
-    left, parts = np_, []
-    for h, n in check(hostfile, np_):
-        if left > 0:
-            parts.append(f"{h}:{min(n, left)}")
-            left -= min(n, left)
-    hosts = ",".join(parts)
-    cmd = [os.path.join(os.path.dirname(python), "horovodrun"), "-np", str(np_), "-H", hosts, f"--{controller}"]
+                   controller: str, timeline: str | None, autotune: bool,
+                   elastic: tuple[int, int, int, int] | None = None) -> list[str]:
+    """``elastic`` = (min_np, max_np, cooldown_lo, cooldown_hi): Elastic Horovod over Gloo,
+    hosts found by ``scripts/discover_hosts.sh`` re-reading the hostfile every second."""
+    hvdrun = os.path.join(os.path.dirname(python), "horovodrun")
+    if elastic:
+        min_np, max_np, lo, hi = elastic
+        check(hostfile, min_np)
+        cmd = [hvdrun, "-np", str(np_), "--min-np", str(min_np), "--max-np", str(max_np),
+               "--host-discovery-script", DISCOVER, "--blacklist-cooldown-range", str(lo), str(hi), "--gloo"]
+    else:
+        # horovodrun's -H form, trimmed to np slots: its Gloo launcher starts one worker per listed slot
+        left, parts = np_, []
+        for h, n in check(hostfile, np_):
+            if left > 0:
+                parts.append(f"{h}:{min(n, left)}")
+                left -= min(n, left)
+        cmd = [hvdrun, "-np", str(np_), "-H", ",".join(parts), f"--{controller}"]
     if prof.get("HOROVOD_CYCLE_TIME"):
         cmd += ["--cycle-time-ms", prof["HOROVOD_CYCLE_TIME"]]
-    if prof.get("HOROVOD_FUSION_THRESHOLD"):
+    if prof.get("HOROVOD_FUSION_THRESHOLD") and not elastic:
         cmd += ["--fusion-threshold-mb", str(max(int(prof["HOROVOD_FUSION_THRESHOLD"]) // (1 << 20), 1))]
     if timeline:
         cmd += ["--timeline-filename", timeline]
@@ -129,6 +140,12 @@ def main(argv=None) -> int:
     ap.add_argument("--controller", choices=("mpi", "gloo"), default="mpi", help="horovodrun: controller")
     ap.add_argument("--timeline-filename", dest="timeline", default=None, help="horovodrun: Horovod timeline file")
     ap.add_argument("--autotune", action="store_true", help="horovodrun: Horovod autotuning")
+    ap.add_argument("--elastic", action="store_true",
+                    help="horovodrun: Elastic Horovod (Gloo); workers come and go as the hostfile is edited")
+    ap.add_argument("--min-np", dest="min_np", type=int, default=1, help="--elastic: fewest workers to go on with")
+    ap.add_argument("--max-np", dest="max_np", type=int, default=0, help="--elastic: most workers (default: --np)")
+    ap.add_argument("--blacklist-cooldown-range", dest="cooldown", type=int, nargs=2, default=(10, 300),
+                    metavar=("LO", "HI"), help="--elastic: seconds before a failed host may rejoin")
     ap.add_argument("--python", default=sys.executable, help="Python that runs train_hvd.py on every host")
     ap.add_argument("--dry-run", action="store_true", help="print the exact command, run nothing")
     a = ap.parse_args(argv)
@@ -141,9 +158,21 @@ def main(argv=None) -> int:
             cmd = mpirun_cmd(a.hostfile, a.np, prof, a.python, train_args, a.ranks_per_socket or None)
             env = {}
         else:
+            elastic = None
+            if a.elastic:
+                max_np = a.max_np or a.np
+                if not 1 <= a.min_np <= a.np <= max_np:
+                    raise LaunchError(f"--elastic needs 1 <= --min-np ({a.min_np}) <= --np ({a.np}) "
+                                      f"<= --max-np ({max_np})")
+                if not 1 <= a.cooldown[0] <= a.cooldown[1] <= 3600:
+                    raise LaunchError("--blacklist-cooldown-range needs 1 <= LO <= HI <= 3600")
+                elastic = (a.min_np, max_np, *a.cooldown)
             cmd = horovodrun_cmd(a.hostfile, a.np, prof, a.python, train_args, controller=a.controller,
-                                 timeline=a.timeline, autotune=a.autotune)
+                                 timeline=a.timeline, autotune=a.autotune, elastic=elastic)
             env = runtime_env(prof)
+            if elastic:
+                env.pop("HOROVOD_FUSION_THRESHOLD", None)  # see ELASTIC_UNSAFE in unet/distributed.py
+                env["UNET_DISCOVERY_HOSTFILE"] = os.path.abspath(a.hostfile)
     except (HostfileError, LaunchError) as e:
         print(f"launch: error: {e}", file=sys.stderr)
         return 2

@@ -26,7 +26,7 @@ class NullReporter:
 
 
 class Rank0Reporter:
-    def __init__(self, args, info, setup, global_batch: int, steps_per_epoch: int):
+    def __init__(self, args, info, size: int, global_batch: int, steps_per_epoch: int):
         import tensorflow as tf
         self.tf, self.args, self.info = tf, args, info
         self.logdir = os.path.abspath(args.logdir)
@@ -41,13 +41,22 @@ class Rank0Reporter:
         self.t_window, self.n_window = time.perf_counter(), 0
         self.last_rate = 0.0
         self.best, self.best_val, self.best_epoch = -1.0, None, 0
-        print(f"training: ranks={setup.size} batch_size/rank={args.batch_size} "
+        self.size = size
+        print(f"training: ranks={size} batch_size/rank={args.batch_size} "
               f"global_batch={global_batch} steps/epoch={steps_per_epoch} epochs={args.epochs} "
               f"input {info.height}x{info.width}x{info.channels} ({','.join(info.modalities)}) "
               f"regions {','.join(info.region_names)}", flush=True)
         print(f"logdir: {self.logdir}", flush=True)
 
     # -- per step -------------------------------------------------------------
+    def world(self, size: int, global_batch: int, step: int) -> None:
+        """An elastic job re-formed its ring: say so when the number of workers changed."""
+        if size != self.size:
+            msg = f"workers: {self.size} -> {size} at step {step} (global batch {global_batch})"
+            print(msg, flush=True)
+            self.log.write(msg + "\n")
+            self.size = size
+
     def epoch_start(self, epoch: int) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -124,9 +133,11 @@ class Rank0Reporter:
                 msg += " (best)"
         print(msg + f" checkpoint {os.path.relpath(path, self.logdir)}", flush=True)
 
-    def checkpoint(self, model, optimizer, meta: dict, *, step: int, epoch: int, step_in_epoch: int) -> str:
+    def checkpoint(self, model, optimizer, meta: dict, *, step: int, epoch: int, step_in_epoch: int,
+                   sample_in_epoch: int = 0) -> str:
         return checkpoint.save_checkpoint(self.ckpt_dir, model=model, optimizer=optimizer, step=step,
-                                          epoch=epoch, meta=dict(meta, step_in_epoch=step_in_epoch),
+                                          epoch=epoch, meta=dict(meta, step_in_epoch=step_in_epoch,
+                                                                 sample_in_epoch=sample_in_epoch),
                                           keep=self.args.keep_checkpoints)
 
     def resumed(self, step: int, path: str) -> None:

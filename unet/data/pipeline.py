@@ -8,6 +8,11 @@ global batch is topped up from the start of the permutation, so every rank runs
 the same number of equally sized steps (no rank waits in an allreduce for a
 step another rank never takes). A single rank with batch 2B therefore sees
 exactly the samples that two ranks with batch B see together.
+
+A position inside an epoch is a count of samples, not of steps: a run resumed
+(or an elastic job resized) at sample ``s`` continues with ``perm[s:]`` cut
+into global batches of whatever size the job now has, so no sample of the
+epoch is skipped or repeated when the number of ranks changes.
 """
 from __future__ import annotations
 
@@ -21,20 +26,27 @@ def steps_per_epoch(n: int, global_batch: int, cap: int = 0) -> int:
     return min(steps, cap) if cap else steps
 
 
+def epoch_samples(n: int, global_batch: int, cap: int = 0) -> int:
+    """Samples an epoch covers: the whole set, or ``cap`` global batches of it."""
+    return min(n, cap * global_batch) if cap else n
+
+
 def epoch_order(n: int, epoch: int, seed: int) -> np.ndarray:
     return np.random.default_rng([seed, 7919, epoch]).permutation(n)
 
 
 def rank_batches(n: int, batch_size: int, rank: int, size: int, epoch: int, seed: int,
-                 cap: int = 0) -> list[np.ndarray]:
-    """Index arrays this rank reads, one per step of ``epoch``."""
+                 cap: int = 0, start_sample: int = 0) -> list[np.ndarray]:
+    """Index arrays this rank reads, one per remaining step of ``epoch`` from ``start_sample``."""
     g = batch_size * size
-    steps = steps_per_epoch(n, g, cap)
+    total = epoch_samples(n, g, cap)
+    steps = max(math.ceil((total - start_sample) / g), 0)
     order = epoch_order(n, epoch, seed)
-    need = steps * g
+    need = start_sample + steps * g
     if need > n:
         order = np.concatenate([order, np.resize(order, need - n)])
-    return [order[t * g + rank * batch_size: t * g + (rank + 1) * batch_size] for t in range(steps)]
+    base = start_sample + rank * batch_size
+    return [order[base + t * g: base + t * g + batch_size] for t in range(steps)]
 
 
 def val_shard(n: int, rank: int, size: int) -> np.ndarray:
@@ -65,25 +77,30 @@ def augment(imgs: np.ndarray, msks: np.ndarray, rng: np.random.Generator):
 
 
 def train_dataset(source, *, batch_size: int, rank: int, size: int, epoch: int, seed: int,
-                  cap: int = 0, augment_on: bool = True, prefetch: int = 2, start: int = 0):
-    """tf.data.Dataset of this rank's (images, masks) batches for one epoch, from step ``start``.
+                  cap: int = 0, augment_on: bool = True, prefetch: int = 2, start: int = 0,
+                  start_sample: int | None = None):
+    """tf.data.Dataset of this rank's (images, masks) batches for the rest of one epoch.
 
-    Augmentation draws from a generator seeded by (seed, epoch, rank, step), so a run
-    resumed mid-epoch sees exactly the batches an uninterrupted run would.
+    The epoch continues at sample ``start_sample`` (default ``start`` global batches in),
+    and ``start`` numbers the first step. Augmentation draws from a generator seeded by
+    (seed, epoch, rank, step), so a run resumed mid-epoch sees exactly the batches an
+    uninterrupted run would.
     """
     import tensorflow as tf
     h, w, c, r = source.shape
-    batches = rank_batches(len(source), batch_size, rank, size, epoch, seed, cap)
+    if start_sample is None:
+        start_sample = start * batch_size * size
+    batches = rank_batches(len(source), batch_size, rank, size, epoch, seed, cap, start_sample)
 
     def gen():
-        for t in range(start, len(batches)):
-            imgs, msks = source.read(batches[t])
+        for i, idx in enumerate(batches):
+            imgs, msks = source.read(idx)
             if augment_on:
-                imgs, msks = augment(imgs, msks, np.random.default_rng([seed, 104729, epoch, rank, t]))
+                imgs, msks = augment(imgs, msks, np.random.default_rng([seed, 104729, epoch, rank, start + i]))
             yield imgs, msks
 
     sig = (tf.TensorSpec((batch_size, h, w, c), tf.float32), tf.TensorSpec((batch_size, h, w, r), tf.float32))
-    return tf.data.Dataset.from_generator(gen, output_signature=sig).prefetch(prefetch), len(batches) - start
+    return tf.data.Dataset.from_generator(gen, output_signature=sig).prefetch(prefetch), len(batches)
 
 
 def val_batches(source, *, batch_size: int, rank: int, size: int):

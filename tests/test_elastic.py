@@ -1,0 +1,97 @@
+"""Elastic Horovod for real: horovodrun --gloo with --min-np/--max-np and the shipped discovery
+script; a worker is SIGKILLed mid-training (2 -> 1 worker) and later comes back (1 -> 2)."""
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+from conftest import ROOT, mpi_env, run_mpi
+
+pytestmark = pytest.mark.mpi
+# two host names for this machine, so the driver can drop one host without losing the other
+BOTH = "localhost slots=1\n127.0.0.1 slots=1\n"
+TRAIN = ["--synthetic", "--synthetic_size", "64", "--synthetic_train", "64", "--synthetic_val", "32",
+         "--batch_size", "4", "--epochs", "5", "--num_threads", "1", "--log_every", "1", "--seed", "5"]
+
+
+def worker_pid(hostname: str) -> int | None:
+    """The trainer process Horovod started for ``hostname`` (its environment says so)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"train_hvd.py" not in f.read():
+                    continue
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            continue
+        if f"HOROVOD_HOSTNAME={hostname}".encode() in env and b"HOROVOD_ELASTIC=1" in env:
+            return int(pid)
+    return None
+
+
+def wait_for(pred, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if pred():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def read(path):
+    return open(path).read() if os.path.exists(path) else ""
+
+
+def final_dice(out: str) -> float:
+    return float(re.findall(r"exported model .*?WT=([0-9.]+)", out)[-1])
+
+
+def test_elastic_run_goes_2_1_2_and_scores_like_a_fixed_run(tmp_path):
+    hosts = tmp_path / "hosts"
+    hosts.write_text(BOTH)
+    logdir = tmp_path / "elastic"
+    log = logdir / "training.log"
+    cmd = [os.path.join(ROOT, "scripts", "launch_horovodrun.sh"), "--elastic", "--hostfile", str(hosts),
+           "--np", "2", "--min-np", "1", "--max-np", "2", "--blacklist-cooldown-range", "1", "2",
+           "--", *TRAIN, "--logdir", str(logdir), "--commit_every", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=mpi_env(), cwd=ROOT, start_new_session=True)
+    out = []
+    reader = threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        steps = lambda: [int(s) for s in re.findall(r"^step (\d+) ", read(log), re.M)]
+        wait_for(lambda: len(steps()) >= 6, 240, "6 steps on 2 workers")
+        pid = worker_pid("127.0.0.1")
+        assert pid, "no worker found for host 127.0.0.1"
+        os.kill(pid, signal.SIGKILL)          # a worker dies mid-training ...
+        hosts.write_text("localhost slots=1\n")  # ... and its host leaves the discovery list
+        wait_for(lambda: "workers: 2 -> 1" in read(log), 120, "the job to go on with 1 worker")
+        at_one = len(steps())
+        wait_for(lambda: len(steps()) >= at_one + 4, 120, "steps on 1 worker")
+        hosts.write_text(BOTH)                # the host comes back
+        wait_for(lambda: "workers: 1 -> 2" in read(log), 180, "the returning worker to be taken in")
+        proc.wait(timeout=400)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n--- log:\n{read(log)[-1500:]}\n--- output:\n{''.join(out)[-4000:]}") from None
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    reader.join(timeout=10)
+    text = "".join(out)
+    assert proc.returncode == 0, text[-3000:]
+    assert "epoch 5/5" in text and "weights: identical on 2 ranks" in text, text[-3000:]
+    elastic = final_dice(text)
+
+    fixed = run_mpi(2, ["train_hvd.py", *TRAIN, "--logdir", str(tmp_path / "fixed")], timeout=300)
+    assert fixed.returncode == 0, fixed.stderr[-2000:]
+    normal = final_dice(fixed.stdout)
+    print(f"validation Dice WT: elastic 2->1->2 {elastic:.4f}, fixed 2 ranks {normal:.4f}")
+    assert normal > 0.8, "the reference run did not learn; the comparison says nothing"
+    assert abs(elastic - normal) < 0.05

@@ -1,0 +1,102 @@
+"""Training progress that survives workers coming and going (Elastic Horovod).
+
+The training loop keeps its position (epoch, global step, samples done in the
+epoch) in a state object and calls ``state.commit()`` at known points: every
+``--commit_every`` steps and after each epoch.
+
+- Fixed world (``mpirun``, ``horovodrun`` without ``--min-np``): ``FixedState``;
+  commit does nothing and the loop runs once.
+- Elastic world (``horovodrun --min-np/--max-np --host-discovery-script``, which
+  sets ``HOROVOD_ELASTIC=1``): ``ElasticState`` copies the model, the optimizer
+  and the counters to host memory at each commit. When a worker dies, the
+  collective in flight fails on the survivors: they roll back to the last
+  commit, Horovod re-forms the ring with the workers left and training goes
+  on. When the discovery script lists a new slot, Horovod starts a worker
+  there; at the next commit every worker stops, the ring re-forms, and the new
+  worker receives rank 0's state (``sync``) before the loop continues.
+
+Keras 3 variables wrap a ``tf.Variable`` in ``.value``: that is what is
+broadcast and assigned (Horovod's own ``TensorFlowKerasState`` predates Keras 3).
+"""
+from __future__ import annotations
+
+import os
+
+COUNTERS = ("epoch", "step", "sample", "step_in_epoch")
+
+
+def is_elastic(env=os.environ) -> bool:
+    return env.get("HOROVOD_ELASTIC") == "1"
+
+
+class FixedState:
+    """Progress of a run whose workers never change: commit is free, run calls once."""
+
+    def __init__(self, **counters):
+        for k in COUNTERS:
+            setattr(self, k, counters.get(k, 0))
+
+    def commit(self) -> None:
+        pass
+
+    def run(self, fn):
+        return fn(self)
+
+
+def elastic_state(hvd, model, optimizer, **counters):
+    """An Elastic Horovod state for a Keras 3 model + optimizer and the loop's counters."""
+    import numpy as np
+    import tensorflow as tf
+    from horovod.common.elastic import ObjectState, run_fn
+    from horovod.common.exceptions import HorovodInternalError
+
+    def variables():
+        return [v.value for v in model.variables] + [v.value for v in optimizer.variables]
+
+    def as_internal_error(fn):
+        """A collective that failed because a peer went away -> HorovodInternalError
+        (which makes Horovod roll back to the last commit and re-form the ring)."""
+        def call(*a, **k):
+            try:
+                return fn(*a, **k)
+            except (tf.errors.UnknownError, tf.errors.AbortedError, tf.errors.FailedPreconditionError) as e:
+                if "Horovod" not in str(e):
+                    raise
+                raise HorovodInternalError(e) from e
+        return call
+
+    class ElasticState(ObjectState):
+        def __init__(self):
+            super().__init__(bcast_object=hvd.broadcast_object, get_rank=hvd.rank,
+                             **{k: counters.get(k, 0) for k in COUNTERS})
+            self.resets = 0
+            self._save_vars()
+
+        def _save_vars(self):
+            self._saved = [np.array(v.numpy()) for v in variables()]
+
+        def save(self):
+            self._save_vars()
+            super().save()
+
+        def restore(self):
+            for v, saved in zip(variables(), self._saved):
+                v.assign(saved)
+            super().restore()
+
+        @as_internal_error
+        def sync(self):
+            hvd.broadcast_variables(variables(), root_rank=0)
+            self._save_vars()
+            super().sync()
+
+        def reset(self):
+            self.resets += 1
+
+        def run(self, fn):
+            def reset():
+                hvd.shutdown()
+                hvd.init()
+            return run_fn(as_internal_error(fn), reset)(self)
+
+    return ElasticState()
