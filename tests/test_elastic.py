@@ -34,10 +34,14 @@ def worker_pid(hostname: str) -> int | None:
     return None
 
 
+T0 = [time.time()]
+
+
 def wait_for(pred, timeout, what):
     deadline = time.time() + timeout
     while time.time() < deadline:
         if pred():
+            print(f"[{time.time() - T0[0]:6.1f} s] {what}", flush=True)
             return
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
@@ -54,6 +58,7 @@ def final_dice(out: str) -> float:
 def test_elastic_run_goes_2_1_2_and_scores_like_a_fixed_run(tmp_path):
     hosts = tmp_path / "hosts"
     hosts.write_text(BOTH)
+    T0[0] = time.time()
     logdir = tmp_path / "elastic"
     log = logdir / "training.log"
     cmd = [os.path.join(ROOT, "scripts", "launch_horovodrun.sh"), "--elastic", "--hostfile", str(hosts),
@@ -77,6 +82,7 @@ def test_elastic_run_goes_2_1_2_and_scores_like_a_fixed_run(tmp_path):
         hosts.write_text(BOTH)                # the host comes back
         wait_for(lambda: "workers: 1 -> 2" in read(log), 180, "the returning worker to be taken in")
         proc.wait(timeout=400)
+        wait_for(lambda: True, 1, "elastic run finished")
     except AssertionError as e:
         raise AssertionError(f"{e}\n--- log:\n{read(log)[-1500:]}\n--- output:\n{''.join(out)[-4000:]}") from None
     finally:
@@ -92,6 +98,7 @@ def test_elastic_run_goes_2_1_2_and_scores_like_a_fixed_run(tmp_path):
     fixed = run_mpi(2, ["train_hvd.py", *TRAIN, "--logdir", str(tmp_path / "fixed")], timeout=300)
     assert fixed.returncode == 0, fixed.stderr[-2000:]
     normal = final_dice(fixed.stdout)
+    wait_for(lambda: True, 1, "fixed run finished")
     print(f"validation Dice WT: elastic 2->1->2 {elastic:.4f}, fixed 2 ranks {normal:.4f}")
     assert normal > 0.8, "the reference run did not learn; the comparison says nothing"
     assert abs(elastic - normal) < 0.05

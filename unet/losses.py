@@ -3,7 +3,8 @@
 The seed's Dice loss pools the whole batch: ``-log((2*sum(y*p) + s) /
 (sum(y) + sum(p) + s))`` with s = 1, over every pixel and region. Metrics are
 per region, from pooled sums, so ranks can add their sums and get exactly the
-single-process value.
+single-process value. Inputs are cast to float32 first, so a bfloat16
+prediction is summed in float32.
 """
 from __future__ import annotations
 
@@ -12,13 +13,19 @@ import tensorflow as tf
 SMOOTH = 1.0
 
 
+def _f32(*tensors):
+    return [tf.cast(t, tf.float32) for t in tensors]
+
+
 def dice_loss(y_true: tf.Tensor, y_pred: tf.Tensor, smooth: float = SMOOTH) -> tf.Tensor:
+    y_true, y_pred = _f32(y_true, y_pred)
     inter = tf.reduce_sum(y_true * y_pred)
     denom = tf.reduce_sum(y_true) + tf.reduce_sum(y_pred)
     return -tf.math.log((2.0 * inter + smooth) / (denom + smooth))
 
 
 def bce_loss(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+    y_true, y_pred = _f32(y_true, y_pred)
     eps = 1e-7
     p = tf.clip_by_value(y_pred, eps, 1.0 - eps)
     return -tf.reduce_mean(y_true * tf.math.log(p) + (1.0 - y_true) * tf.math.log(1.0 - p))
@@ -36,6 +43,7 @@ def get_loss(name: str):
 
 def dice_sums(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
     """Per-region [intersection, sum(y)+sum(p)] over batch and pixels, shape (2, R)."""
+    y_true, y_pred = _f32(y_true, y_pred)
     axes = (0, 1, 2)
     inter = tf.reduce_sum(y_true * y_pred, axis=axes)
     denom = tf.reduce_sum(y_true, axis=axes) + tf.reduce_sum(y_pred, axis=axes)

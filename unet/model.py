@@ -6,39 +6,47 @@ convolution of levels 3 and 4; decoder by 2x2 stride-2 transposed convolution
 (or UpSampling2D), skip concatenation, 1x1 sigmoid head, one channel per
 region. With 1 input channel and 1 region the transposed variant has
 7,759,521 parameters.
+
+Precision is set per layer, never globally: ``fp32`` everywhere, or ``bf16``
+(Keras policy ``mixed_bfloat16``: float32 variables, bfloat16 compute) with the
+sigmoid head in float32, so the output, losses and metrics stay float32.
 """
 from __future__ import annotations
-
-import keras
-from keras import layers
 
 FILTERS = (32, 64, 128, 256)
 BOTTLENECK = 512
 DROPOUT_LEVELS = (3, 4)  # 1-based encoder levels with dropout, as in the seed
+PRECISIONS = {"fp32": "float32", "bf16": "mixed_bfloat16"}  # flag value -> Keras dtype policy
 
 
 def build_unet(height: int, width: int, channels: int, regions: int, *,
-               use_upsampling: bool = False, dropout: float = 0.2) -> keras.Model:
-    conv = dict(kernel_size=3, activation="relu", padding="same", kernel_initializer="he_uniform")
+               use_upsampling: bool = False, dropout: float = 0.2,
+               precision: str = "fp32") -> keras.Model:
+    import keras  # here, so the constants above import without Keras (unet.flops)
+    from keras import layers
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    dt = PRECISIONS[precision]
+    conv = dict(kernel_size=3, activation="relu", padding="same", kernel_initializer="he_uniform", dtype=dt)
     inputs = keras.Input((height, width, channels), name="images")
     x, skips = inputs, []
     for level, f in enumerate(FILTERS, start=1):
         x = layers.Conv2D(f, name=f"conv{level}a", **conv)(x)
         if level in DROPOUT_LEVELS and dropout > 0:
-            x = layers.Dropout(dropout, name=f"drop{level}")(x)
+            x = layers.Dropout(dropout, name=f"drop{level}", dtype=dt)(x)
         x = layers.Conv2D(f, name=f"conv{level}b", **conv)(x)
         skips.append(x)
-        x = layers.MaxPooling2D(2, name=f"pool{level}")(x)
+        x = layers.MaxPooling2D(2, name=f"pool{level}", dtype=dt)(x)
     x = layers.Conv2D(BOTTLENECK, name="conv5a", **conv)(x)
     x = layers.Conv2D(BOTTLENECK, name="conv5b", **conv)(x)
     for level, (f, skip) in enumerate(zip(reversed(FILTERS), reversed(skips)), start=6):
         if use_upsampling:
-            up = layers.UpSampling2D(2, name=f"up{level}")(x)
+            up = layers.UpSampling2D(2, name=f"up{level}", dtype=dt)(x)
         else:
             up = layers.Conv2DTranspose(f, 2, strides=2, padding="same",
-                                        kernel_initializer="he_uniform", name=f"transConv{level}")(x)
-        x = layers.Concatenate(axis=-1, name=f"concat{level}")([up, skip])
+                                        kernel_initializer="he_uniform", name=f"transConv{level}", dtype=dt)(x)
+        x = layers.Concatenate(axis=-1, name=f"concat{level}", dtype=dt)([up, skip])
         x = layers.Conv2D(f, name=f"conv{level}a", **conv)(x)
         x = layers.Conv2D(f, name=f"conv{level}b", **conv)(x)
-    outputs = layers.Conv2D(regions, 1, activation="sigmoid", name="mask")(x)
+    outputs = layers.Conv2D(regions, 1, activation="sigmoid", name="mask", dtype="float32")(x)
     return keras.Model(inputs, outputs, name="unet")

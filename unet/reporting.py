@@ -5,6 +5,7 @@ one on rank 0 and a silent one elsewhere. This is the single rank-0 guard.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -41,7 +42,6 @@ class Rank0Reporter:
         self.t_window, self.n_window = time.perf_counter(), 0
         self.last_rate = 0.0
         self.best, self.best_val, self.best_epoch = -1.0, None, 0
-        self.size = size
         print(f"training: ranks={size} batch_size/rank={args.batch_size} "
               f"global_batch={global_batch} steps/epoch={steps_per_epoch} epochs={args.epochs} "
               f"input {info.height}x{info.width}x{info.channels} ({','.join(info.modalities)}) "
@@ -49,13 +49,22 @@ class Rank0Reporter:
         print(f"logdir: {self.logdir}", flush=True)
 
     # -- per step -------------------------------------------------------------
-    def world(self, size: int, global_batch: int, step: int) -> None:
+    def world(self, before: int | None, size: int, global_batch: int, step: int) -> None:
         """An elastic job re-formed its ring: say so when the number of workers changed."""
-        if size != self.size:
-            msg = f"workers: {self.size} -> {size} at step {step} (global batch {global_batch})"
+        if before and before != size:
+            msg = f"workers: {before} -> {size} at step {step} (global batch {global_batch})"
             print(msg, flush=True)
             self.log.write(msg + "\n")
-            self.size = size
+
+    def keep_best_on_disk(self) -> None:
+        """Continue a run (resume, or a new rank 0 after an elastic reset): the best
+        validation score so far is the one in ``best.npz``, not this process's memory."""
+        best = os.path.join(self.ckpt_dir, "best.npz")
+        if os.path.exists(best):
+            with np.load(best, allow_pickle=False) as z:
+                meta = json.loads(str(z["meta"]))
+            self.best, self.best_epoch = float(meta.get("val_dice", -1.0)), int(meta.get("epoch", 0))
+            self.best_val = meta.get("val")
 
     def epoch_start(self, epoch: int) -> None:
         if self.bar is not None:
@@ -128,7 +137,9 @@ class Rank0Reporter:
             if score > self.best:
                 self.best, self.best_val, self.best_epoch = score, val, epoch + 1
                 checkpoint.save_checkpoint(self.ckpt_dir, model=model, optimizer=optimizer, step=step,
-                                           epoch=epoch + 1, meta=dict(meta, step_in_epoch=0, val_dice=score),
+                                           epoch=epoch + 1, meta=dict(meta, step_in_epoch=0, val_dice=score,
+                                                     val={"dice": [float(d) for d in val["dice"]],
+                                                          "loss": float(val["loss"])}),
                                            name="best.npz")
                 msg += " (best)"
         print(msg + f" checkpoint {os.path.relpath(path, self.logdir)}", flush=True)

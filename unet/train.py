@@ -12,8 +12,9 @@ import sys
 
 import numpy as np
 
-from unet import config
+from unet import config, elastic
 from unet.distributed import agree, check_replicas, init_horovod, launcher_rank, prepare_rank
+from unet.elastic import is_elastic
 
 
 def _parse(argv):
@@ -67,38 +68,40 @@ def run(args, setup, hvd, train_src, val_src, info) -> int:
     rank, size = hvd.rank(), hvd.size()
     keras.utils.set_random_seed(args.seed + rank)  # dropout differs per rank; weights come from rank 0
     model = build_unet(info.height, info.width, info.channels, info.regions,
-                       use_upsampling=args.use_upsampling, dropout=args.dropout)
+                       use_upsampling=args.use_upsampling, dropout=args.dropout, precision=args.precision)
     optimizer = keras.optimizers.Adam(learning_rate=args.learningrate)
     optimizer.build(model.trainable_variables)  # create Adam's slots now, so they can be broadcast
     loss_fn = get_loss(args.loss)
 
+    elastic_run = is_elastic()
     # Rank 0 restores the checkpoint to resume from (if any); every rank learns the outcome.
+    # Elastic: no collective may run before the elastic loop (a worker joining later would
+    # wait in it forever), so every worker restores for itself and the loop's first sync
+    # gives all of them rank 0's state.
     restored = None
-    if rank == 0 and not args.benchmark:
+    if (rank == 0 or elastic_run) and not args.benchmark:
         path = checkpoint.resume_path(args.logdir, args.resume, args.fresh)
         try:
             restored = path and dict(checkpoint.load_checkpoint(path, model=model, optimizer=optimizer), path=path)
         except ValueError as e:
             restored = {"error": str(e)}
-    restored = hvd.broadcast_object(restored, root_rank=0)
+    if not elastic_run:
+        restored = hvd.broadcast_object(restored, root_rank=0)
     if restored and "error" in restored:
-        if rank == 0:
+        if rank == 0 or elastic_run:
             print(f"train_hvd.py: error: {restored['error']}", file=sys.stderr)
         return 2
 
-    # Horovod: every rank starts from rank 0's weights and optimizer state, fresh or
-    # restored (Keras 3 variables wrap a tf.Variable in .value, which Horovod broadcasts).
-    hvd.broadcast_variables([v.value for v in model.variables], root_rank=0)
-    hvd.broadcast_variables([v.value for v in optimizer.variables], root_rank=0)
+    if not elastic_run:
+        # Horovod: every rank starts from rank 0's weights and optimizer state, fresh or
+        # restored (Keras 3 variables wrap a tf.Variable in .value, which Horovod broadcasts).
+        hvd.broadcast_variables([v.value for v in model.variables], root_rank=0)
+        hvd.broadcast_variables([v.value for v in optimizer.variables], root_rank=0)
 
-    global_batch = args.batch_size * size
-    steps = pipeline.steps_per_epoch(len(train_src), global_batch, args.steps_per_epoch)
-    warmup_steps = int(round(args.warmup_epochs * steps))
-
-    def lr_at(step: int) -> float:
+    def lr_at(step: int, size: int, steps: int) -> float:
         # Horovod: the rate grows with the workers (the global batch does), after a warmup.
         return learning_rate(step, base_lr=args.learningrate, num_workers=size,
-                             scaling=args.lr_scaling, warmup_steps=warmup_steps,
+                             scaling=args.lr_scaling, warmup_steps=int(round(args.warmup_epochs * steps)),
                              decay_steps=args.decay_steps, lr_fraction=args.lr_fraction,
                              constant=args.const_learningrate)
 
@@ -124,7 +127,7 @@ def run(args, setup, hvd, train_src, val_src, info) -> int:
     def predict(x):
         return model(x, training=False)
 
-    def validate() -> dict | None:
+    def validate(rank: int, size: int) -> dict | None:
         if val_src is None or args.no_validation:
             return None
         sums, loss_sum, count = np.zeros((2, info.regions)), 0.0, 0
@@ -138,34 +141,66 @@ def run(args, setup, hvd, train_src, val_src, info) -> int:
         return {"dice": dice_from_sums(total[:-2].reshape(2, -1)), "loss": total[-2] / max(total[-1], 1)}
 
     meta = {"data": info.to_json(), "model": {"use_upsampling": args.use_upsampling,
-            "dropout": args.dropout, "loss": args.loss}, "ranks": size,
-            "global_batch": global_batch, "seed": args.seed}
-    reporter = make_reporter(rank == 0, args, info, setup, global_batch, steps)
-    step, first_epoch, skip, val = 0, 0, 0, None
+            "dropout": args.dropout, "loss": args.loss}, "seed": args.seed}
+    counters = {}
     if restored:
-        step, first_epoch, skip = restored["step"], restored["epoch"], restored.get("step_in_epoch", 0)
-        reporter.resumed(step, restored["path"])
-    for epoch in range(first_epoch, args.epochs):
-        start = skip if epoch == first_epoch else 0
-        ds, _ = pipeline.train_dataset(train_src, batch_size=args.batch_size, rank=rank, size=size,
-                                       epoch=epoch, seed=args.seed, cap=args.steps_per_epoch,
-                                       augment_on=not args.no_augment, start=start)
-        reporter.epoch_start(epoch)
-        for t, (x, y) in enumerate(ds, start=start):
-            lr = lr_at(step)
-            optimizer.learning_rate.assign(lr)
-            loss, dice = train_step(x, y)
-            reporter.step(step, epoch, global_batch, float(loss), dice.numpy(), lr)
-            if reporter.want_images(step):
-                reporter.images(step, x.numpy()[:3], y.numpy()[:3], predict(x[:3]).numpy())
-            step += 1
-            if args.checkpoint_every and step % args.checkpoint_every == 0 and t + 1 < steps:
-                reporter.checkpoint(model, optimizer, meta, step=step, epoch=epoch, step_in_epoch=t + 1)
-        val = validate()
-        reporter.epoch_end(epoch, step, model, optimizer, val, meta)
-    same, digests = check_replicas(hvd, model)
-    reporter.replicas(same, digests)
-    reporter.finish(model, meta, val)
+        counters = {"epoch": restored["epoch"], "step": restored["step"],
+                    "step_in_epoch": restored.get("step_in_epoch", 0),
+                    "sample": restored.get("sample_in_epoch",
+                                           restored.get("step_in_epoch", 0) * restored.get("global_batch", 0))}
+    state = (elastic.elastic_state(hvd, model, optimizer, **counters) if elastic_run
+             else elastic.FixedState(**counters))
+    reporters, world = {}, []  # this process's reporter per rank it held; world sizes it saw
+
+    def train(state):
+        """Epochs from the state's position to the end; re-entered after an elastic reset."""
+        rank, size = hvd.rank(), hvd.size()
+        global_batch = args.batch_size * size
+        steps = pipeline.steps_per_epoch(len(train_src), global_batch, args.steps_per_epoch)
+        if rank not in reporters:  # rank 0 of the current world logs (after a reset too)
+            reporters[rank] = make_reporter(rank == 0, args, info, size, global_batch, steps)
+            if restored or world:
+                reporters[rank].keep_best_on_disk()
+            if restored and not world:
+                reporters[rank].resumed(restored["step"], restored["path"])
+        reporter = reporters[rank]
+        reporter.world(world[-1] if world else None, size, global_batch, state.step)
+        world.append(size)
+        run_meta = dict(meta, ranks=size, global_batch=global_batch)
+        val = None
+        while state.epoch < args.epochs:
+            epoch = state.epoch
+            ds, _ = pipeline.train_dataset(train_src, batch_size=args.batch_size, rank=rank, size=size,
+                                           epoch=epoch, seed=args.seed, cap=args.steps_per_epoch,
+                                           augment_on=not args.no_augment, start=state.step_in_epoch,
+                                           start_sample=state.sample)
+            reporter.epoch_start(epoch)
+            epoch_total = pipeline.epoch_samples(len(train_src), global_batch, args.steps_per_epoch)
+            for x, y in ds:
+                lr = lr_at(state.step, size, steps)
+                optimizer.learning_rate.assign(lr)
+                loss, dice = train_step(x, y)
+                reporter.step(state.step, epoch, global_batch, float(loss), dice.numpy(), lr)
+                if reporter.want_images(state.step):
+                    reporter.images(state.step, x.numpy()[:3], y.numpy()[:3], predict(x[:3]).numpy())
+                state.step, state.step_in_epoch = state.step + 1, state.step_in_epoch + 1
+                state.sample += global_batch
+                if args.checkpoint_every and state.step % args.checkpoint_every == 0 \
+                        and state.sample < epoch_total:
+                    reporter.checkpoint(model, optimizer, run_meta, step=state.step, epoch=epoch,
+                                        step_in_epoch=state.step_in_epoch, sample_in_epoch=state.sample)
+                if state.step % args.commit_every == 0:
+                    state.commit()  # elastic: a point to roll back to, and to admit new workers
+            val = validate(rank, size)
+            reporter.epoch_end(epoch, state.step, model, optimizer, val, run_meta)
+            state.epoch, state.step_in_epoch, state.sample = epoch + 1, 0, 0
+            state.commit()
+        same, digests = check_replicas(hvd, model)
+        reporter.replicas(same, digests)
+        return same, val, rank, run_meta
+
+    same, val, rank, run_meta = state.run(train)
+    reporters[rank].finish(model, run_meta, val)
     return 0 if same else 1
 
 
