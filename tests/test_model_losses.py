@@ -43,3 +43,41 @@ def test_perfect_prediction_gives_zero_loss():
     from unet.losses import dice_loss
     y = np.zeros((2, 8, 8, 1), np.float32); y[:, 2:5, 2:6] = 1
     assert float(dice_loss(tf.constant(y), tf.constant(y))) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_bf16_model_keeps_float32_variables_and_output():
+    import keras
+    import tensorflow as tf
+    from unet.model import build_unet
+    m = build_unet(128, 128, 1, 1, precision="bf16")
+    assert m.count_params() == 7_759_521
+    assert {v.dtype for v in m.trainable_variables} == {"float32"}
+    fp32 = build_unet(128, 128, 1, 1)        # the same variable list (dropout seed states are int64 in both)
+    assert [(v.dtype, tuple(v.shape)) for v in m.variables] == [(v.dtype, tuple(v.shape)) for v in fp32.variables]
+    assert m.get_layer("conv1a").compute_dtype == "bfloat16"
+    assert m.get_layer("mask").compute_dtype == "float32"
+    x = tf.random.stateless_normal((2, 128, 128, 1), seed=(1, 2))
+    p = m(x, training=True)
+    assert p.dtype == tf.float32 and p.shape == (2, 128, 128, 1)
+    assert bool(tf.reduce_all(tf.math.is_finite(p)))
+    assert keras.config.dtype_policy().name == "float32"        # set per layer, not globally
+
+
+def test_bf16_checkpoint_and_export_round_trip(tmp_path):
+    import keras
+    import tensorflow as tf
+    from unet.checkpoint import export_model, load_checkpoint, save_checkpoint
+    from unet.model import build_unet
+    m = build_unet(32, 32, 2, 1, precision="bf16")
+    opt = keras.optimizers.Adam()
+    opt.build(m.trainable_variables)
+    path = save_checkpoint(str(tmp_path / "ck"), model=m, optimizer=opt, step=1, epoch=0, meta={})
+    fresh = build_unet(32, 32, 2, 1, precision="bf16")
+    load_checkpoint(path, model=fresh, optimizer=None)
+    assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(m.variables, fresh.variables))
+    keras_path, _ = export_model(str(tmp_path / "export"), m, {})
+    back = keras.saving.load_model(keras_path, compile=False)
+    assert back.get_layer("conv1a").compute_dtype == "bfloat16"
+    x = tf.random.stateless_normal((1, 32, 32, 2), seed=(3, 4))
+    assert back(x).dtype == tf.float32
+    assert np.array_equal(back(x).numpy(), m(x).numpy())

@@ -67,3 +67,14 @@ def test_checkpoint_of_another_model_is_refused_on_every_rank(tmp_path):
     assert other.returncode == 2
     errs = [l for l in other.stderr.splitlines() if l.startswith("train_hvd.py: error:")]
     assert len(errs) == 1 and "checkpoint of another model" in errs[0]
+
+
+def test_checkpoint_on_data_of_another_size_is_refused(tmp_path):
+    logdir = str(tmp_path / "l")
+    assert run_mpi(2, train_args(logdir, "--epochs", "1")).returncode == 0   # 32x32 images
+    bigger = train_args(logdir, "--epochs", "2")
+    bigger[bigger.index("--synthetic_size") + 1] = "64"   # same weights fit, the data does not
+    p = run_mpi(2, bigger, timeout=120)
+    assert p.returncode == 2
+    errs = [l for l in p.stderr.splitlines() if l.startswith("train_hvd.py: error:")]
+    assert len(errs) == 1 and "trained on 32x32x1 -> 1 region(s), but --synthetic data is 64x64x1" in errs[0]

@@ -59,6 +59,16 @@ def test_bad_flag_value_is_one_line_from_rank0(tmp_path):
     assert p.stderr.count("--batch_size must be >= 1 (got 0)") == 1
 
 
+def test_batch_larger_than_a_shard_is_refused_before_training(tmp_path):
+    logdir = tmp_path / "logs"
+    p = run_mpi(2, train_args(str(logdir), "--batch_size", "20"), timeout=90)   # 2 x 20 > 32 images
+    assert p.returncode == 2
+    errors = [l for l in p.stderr.splitlines() if l.startswith("train_hvd.py: error:")]
+    assert errors == ["train_hvd.py: error: --batch_size 20 x 2 ranks = 40 images per step, more than "
+                      "the 32 training images in --synthetic data"]
+    assert not logdir.exists()
+
+
 def rank_lines(stdout):
     return sorted(l for l in stdout.splitlines() if l.startswith("rank "))
 

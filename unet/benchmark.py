@@ -3,12 +3,13 @@
 Rank 0 prints one line:
 
     benchmark: ranks=R threads_per_rank=T global_batch=G img_per_sec=X p50_ms=.. p90_ms=.. p99_ms=..
-               allreduce_ms=.. allreduce_alone_ms=.. mpi_allreduce_ms=.. grad_mb=..
+               allreduce_ms=.. allreduce_alone_ms=.. mpi_allreduce_ms=.. grad_mb=.. [precision=bf16]
 
 * img_per_sec: global images per second over the timed steps (warm-up excluded);
 * allreduce_ms: what the allreduce adds to a step, p50(step) - p50(same step without the allreduce);
 * allreduce_alone_ms: p50 of Horovod's grouped allreduce of the gradients on its own;
-* mpi_allreduce_ms: p50 of a raw MPI_Allreduce (mpi4py) of the same bytes, the floor to compare with.
+* mpi_allreduce_ms: p50 of a raw MPI_Allreduce (mpi4py) of the same bytes, the floor to compare with;
+* precision: last, and only when not the default fp32 (an fp32 line is unchanged).
 """
 from __future__ import annotations
 
@@ -20,6 +21,11 @@ import numpy as np
 def percentiles(ms: list[float]) -> tuple[float, float, float]:
     a = np.asarray(ms, float)
     return tuple(float(np.percentile(a, q)) for q in (50, 90, 99))
+
+
+def precision_field(precision: str) -> str:
+    """The benchmark line's last field: empty for fp32, else `` precision=<name>``."""
+    return "" if precision == "fp32" else f" precision={precision}"
 
 
 def _timed(fn, n: int) -> list[float]:
@@ -76,5 +82,6 @@ def run(args, setup, hvd, model, optimizer, train_step, loss_fn, source) -> int:
         print(f"benchmark: ranks={size} threads_per_rank={setup.intra} global_batch={g} "
               f"img_per_sec={g * 1e3 / float(np.mean(step_ms)):.2f} p50_ms={p50:.1f} p90_ms={p90:.1f} "
               f"p99_ms={p99:.1f} allreduce_ms={ar:.1f} allreduce_alone_ms={percentiles(alone_ms)[0]:.1f} "
-              f"mpi_allreduce_ms={percentiles(mpi_ms)[0]:.1f} grad_mb={nbytes / 1e6:.1f}", flush=True)
+              f"mpi_allreduce_ms={percentiles(mpi_ms)[0]:.1f} grad_mb={nbytes / 1e6:.1f}"
+              + precision_field(getattr(args, "precision", "fp32")), flush=True)
     return 0

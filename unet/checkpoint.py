@@ -85,6 +85,16 @@ def load_checkpoint(path: str, *, model, optimizer) -> dict:
     return meta
 
 
+def check_data(meta: dict, data: dict, data_name: str) -> None:
+    """Refuse to continue a checkpoint on data of another shape (ValueError, one line)."""
+    keys = ("height", "width", "channels", "regions")
+    was = meta.get("data", {})
+    if any(k in was and was[k] != data[k] for k in keys):
+        shape = lambda d: "{height}x{width}x{channels} -> {regions} region(s)".format(**d)
+        raise ValueError(f"{meta.get('path', 'checkpoint')}: trained on {shape(was)}, "
+                         f"but {data_name} is {shape(data)}")
+
+
 def export_model(folder: str, model, meta: dict) -> tuple[str, str]:
     """``model.keras`` + ``model.json`` (shape, modalities, regions, preprocessing) for unet-predict."""
     os.makedirs(folder, exist_ok=True)

@@ -40,7 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     from unet.data.sources import open_sources  # h5py only; TensorFlow still not loaded
     error, sources = None, None
     try:
-        sources = open_sources(args)  # a set shorter than a global batch is topped up, not refused
+        sources = open_sources(args)
+        n_train, global_batch = len(sources[0]), args.batch_size * setup.size
+        if global_batch > n_train:  # each rank's shard would be smaller than its batch
+            raise config.UsageError(
+                f"--batch_size {args.batch_size} x {setup.size} ranks = {global_batch} images per step, "
+                f"more than the {n_train} training images in {args.data or '--synthetic data'}")
         if args.resume and not os.path.isfile(args.resume):
             raise config.UsageError(f"--resume {args.resume}: no such checkpoint file")
     except config.UsageError as e:
@@ -83,6 +88,8 @@ def run(args, setup, hvd, train_src, val_src, info) -> int:
         path = checkpoint.resume_path(args.logdir, args.resume, args.fresh)
         try:
             restored = path and dict(checkpoint.load_checkpoint(path, model=model, optimizer=optimizer), path=path)
+            if restored:
+                checkpoint.check_data(restored, info.to_json(), args.data or "--synthetic data")
         except ValueError as e:
             restored = {"error": str(e)}
     if not elastic_run:

