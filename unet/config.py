@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--commit_every", type=int, default=10,
                    help="elastic runs (horovodrun --min-np/--max-np): keep the training state in "
                         "memory every N steps and at epoch ends; a lost worker costs at most N steps")
+    g.add_argument("--step_timeout", type=float, default=600,
+                   help="seconds a rank may go without finishing a step (or validation batch) before it "
+                        "ends the job: a hung peer must not leave the others waiting forever; 0 = off")
     g.add_argument("--keep_checkpoints", type=int, default=3, help="latest checkpoints kept (plus best.npz)")
     g.add_argument("--resume", default=None,
                    help="checkpoint to resume from; default: the latest under --logdir, if any")
@@ -129,6 +132,7 @@ def validate(a: argparse.Namespace) -> argparse.Namespace:
     need(a.blocktime >= 0, f"--blocktime must be >= 0 (got {a.blocktime})")
     need(a.checkpoint_every >= 0, f"--checkpoint_every must be >= 0 (got {a.checkpoint_every})")
     need(a.keep_checkpoints >= 1, f"--keep_checkpoints must be >= 1 (got {a.keep_checkpoints})")
+    need(a.step_timeout >= 0, f"--step_timeout must be >= 0 (got {a.step_timeout})")
     need(a.commit_every >= 1, f"--commit_every must be >= 1 (got {a.commit_every})")
     need(not (a.resume and a.fresh), "give at most one of --resume and --fresh")
     need(a.log_every >= 1, f"--log_every must be >= 1 (got {a.log_every})")

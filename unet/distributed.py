@@ -18,9 +18,19 @@ from dataclasses import dataclass
 # the core TensorFlow computes on. Measured on 2 ranks x 1 core (docs/PERFORMANCE.md):
 # Horovod/Open MPI defaults 8.27 img/s; cycle 50 ms + yield 11.4-12.0; cycle 5 ms + yield
 # 14.5. Set only where the user has not set them.
+#
+#
+# A rank that dies ends the job through its launcher (mpirun, horovodrun, srun
+# --kill-on-bad-exit). Ranks that submit different tensors are caught by Horovod's
+# stall check: warning after 60 s, shutdown after 300 s (the collective fails, the
+# trainer exits non-zero, the launcher ends the job). A rank that hangs outright
+# stops Horovod's coordination itself, so the stall check never runs: the trainer's
+# ``Watchdog`` (--step_timeout) ends a rank that makes no progress.
 RUNTIME_DEFAULTS = {
     "HOROVOD_CYCLE_TIME": "5",            # ms between Horovod's coordination cycles
     "OMPI_MCA_mpi_yield_when_idle": "1",  # Open MPI yields the core while it waits
+    "HOROVOD_STALL_CHECK_TIME_SECONDS": "60",
+    "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "300",
 }
 
 # Horovod 0.28.1 with an explicit fusion threshold *and* cycle time segfaults in hvd.init()
@@ -149,3 +159,34 @@ def check_replicas(hvd, model) -> tuple[bool, list[str]]:
     """Do all ranks hold bit-identical weights? (collective: every rank calls it)."""
     digests = hvd.allgather_object(weights_digest(model.variables))
     return len(set(digests)) == 1, digests
+
+
+class Watchdog:
+    """Ends this rank (exit 3, one line naming rank and host) when ``beat`` has not been
+    called for ``timeout`` seconds: a rank waiting on a hung peer would otherwise wait
+    forever; its exit makes the launcher end the whole job. ``timeout`` 0 disables it."""
+
+    def __init__(self, timeout: float, rank: int, host: str):
+        import threading
+        import time
+        self.timeout, self.rank, self.host, self._time = timeout, rank, host, time.monotonic
+        self.last, self.what = self._time(), "start-up"
+        self._stop = threading.Event()
+        if timeout > 0:
+            threading.Thread(target=self._watch, daemon=True, name="unet-watchdog").start()
+
+    def beat(self, what: str) -> None:
+        self.last, self.what = self._time(), what
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(min(self.timeout / 4, 5.0)):
+            idle = self._time() - self.last
+            if idle > self.timeout:
+                sys.stderr.write(f"train_hvd.py: error: rank {self.rank} on {self.host}: no progress for "
+                                 f"{idle:.0f} s after {self.what} (--step_timeout {self.timeout:g}); "
+                                 f"a rank is hung, ending the job\n")
+                sys.stderr.flush()
+                os._exit(3)

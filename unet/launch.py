@@ -184,8 +184,48 @@ def main(argv=None) -> int:
         os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
         os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
     sys.stdout.flush()
+    if a.launcher == "horovodrun" and a.controller == "gloo" and not a.elastic:
+        return run_naming_failures(cmd, rank_hosts(check(a.hostfile, a.np), a.np))
     os.execvp(cmd[0], cmd)
     return 127
+
+
+def rank_hosts(hosts: list[tuple[str, int]], np_: int) -> list[str]:
+    """Host of each rank as horovodrun's Gloo launcher assigns them: slots in -H order."""
+    return [h for h, n in hosts for _ in range(n)][:np_]
+
+
+def failed_rank(lines: list[str]) -> tuple[int, int] | None:
+    """(rank, exit code) from horovodrun's 'Process name: R' / 'Exit code: C' report."""
+    rank = code = None
+    for line in lines:
+        if line.startswith("Process name: ") and line.split(":", 1)[1].strip().isdigit():
+            rank = int(line.split(":", 1)[1])
+        elif line.startswith("Exit code: ") and rank is not None:
+            code = int(line.split(":", 1)[1])
+    return (rank, code) if rank is not None and code is not None else None
+
+
+def run_naming_failures(cmd: list[str], hosts: list[str]) -> int:
+    """Run horovodrun (Gloo), passing its output through; when a worker fails, add one line
+    naming its rank and host (horovodrun itself names only the rank)."""
+    import signal
+    import subprocess
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, bufsize=1)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda s, f: proc.send_signal(s))
+    tail = []
+    for line in proc.stderr:
+        sys.stderr.write(line)
+        tail = (tail + [line.strip()])[-20:]
+    rc = proc.wait()
+    found = failed_rank(tail) if rc else None
+    if found and found[0] < len(hosts):
+        r, code = found
+        how = f"killed by signal {code - 128}" if code > 128 else f"exit code {code}"
+        print(f"launch: error: rank {r} on host {hosts[r]} failed ({how}); horovodrun ended the job",
+              file=sys.stderr, flush=True)
+    return rc
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 
 from unet import config, elastic
-from unet.distributed import agree, check_replicas, init_horovod, launcher_rank, prepare_rank
+from unet.distributed import Watchdog, agree, check_replicas, init_horovod, launcher_rank, prepare_rank
 from unet.elastic import is_elastic
 
 
@@ -140,6 +140,7 @@ def run(args, setup, hvd, train_src, val_src, info) -> int:
         sums, loss_sum, count = np.zeros((2, info.regions)), 0.0, 0
         for x, y in pipeline.val_batches(val_src, batch_size=args.batch_size, rank=rank, size=size):
             p = predict(x)
+            watchdog.beat("a validation batch")
             sums += dice_sums(y, tf.cast(p > 0.5, tf.float32)).numpy()
             loss_sum += float(loss_fn(y, p)) * len(x)
             count += len(x)
@@ -157,6 +158,8 @@ def run(args, setup, hvd, train_src, val_src, info) -> int:
                                            restored.get("step_in_epoch", 0) * restored.get("global_batch", 0))}
     state = (elastic.elastic_state(hvd, model, optimizer, **counters) if elastic_run
              else elastic.FixedState(**counters))
+    # Elastic runs leave hung and lost workers to Horovod's driver (its rendezvous may wait for hosts).
+    watchdog = Watchdog(0 if elastic_run else args.step_timeout, rank, setup.host)
     reporters, world = {}, []  # this process's reporter per rank it held; world sizes it saw
 
     def train(state):
@@ -187,6 +190,7 @@ def run(args, setup, hvd, train_src, val_src, info) -> int:
                 lr = lr_at(state.step, size, steps)
                 optimizer.learning_rate.assign(lr)
                 loss, dice = train_step(x, y)
+                watchdog.beat(f"step {state.step}")
                 reporter.step(state.step, epoch, global_batch, float(loss), dice.numpy(), lr)
                 if reporter.want_images(state.step):
                     reporter.images(state.step, x.numpy()[:3], y.numpy()[:3], predict(x[:3]).numpy())
@@ -200,13 +204,23 @@ def run(args, setup, hvd, train_src, val_src, info) -> int:
                     state.commit()  # elastic: a point to roll back to, and to admit new workers
             val = validate(rank, size)
             reporter.epoch_end(epoch, state.step, model, optimizer, val, run_meta)
+            watchdog.beat(f"epoch {epoch + 1}")
             state.epoch, state.step_in_epoch, state.sample = epoch + 1, 0, 0
             state.commit()
         same, digests = check_replicas(hvd, model)
         reporter.replicas(same, digests)
         return same, val, rank, run_meta
 
-    same, val, rank, run_meta = state.run(train)
+    try:
+        same, val, rank, run_meta = state.run(train)
+        watchdog.stop()
+    except (tf.errors.UnknownError, tf.errors.AbortedError, tf.errors.FailedPreconditionError) as e:
+        if "Horovod" not in str(e):
+            raise
+        reason = next((l.strip() for l in str(e).splitlines() if "Horovod" in l), str(e))[:300]
+        print(f"train_hvd.py: error: rank {rank} on {setup.host}: a collective failed, another rank "
+              f"died or stalled ({reason})", file=sys.stderr, flush=True)
+        return 1
     reporters[rank].finish(model, run_meta, val)
     return 0 if same else 1
 
