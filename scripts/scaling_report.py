@@ -5,7 +5,7 @@ baseline in the same run, and write a Markdown table (stdout and --out).
     .venv/bin/python scripts/scaling_report.py [--global_batch 16] [--steps 20] [--out runs/scaling.md] [--dry-run]
 
 Rows: the baseline (1 rank x all cores), 2 ranks x 1 thread at the same global
-batch, the same with Horovod's and Open MPI's own defaults (what the trainer's
+batch (plain mpirun, and through the mpirun launch script), the same with Horovod's and Open MPI's own defaults (what the trainer's
 defaults buy), 2 ranks at the same per-rank batch, and MultiWorkerMirroredStrategy
 on the same 2 processes (the outside baseline). Efficiency = img/s / baseline img/s.
 """
@@ -31,6 +31,9 @@ def configs(g: int, ncpu: int, steps: int, size: int):
            mpi + ["-np", "1", "--bind-to", "none", py, *bench, "--batch_size", str(g)], {})
     yield (f"2 ranks x 1 thread, batch {g // 2}/rank (same global batch), shipped defaults",
            mpi + ["-np", "2", py, *bench, "--batch_size", str(g // 2)], {})
+    yield (f"2 ranks x 1 thread, batch {g // 2}/rank, through scripts/launch_mpirun.sh (local profile)",
+           [os.path.join(ROOT, "scripts", "launch_mpirun.sh"), "--np", "2", "--", *bench[1:],
+            "--batch_size", str(g // 2)], {})
     yield (f"2 ranks x 1 thread, batch {g // 2}/rank, Horovod + Open MPI defaults",
            mpi + ["-np", "2", py, *bench, "--batch_size", str(g // 2)],
            {"HOROVOD_CYCLE_TIME": "1", "OMPI_MCA_mpi_yield_when_idle": "0"})
