@@ -71,3 +71,44 @@ def train_args(logdir: str, *extra: str) -> list[str]:
     return [os.path.join(ROOT, "train_hvd.py"), "--logdir", logdir, "--synthetic",
             "--synthetic_size", "32", "--synthetic_train", "32", "--synthetic_val", "8",
             "--batch_size", "4", "--epochs", "1", *extra]
+
+
+def rank_pid(marker: str, rank: int) -> int | None:
+    """The trainer process of ``rank`` whose command line contains ``marker`` (e.g. its logdir)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().decode(errors="replace")
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "train_hvd.py" in cmd and marker in cmd and \
+                (f"OMPI_COMM_WORLD_RANK={rank}" in env or f"HOROVOD_RANK={rank}" in env):
+            return int(pid)
+    return None
+
+
+def signal_rank_once_training(cmd: list[str], logdir: str, sig: int, *, rank: int = 1,
+                              env: dict | None = None) -> tuple[int, str, str, float]:
+    """Start ``cmd`` (a job training into ``logdir``), send ``sig`` to ``rank`` once its first step is
+    logged, and wait for the job to end: (exit code, stdout, stderr, seconds from the signal)."""
+    import signal as signals
+    import time
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env or mpi_env(), cwd=ROOT, start_new_session=True)
+    try:
+        log = os.path.join(logdir, "training.log")
+        deadline = time.time() + 180
+        while time.time() < deadline and not (os.path.exists(log) and os.path.getsize(log) > 0):
+            time.sleep(0.2)
+        victim = rank_pid(logdir, rank)
+        assert victim, f"rank {rank} not found"
+        t0 = time.time()
+        os.kill(victim, sig)
+        out, err = proc.communicate(timeout=120)
+        return proc.returncode, out, err, time.time() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signals.SIGKILL)
+            proc.wait()

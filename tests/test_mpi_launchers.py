@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 
-from conftest import ROOT, mpi_env
+from conftest import ROOT, mpi_env, signal_rank_once_training
 
 pytestmark = pytest.mark.mpi
 TINY = ["--synthetic", "--synthetic_size", "32", "--synthetic_train", "32", "--batch_size", "4", "--epochs", "1"]
@@ -40,39 +40,13 @@ def test_a_killed_rank_ends_a_launched_job_fast_and_is_named(tmp_path, launcher,
     """SIGKILL one rank of a job started by a shipped launch script: the job ends within 60 s,
     non-zero, with a message naming the rank and its host."""
     import signal
-    import time
-    logdir = tmp_path / "l"
+    logdir = str(tmp_path / "l")
     args = ["--np", "2"] + (["--controller", controller] if controller else [])
-    proc = subprocess.Popen([os.path.join(ROOT, "scripts", launcher), *args, "--", *TINY, "--epochs", "100",
-                             "--log_every", "1", "--logdir", str(logdir)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=mpi_env(), start_new_session=True)
-    try:
-        log = logdir / "training.log"
-        deadline = time.time() + 180
-        while time.time() < deadline and not (log.exists() and log.stat().st_size > 0):
-            time.sleep(0.2)
-        victim = None
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                cmd = open(f"/proc/{pid}/cmdline", "rb").read()
-                env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
-            except OSError:
-                continue
-            if b"train_hvd.py" in cmd and str(logdir).encode() in cmd and \
-                    (b"OMPI_COMM_WORLD_RANK=1" in env or b"HOROVOD_RANK=1" in env):
-                victim = int(pid)
-        assert victim, "rank 1 not found"
-        t0 = time.time()
-        os.kill(victim, signal.SIGKILL)
-        out, err = proc.communicate(timeout=120)
-        took = time.time() - t0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    cmd = [os.path.join(ROOT, "scripts", launcher), *args, "--", *TINY, "--epochs", "100",
+           "--log_every", "1", "--logdir", logdir]
+    rc, out, err, took = signal_rank_once_training(cmd, logdir, signal.SIGKILL)
     print(f"{launcher} {controller or ''}: job ended {took:.1f} s after rank 1 was killed")
-    host = os.uname().nodename
-    assert proc.returncode != 0 and took < 60
-    named = (f"rank 1 on host localhost failed (killed by signal 9)" in err if controller == "gloo"
-             else "rank 1" in err and f"on node {host}" in err)
+    assert rc != 0 and took < 60
+    named = ("rank 1 on host localhost failed (killed by signal 9)" in err if controller == "gloo"
+             else "rank 1" in err and f"on node {os.uname().nodename}" in err)
     assert named, err[-2000:]
