@@ -43,6 +43,18 @@ LAUNCHER_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "HOROVOD_
 LAUNCHER_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "HOROVOD_SIZE")
 
 
+def is_elastic(env=os.environ) -> bool:
+    """Started by horovodrun in elastic mode (--min-np/--max-np): ranks come from its rendezvous."""
+    return env.get("HOROVOD_ELASTIC") == "1"
+
+
+def collective_failure(e: BaseException) -> bool:
+    """Did a Horovod collective fail (a peer died or stalled), as opposed to any other error?"""
+    import tensorflow as tf
+    return isinstance(e, (tf.errors.UnknownError, tf.errors.AbortedError, tf.errors.FailedPreconditionError)) \
+        and "Horovod" in str(e)
+
+
 def launcher_rank(env=os.environ) -> int:
     """This process's rank as the launcher set it (0 outside a launcher)."""
     for k in LAUNCHER_RANK_VARS:
@@ -100,7 +112,7 @@ def prepare_rank(num_threads: int, num_inter_threads: int, blocktime: int) -> Ra
         raise RuntimeError("prepare_rank must run before TensorFlow is imported")
     for k, v in RUNTIME_DEFAULTS.items():
         os.environ.setdefault(k, v)
-    if os.environ.get("HOROVOD_ELASTIC") == "1":
+    if is_elastic():
         for k in ELASTIC_UNSAFE:
             if os.environ.pop(k, None) is not None:
                 print(f"note: {k} ignored in an elastic run (Horovod 0.28.1 crashes re-forming the ring with it)",
@@ -140,8 +152,7 @@ def init_horovod(setup: RankSetup):
     tf.config.threading.set_inter_op_parallelism_threads(setup.inter)
     import horovod.tensorflow as hvd
     hvd.init()
-    elastic = os.environ.get("HOROVOD_ELASTIC") == "1"  # ranks come from the rendezvous there
-    if not elastic and (hvd.rank() != setup.rank or hvd.size() != setup.size):
+    if not is_elastic() and (hvd.rank() != setup.rank or hvd.size() != setup.size):
         raise RuntimeError(f"Horovod sees rank {hvd.rank()}/{hvd.size()}, launcher said "
                            f"{setup.rank}/{setup.size}")
     return hvd

@@ -20,13 +20,9 @@ broadcast and assigned (Horovod's own ``TensorFlowKerasState`` predates Keras 3)
 """
 from __future__ import annotations
 
-import os
+from unet.distributed import collective_failure
 
 COUNTERS = ("epoch", "step", "sample", "step_in_epoch")
-
-
-def is_elastic(env=os.environ) -> bool:
-    return env.get("HOROVOD_ELASTIC") == "1"
 
 
 class FixedState:
@@ -46,7 +42,6 @@ class FixedState:
 def elastic_state(hvd, model, optimizer, **counters):
     """An Elastic Horovod state for a Keras 3 model + optimizer and the loop's counters."""
     import numpy as np
-    import tensorflow as tf
     from horovod.common.elastic import ObjectState, run_fn
     from horovod.common.exceptions import HorovodInternalError
 
@@ -59,8 +54,8 @@ def elastic_state(hvd, model, optimizer, **counters):
         def call(*a, **k):
             try:
                 return fn(*a, **k)
-            except (tf.errors.UnknownError, tf.errors.AbortedError, tf.errors.FailedPreconditionError) as e:
-                if "Horovod" not in str(e):
+            except Exception as e:
+                if not collective_failure(e):
                     raise
                 raise HorovodInternalError(e) from e
         return call
@@ -69,7 +64,6 @@ def elastic_state(hvd, model, optimizer, **counters):
         def __init__(self):
             super().__init__(bcast_object=hvd.broadcast_object, get_rank=hvd.rank,
                              **{k: counters.get(k, 0) for k in COUNTERS})
-            self.resets = 0
             self._save_vars()
 
         def _save_vars(self):
@@ -89,9 +83,6 @@ def elastic_state(hvd, model, optimizer, **counters):
             hvd.broadcast_variables(variables(), root_rank=0)
             self._save_vars()
             super().sync()
-
-        def reset(self):
-            self.resets += 1
 
         def run(self, fn):
             def reset():

@@ -13,8 +13,8 @@ import sys
 import numpy as np
 
 from unet import config, elastic
-from unet.distributed import Watchdog, agree, check_replicas, init_horovod, launcher_rank, prepare_rank
-from unet.elastic import is_elastic
+from unet.distributed import (Watchdog, agree, check_replicas, collective_failure, init_horovod, is_elastic,
+                              launcher_rank, prepare_rank)
 
 
 def _parse(argv):
@@ -214,8 +214,8 @@ def run(args, setup, hvd, train_src, val_src, info) -> int:
     try:
         same, val, rank, run_meta = state.run(train)
         watchdog.stop()
-    except (tf.errors.UnknownError, tf.errors.AbortedError, tf.errors.FailedPreconditionError) as e:
-        if "Horovod" not in str(e):
+    except Exception as e:
+        if not collective_failure(e):
             raise
         reason = next((l.strip() for l in str(e).splitlines() if "Horovod" in l), str(e))[:300]
         print(f"train_hvd.py: error: rank {rank} on {setup.host}: a collective failed, another rank "
