@@ -20,7 +20,7 @@ def test_mpirun_launcher_binds_and_trains(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     assert "bound to" in p.stderr or "MCW rank" in p.stderr          # --report-bindings
     ranks = sorted(l for l in p.stdout.splitlines() if "rank " in l and " intra " in l)
-    assert len(ranks) == 2 and all("(1) intra 1 inter 1 KMP_BLOCKTIME 0" in l for l in ranks)  # one core each
+    assert len(ranks) == 2 and all("(1) cores 1 intra 1 inter 1 KMP_BLOCKTIME 0" in l for l in ranks)  # one core each
     assert "weights: identical on 2 ranks" in p.stdout
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, run_mpi, train_args
+from unet.distributed import physical_cores
 
 pytestmark = pytest.mark.mpi
 DETERMINISTIC = ["--loss", "bce", "--dropout", "0", "--no_augment", "--lr_scaling", "none",
@@ -75,18 +76,19 @@ def rank_lines(stdout):
 
 def test_threads_follow_the_binding_of_plain_mpirun_map_by_socket(tmp_path):
     ncpu = len(os.sched_getaffinity(0))   # this box: one socket
+    ncores = physical_cores(frozenset(os.sched_getaffinity(0)))
     hostfile = os.path.join(ROOT, "hostfiles", "localhost")
     one = run_mpi(1, train_args(str(tmp_path / "a"), "--blocktime", "30"),
                   mpi_args=["-hostfile", hostfile, "--map-by", "socket"])
     assert one.returncode == 0, one.stderr[-2000:]
     (line,) = rank_lines(one.stdout)
-    assert f"({ncpu}) intra {ncpu} inter 2 KMP_BLOCKTIME 30" in line   # the socket's cores
+    assert f"({ncpu}) cores {ncores} intra {ncores} inter 2 KMP_BLOCKTIME 30" in line   # the socket's cores
     two = run_mpi(2, train_args(str(tmp_path / "b")), mpi_args=["-hostfile", hostfile, "--map-by", "socket"])
     assert two.returncode == 0, two.stderr[-2000:]
     lines = rank_lines(two.stdout)
     assert [l.split()[1] for l in lines] == ["0/2", "1/2"]
     for l in lines:   # both ranks bound to the same socket: they split its cores
-        assert f"({ncpu}) intra {max(1, ncpu // 2)} " in l
+        assert f"({ncpu}) cores {ncores} intra {max(1, ncores // 2)} " in l
     forced = run_mpi(2, train_args(str(tmp_path / "c"), "--num_threads", "3", "--num_inter_threads", "1"))
     assert forced.returncode == 0, forced.stderr[-2000:]
     assert all(" intra 3 inter 1 " in l for l in rank_lines(forced.stdout))

@@ -67,15 +67,36 @@ def under_mpirun(env=os.environ) -> bool:
     return "OMPI_COMM_WORLD_SIZE" in env or "PMI_SIZE" in env or "PMIX_RANK" in env
 
 
-def threads_for_rank(host: str, cpus: frozenset, peers: list[tuple[str, frozenset]]) -> int:
-    """Intra-op threads for a rank bound to ``cpus``: its CPUs divided among the
-    ranks on the same host whose bindings overlap (``peers`` includes itself).
+def physical_cores(cpus: frozenset, sysfs: str = "/sys/devices/system/cpu") -> int:
+    """How many physical cores the logical CPUs ``cpus`` belong to (hyper-threads of one
+    core count once), from the kernel's topology files; ``len(cpus)`` where those are
+    unreadable."""
+    cores = set()
+    for c in cpus:
+        topo = os.path.join(sysfs, f"cpu{c}", "topology")
+        try:
+            with open(os.path.join(topo, "physical_package_id")) as f:
+                pkg = f.read().strip()
+            with open(os.path.join(topo, "core_id")) as f:
+                core = f.read().strip()
+        except OSError:
+            return len(cpus)
+        cores.add((pkg, core))
+    return len(cores)
+
+
+def threads_for_rank(host: str, cpus: frozenset, peers: list[tuple[str, frozenset]],
+                     cores: int | None = None) -> int:
+    """Intra-op threads for a rank bound to ``cpus`` (``cores`` physical cores, default one
+    per CPU): its cores divided among the ranks on the same host whose bindings overlap
+    (``peers`` includes itself). One thread per core: a KNL rank bound to its socket's
+    272 hardware threads gets 68.
 
     ``--map-by socket`` with one rank per socket -> the socket's cores;
     two unbound ranks on a 2-core box -> 1 each.
     """
     sharing = sum(1 for h, c in peers if h == host and c & cpus) or 1
-    return max(1, len(cpus) // sharing)
+    return max(1, (len(cpus) if cores is None else cores) // sharing)
 
 
 @dataclass
@@ -84,6 +105,7 @@ class RankSetup:
     size: int
     host: str
     cpus: frozenset
+    cores: int
     intra: int
     inter: int
     blocktime: str
@@ -92,7 +114,7 @@ class RankSetup:
     def line(self) -> str:
         c = sorted(self.cpus)
         cpus = f"{c[0]}-{c[-1]}" if c and c == list(range(c[0], c[-1] + 1)) else ",".join(map(str, c))
-        return (f"rank {self.rank}/{self.size} host {self.host} cpus [{cpus}] ({len(c)}) "
+        return (f"rank {self.rank}/{self.size} host {self.host} cpus [{cpus}] ({len(c)}) cores {self.cores} "
                 f"intra {self.intra} inter {self.inter} KMP_BLOCKTIME {self.blocktime}")
 
 
@@ -128,13 +150,14 @@ def prepare_rank(num_threads: int, num_inter_threads: int, blocktime: int) -> Ra
         size = int(next((os.environ[k] for k in LAUNCHER_SIZE_VARS if k in os.environ), 1))
         local = int(os.environ.get("HOROVOD_LOCAL_SIZE", "1"))
         peers = [(host, cpus)] * local  # no channel yet: assume local ranks share the CPUs
-    intra = num_threads or threads_for_rank(host, cpus, peers)
+    cores = physical_cores(cpus)
+    intra = num_threads or threads_for_rank(host, cpus, peers, cores)
     bt = "infinite" if blocktime > 1000 else str(blocktime)
     os.environ["OMP_NUM_THREADS"] = str(intra)
     os.environ["KMP_BLOCKTIME"] = bt
     os.environ.setdefault("KMP_AFFINITY", "granularity=fine,compact,1,0")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    return RankSetup(rank, size, host, cpus, intra, num_inter_threads, bt, comm)
+    return RankSetup(rank, size, host, cpus, cores, intra, num_inter_threads, bt, comm)
 
 
 def agree(comm, error: str | None) -> str | None:
