@@ -11,16 +11,17 @@ usage() {
 Usage: scripts/setup.sh [--help] [--dry-run] [--no-checks]
 
 Installs, in order, skipping what is already there:
-  1. apt packages openmpi-bin libopenmpi-dev cmake rsync openssh-client iproute2
-     slurm-wlm munge numactl (Slurm, namespaces: for the launch tests)
+  1. apt packages openmpi-bin libopenmpi-dev cmake build-essential python3-dev
+     python3-venv rsync openssh-client iproute2 slurm-wlm munge numactl
+     (Slurm, namespaces: for the launch tests)
      (when root; otherwise prints the apt-get line to run)
   2. .venv in the repository root (Python 3.11)
   3. tensorflow-cpu and Horovod's build requirements, pinned by
-     scripts/constraints.txt
-  4. Horovod 0.28.1 from its PyPI sdist, patched by scripts/horovod_patch.py
-     and built once; the wheel is cached under
+     scripts/constraints.txt (the one place every version is fixed)
+  4. Horovod (version from constraints.txt) from its PyPI sdist, patched by
+     scripts/horovod_patch.py and built once; the wheel is cached under
      ${XDG_CACHE_HOME:-~/.cache}/unet-hvd/wheels/<key>/, key = Python, TF,
-     Horovod, Open MPI versions and the patch script's hash
+     Horovod, Open MPI versions, the build settings and the patch script's hash
   5. this package (pip install -e .[test])
   6. checks: horovodrun --check-build and a 2-rank mpirun allreduce
 
@@ -46,9 +47,21 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
 CONSTRAINTS="$ROOT/scripts/constraints.txt"
 PY_BASE="${PYTHON:-python3}"
-TF_PKG="tensorflow-cpu==2.21.0"
-HVD_VERSION="0.28.1"
-APT_PKGS=(openmpi-bin libopenmpi-dev cmake rsync openssh-client iproute2 slurm-wlm munge numactl)
+pin() {  # the exact version scripts/constraints.txt gives a package
+  local v; v=$(grep -iE "^$1==" "$CONSTRAINTS" | cut -d= -f3)
+  [[ -n "$v" ]] || { echo "setup.sh: scripts/constraints.txt pins no version of $1" >&2; exit 1; }
+  echo "$v"
+}
+TF_VER=$(pin 'tensorflow[-_]cpu')
+HVD_VERSION=$(pin horovod)
+TF_PKG="tensorflow-cpu==$TF_VER"
+APT_PKGS=(openmpi-bin libopenmpi-dev cmake build-essential python3-dev python3-venv rsync openssh-client
+          iproute2 slurm-wlm munge numactl)
+# How Horovod is built (part of the cache key: other settings, another wheel).
+# CMAKE_POLICY_VERSION_MINIMUM lets Horovod's bundled third-party CMake files
+# configure under current CMake; MAKEFLAGS is speed only and stays out of the key.
+BUILD_ENV=(HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1
+           HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 CMAKE_POLICY_VERSION_MINIMUM=3.5)
 CACHE_ROOT="${UNET_HVD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/unet-hvd}"
 
 STEP="start"
@@ -85,20 +98,26 @@ stamp_now() {
   cat "$ROOT/setup.cfg" "$CONSTRAINTS" "$ROOT/scripts/horovod_patch.py" "$ROOT/scripts/setup.sh" | sha256sum | cut -c1-16
 }
 STAMP_FILE="$VENV/.unet-hvd-stamp"
-if ((DRY)); then echo "stamp $(stamp_now)"; echo "dry run: nothing changed"; exit 0; fi
+# The wheel cache key: everything that decides the Horovod binary.
+if [[ -x "$PY" ]]; then KEY_PY="$PY"; else KEY_PY="$PY_BASE"; fi
+PY_VER=$("$KEY_PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+MPI_VER=$( (mpirun --version 2>/dev/null || echo none) | head -1 | tr -dc '0-9.')
+KEY=$(printf '%s|%s|%s|%s|%s|%s' "$PY_VER" "$TF_VER" "$HVD_VERSION" "$MPI_VER" "${BUILD_ENV[*]}" \
+      "$(sha256sum "$ROOT/scripts/horovod_patch.py" | cut -c1-64)" | sha256sum | cut -c1-16)
+WHEEL_DIR="$CACHE_ROOT/wheels/$KEY"
+if ((DRY)); then
+  echo "stamp $(stamp_now)"
+  echo "wheel cache key $KEY (py $PY_VER, tf $TF_VER, horovod $HVD_VERSION, openmpi ${MPI_VER:-none}): $WHEEL_DIR"
+  echo "dry run: nothing changed"; exit 0
+fi
 if [[ -f "$STAMP_FILE" && "$(cat "$STAMP_FILE")" == "$(stamp_now)" ]]; then
   echo "    environment up to date (stamp $(cat "$STAMP_FILE")), skipping steps 3-5"
 else
   step "3/6 TensorFlow and Horovod build requirements"
-  "${PIP[@]}" "$TF_PKG" setuptools wheel cloudpickle psutil pyyaml packaging cffi
+  "${PIP[@]}" pip setuptools wheel
+  "${PIP[@]}" "$TF_PKG" cloudpickle psutil pyyaml packaging cffi
 
   step "4/6 Horovod $HVD_VERSION (cached wheel or build)"
-  TF_VER=$("$PY" -c 'import importlib.metadata as m; print(m.version("tensorflow-cpu"))')
-  PY_VER=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
-  MPI_VER=$(mpirun --version 2>/dev/null | head -1 | tr -dc '0-9.')
-  KEY=$(printf '%s|%s|%s|%s|%s' "$PY_VER" "$TF_VER" "$HVD_VERSION" "$MPI_VER" \
-        "$(sha256sum "$ROOT/scripts/horovod_patch.py" | cut -c1-64)" | sha256sum | cut -c1-16)
-  WHEEL_DIR="$CACHE_ROOT/wheels/$KEY"
   if ! ls "$WHEEL_DIR"/horovod-"$HVD_VERSION"-*.whl >/dev/null 2>&1; then
     echo "    no cached wheel for key $KEY (py $PY_VER, tf $TF_VER, openmpi $MPI_VER): building (~5 min on 2 cores)"
     BUILD=$(mktemp -d)
@@ -107,9 +126,7 @@ else
     "$PY" "$ROOT/scripts/horovod_patch.py" "$BUILD/horovod-$HVD_VERSION"
     mkdir -p "$WHEEL_DIR.tmp"
     ( cd "$BUILD/horovod-$HVD_VERSION" &&
-      HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 \
-      HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 \
-      CMAKE_POLICY_VERSION_MINIMUM=3.5 MAKEFLAGS=-j"$(nproc)" \
+      env "${BUILD_ENV[@]}" MAKEFLAGS=-j"$(nproc)" \
       "$PY" -m pip wheel -q --no-build-isolation --no-deps . -w "$WHEEL_DIR.tmp" \
         > "$BUILD/build.log" 2>&1 ) || { tail -40 "$BUILD/build.log" >&2; false; }
     rm -rf "$WHEEL_DIR"; mv "$WHEEL_DIR.tmp" "$WHEEL_DIR"   # publish whole or not at all
@@ -126,7 +143,7 @@ fi
 
 if ((CHECKS)); then
   step "6/6 checks"
-  export PATH="$VENV/bin:$PATH"
+  export PATH="$VENV/bin:$PATH" TF_CPP_MIN_LOG_LEVEL=3
   "$VENV/bin/horovodrun" --check-build | tee /tmp/unet-hvd-check-build.$$ | sed 's/^/    /'
   for want in '\[X\] TensorFlow' '\[X\] MPI' '\[X\] Gloo'; do
     grep -q "$want" /tmp/unet-hvd-check-build.$$ || { rm -f /tmp/unet-hvd-check-build.$$; echo "setup.sh: horovodrun --check-build lacks ${want//\\/}" >&2; false; }

@@ -21,7 +21,8 @@ def test_mpirun_launcher_binds_and_trains(tmp_path):
     assert "bound to" in p.stderr or "MCW rank" in p.stderr          # --report-bindings
     ranks = sorted(l for l in p.stdout.splitlines() if "rank " in l and " intra " in l)
     assert len(ranks) == 2 and all("(1) cores 1 intra 1 inter 1 KMP_BLOCKTIME 0" in l for l in ranks)  # one core each
-    assert "weights: identical on 2 ranks" in p.stdout
+    # same weights, but each rank drops its own units (dropout seeds are not broadcast)
+    assert "weights: identical on 2 ranks" in p.stdout and "dropout: 2 distinct random streams" in p.stdout
 
 
 @pytest.mark.parametrize("controller", ["gloo", "mpi"])

@@ -181,6 +181,25 @@ def init_horovod(setup: RankSetup):
     return hvd
 
 
+def dropout_states(model) -> list:
+    """The state variables of the model's dropout random streams (Keras seed generators:
+    ``[seed, draws]``). They sit in ``model.variables`` but are not weights."""
+    return [layer.seed_generator.state for layer in model.layers if hasattr(layer, "seed_generator")]
+
+
+def broadcast_from_root(hvd, model, optimizer) -> None:
+    """Every rank takes rank 0's weights and optimizer state (fresh, restored, or after an
+    elastic reset). Dropout streams keep this rank's own seed and take rank 0's draw count:
+    ranks drop different units, and a resumed run draws what an uninterrupted one would."""
+    import numpy as np
+    own = [np.array(v.numpy()) for v in dropout_states(model)]
+    # Keras 3 variables wrap a tf.Variable in .value, which is what Horovod broadcasts.
+    hvd.broadcast_variables([v.value for v in model.variables] + [v.value for v in optimizer.variables],
+                            root_rank=0)
+    for v, mine in zip(dropout_states(model), own):
+        v.assign(np.array([mine[0], v.numpy()[1]], dtype=mine.dtype))
+
+
 def weights_digest(variables) -> str:
     """sha256 over the bytes of ``variables`` (order-sensitive)."""
     import hashlib
@@ -190,10 +209,13 @@ def weights_digest(variables) -> str:
     return h.hexdigest()
 
 
-def check_replicas(hvd, model) -> tuple[bool, list[str]]:
-    """Do all ranks hold bit-identical weights? (collective: every rank calls it)."""
-    digests = hvd.allgather_object(weights_digest(model.variables))
-    return len(set(digests)) == 1, digests
+def check_replicas(hvd, model) -> tuple[bool, list[str], int | None]:
+    """Do all ranks hold bit-identical weights, and how many distinct dropout seeds do they
+    use (None without dropout)? Collective: every rank calls it."""
+    states = dropout_states(model)
+    gathered = hvd.allgather_object((weights_digest(model.weights), tuple(int(v.numpy()[0]) for v in states)))
+    digests = [d for d, _ in gathered]
+    return len(set(digests)) == 1, digests, (len({s for _, s in gathered}) if states else None)
 
 
 class Watchdog:

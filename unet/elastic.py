@@ -20,7 +20,7 @@ broadcast and assigned (Horovod's own ``TensorFlowKerasState`` predates Keras 3)
 """
 from __future__ import annotations
 
-from unet.distributed import collective_failure
+from unet.distributed import broadcast_from_root, collective_failure
 
 COUNTERS = ("epoch", "step", "sample", "step_in_epoch")
 
@@ -80,7 +80,7 @@ def elastic_state(hvd, model, optimizer, **counters):
 
         @as_internal_error
         def sync(self):
-            hvd.broadcast_variables(variables(), root_rank=0)
+            broadcast_from_root(hvd, model, optimizer)
             self._save_vars()
             super().sync()
 

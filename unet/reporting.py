@@ -155,9 +155,10 @@ class Rank0Reporter:
         print(f"resumed from step {step} ({path})", flush=True)
         self.log.write(f"resumed from step {step} ({path})\n")
 
-    def replicas(self, same: bool, digests: list[str]) -> None:
+    def replicas(self, same: bool, digests: list[str], dropout_streams: int | None) -> None:
         if same:
-            print(f"weights: identical on {len(digests)} ranks (sha256 {digests[0][:16]})", flush=True)
+            streams = "" if dropout_streams is None else f"; dropout: {dropout_streams} distinct random streams"
+            print(f"weights: identical on {len(digests)} ranks (sha256 {digests[0][:16]}){streams}", flush=True)
         else:
             print("weights: DIFFER across ranks: " + " ".join(f"rank{i}={d[:12]}" for i, d in enumerate(digests)),
                   file=sys.stderr, flush=True)

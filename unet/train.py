@@ -13,8 +13,8 @@ import sys
 import numpy as np
 
 from unet import config, elastic
-from unet.distributed import (Watchdog, agree, check_replicas, collective_failure, init_horovod, is_elastic,
-                              launcher_rank, prepare_rank)
+from unet.distributed import (Watchdog, agree, broadcast_from_root, check_replicas, collective_failure,
+                              init_horovod, is_elastic, launcher_rank, prepare_rank)
 
 
 def _parse(argv):
@@ -100,10 +100,8 @@ def run(args, setup, hvd, train_src, val_src, info) -> int:
         return 2
 
     if not elastic_run:
-        # Horovod: every rank starts from rank 0's weights and optimizer state, fresh or
-        # restored (Keras 3 variables wrap a tf.Variable in .value, which Horovod broadcasts).
-        hvd.broadcast_variables([v.value for v in model.variables], root_rank=0)
-        hvd.broadcast_variables([v.value for v in optimizer.variables], root_rank=0)
+        # Horovod: every rank starts from rank 0's weights and optimizer state, fresh or restored.
+        broadcast_from_root(hvd, model, optimizer)
 
     def lr_at(step: int, size: int, steps: int) -> float:
         # Horovod: the rate grows with the workers (the global batch does), after a warmup.
@@ -207,8 +205,8 @@ def run(args, setup, hvd, train_src, val_src, info) -> int:
             watchdog.beat(f"epoch {epoch + 1}")
             state.epoch, state.step_in_epoch, state.sample = epoch + 1, 0, 0
             state.commit()
-        same, digests = check_replicas(hvd, model)
-        reporter.replicas(same, digests)
+        same, digests, streams = check_replicas(hvd, model)
+        reporter.replicas(same, digests, streams)
         return same, val, rank, run_meta
 
     try:
