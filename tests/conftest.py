@@ -36,7 +36,13 @@ def pytest_sessionstart(session):
         pytest.exit("CI=true and the stack is incomplete: " + "; ".join(MISSING), returncode=3)
 
 
+FIRST_MULTI_RANK = "test_mpi_collectives.py"
+
+
 def pytest_collection_modifyitems(config, items):
+    # The collectives smoke (allreduce of known values, broadcast from rank 0) runs
+    # before any other test: when it fails, nothing multi-rank can be trusted.
+    items.sort(key=lambda item: item.path.name != FIRST_MULTI_RANK)
     if MISSING:
         skip = pytest.mark.skip(reason="stack missing: " + "; ".join(MISSING))
         for item in items:

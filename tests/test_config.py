@@ -13,7 +13,15 @@ def test_seed_flag_names_and_defaults_are_kept():
         assert flag in text
     a = parse_args(["--synthetic"])
     assert (a.learningrate, a.decay_steps, a.lr_fraction, a.blocktime) == (0.0005, 150, 0.25, 0)
+    assert (a.batch_size, a.epochs, a.num_inter_threads, a.num_threads) == (128, 10, 2, 0)
     assert a.lr_scaling == "linear" and not a.use_upsampling and not a.const_learningrate
+    assert a.data is None
+
+
+def test_data_defaults_to_data_brats_h5_unless_synthetic():
+    assert parse_args([]).data == "data/brats.h5"
+    assert parse_args(["--data", "x.h5"]).data == "x.h5"
+    assert "data/brats.h5" in build_parser().format_help()
 
 
 @pytest.mark.parametrize("argv,flag", [
@@ -21,7 +29,6 @@ def test_seed_flag_names_and_defaults_are_kept():
     (["--synthetic", "--lr_fraction", "1.5"], "--lr_fraction"),
     (["--synthetic", "--learningrate", "-1"], "--learningrate"),
     (["--synthetic", "--synthetic_size", "100"], "--synthetic_size"),
-    ([], "--data"),
     (["--synthetic", "--data", "x.h5"], "--data"),
 ])
 def test_bad_values_name_the_flag(argv, flag):

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from conftest import ROOT, run_mpi
+from conftest import ROOT
 
 pytestmark = pytest.mark.mpi
 
@@ -13,8 +13,8 @@ def results(proc):
     return json.loads(line[7:])
 
 
-def test_allreduce_of_known_values_and_broadcast_from_rank0():
-    out = results(run_mpi(2, [f"{ROOT}/tests/mpi_scripts/collectives.py"], timeout=120))
+def test_allreduce_of_known_values_and_broadcast_from_rank0(mpirun):
+    out = results(mpirun(2, [f"{ROOT}/tests/mpi_scripts/collectives.py"], timeout=120))
     assert [d["rank"] for d in out] == [0, 1] and all(d["size"] == 2 for d in out)
     for d in out:
         # rank 0 holds [0,1,2,3], rank 1 holds [10,11,12,13]
@@ -23,8 +23,8 @@ def test_allreduce_of_known_values_and_broadcast_from_rank0():
         assert d["bcast"] == [100.0, 100.0, 100.0]   # rank 0's value everywhere
 
 
-def test_three_ranks_oversubscribed():
-    out = results(run_mpi(3, [f"{ROOT}/tests/mpi_scripts/collectives.py"], timeout=120))
+def test_three_ranks_oversubscribed(mpirun):
+    out = results(mpirun(3, [f"{ROOT}/tests/mpi_scripts/collectives.py"], timeout=120))
     assert len(out) == 3
     for d in out:
         assert d["sum"] == [30.0, 33.0, 36.0, 39.0]

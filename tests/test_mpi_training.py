@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, run_mpi, train_args
+from h5fixture import write_h5
 from unet.distributed import physical_cores
 
 pytestmark = pytest.mark.mpi
@@ -52,6 +53,14 @@ def test_missing_data_file_fails_fast_on_every_rank(tmp_path):
     errors = [l for l in p.stderr.splitlines() if l.startswith("train_hvd.py: error:")]
     assert errors == [f"train_hvd.py: error: --data {tmp_path / 'nope.h5'}: no such file or folder"]
     assert not (tmp_path / "logs").exists()
+    # no --data and no --synthetic: the default data/brats.h5 (under the working directory)
+    p = run_mpi(2, [os.path.join(ROOT, "train_hvd.py"), "--logdir", str(tmp_path / "logs")], timeout=90,
+                cwd=str(tmp_path))
+    assert p.returncode != 0
+    errors = [l for l in p.stderr.splitlines() if l.startswith("train_hvd.py: error:")]
+    assert len(errors) == 1 and errors[0].startswith("train_hvd.py: error: --data data/brats.h5: no such file "
+                                                     "or folder (the default --data: convert BraTS with")
+    assert not (tmp_path / "logs").exists()
 
 
 def test_bad_flag_value_is_one_line_from_rank0(tmp_path):
@@ -78,9 +87,15 @@ def test_threads_follow_the_binding_of_plain_mpirun_map_by_socket(tmp_path):
     ncpu = len(os.sched_getaffinity(0))   # this box: one socket
     ncores = physical_cores(frozenset(os.sched_getaffinity(0)))
     hostfile = os.path.join(ROOT, "hostfiles", "localhost")
-    one = run_mpi(1, train_args(str(tmp_path / "a"), "--blocktime", "30"),
-                  mpi_args=["-hostfile", hostfile, "--map-by", "socket"])
+    # as users type it: mpirun -hostfile hosts -np N --map-by socket python train_hvd.py
+    # (no --data: the trainer reads data/brats.h5 under the working directory)
+    os.makedirs(tmp_path / "data")
+    write_h5(str(tmp_path / "data" / "brats.h5"))
+    one = run_mpi(1, [os.path.join(ROOT, "train_hvd.py"), "--batch_size", "4", "--epochs", "1",
+                      "--logdir", str(tmp_path / "a"), "--blocktime", "30"],
+                  mpi_args=["-hostfile", hostfile, "--map-by", "socket"], cwd=str(tmp_path))
     assert one.returncode == 0, one.stderr[-2000:]
+    assert "data: data/brats.h5" in one.stdout, one.stdout[-2000:]
     (line,) = rank_lines(one.stdout)
     assert f"({ncpu}) cores {ncores} intra {ncores} inter 2 KMP_BLOCKTIME 30" in line   # the socket's cores
     two = run_mpi(2, train_args(str(tmp_path / "b")), mpi_args=["-hostfile", hostfile, "--map-by", "socket"])

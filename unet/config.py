@@ -15,6 +15,10 @@ SEED_BATCH_SIZE = 128
 SEED_EPOCHS = 10
 SEED_BLOCKTIME = 0
 SEED_INTER_THREADS = 2
+# Where the trainer looks when given neither --data nor --synthetic (relative to the
+# working directory): `unet-convert --output data/brats.h5` writes it, and the demo
+# links its converted synthetic cases there when nothing is.
+DEFAULT_DATA = "data/brats.h5"
 
 
 class UsageError(Exception):
@@ -75,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None,
                    help="HDF5 file written by unet-convert, or a folder holding the seed's "
-                        "imgs_train.npy, msks_train.npy, imgs_test.npy, msks_test.npy")
+                        f"imgs_train.npy, msks_train.npy, imgs_test.npy, msks_test.npy [{DEFAULT_DATA} "
+                        "unless --synthetic]")
     g.add_argument("--synthetic", action="store_true",
                    help="in-memory synthetic images (bright blobs to segment); no file needed")
     g.add_argument("--synthetic_size", type=int, default=128, help="--synthetic: image side (pixels)")
@@ -142,8 +147,9 @@ def validate(a: argparse.Namespace) -> argparse.Namespace:
         need(a.bench_steps >= 3, f"--bench_steps must be >= 3 (got {a.bench_steps})")
         need(a.warmup_steps >= 1, f"--warmup_steps must be >= 1 (got {a.warmup_steps})")
         a.synthetic = True
-    need(bool(a.synthetic) != bool(a.data),
-         "give exactly one of --data PATH or --synthetic")
+    need(not (a.synthetic and a.data), "give at most one of --data PATH and --synthetic")
+    if not a.synthetic and not a.data:
+        a.data = DEFAULT_DATA
     if a.synthetic:
         need(a.synthetic_size >= 16 and a.synthetic_size % 16 == 0,
              f"--synthetic_size must be a multiple of 16 (4 poolings), got {a.synthetic_size}")

@@ -46,6 +46,7 @@ class Rank0Reporter:
               f"global_batch={global_batch} steps/epoch={steps_per_epoch} epochs={args.epochs} "
               f"input {info.height}x{info.width}x{info.channels} ({','.join(info.modalities)}) "
               f"regions {','.join(info.region_names)}", flush=True)
+        print(f"data: {args.data or 'synthetic (in memory)'}", flush=True)
         print(f"logdir: {self.logdir}", flush=True)
 
     # -- per step -------------------------------------------------------------

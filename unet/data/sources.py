@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from unet.config import UsageError
+from unet.config import DEFAULT_DATA, UsageError
 
 NPY_FILES = {"train": ("imgs_train.npy", "msks_train.npy"), "val": ("imgs_test.npy", "msks_test.npy")}
 
@@ -137,7 +137,9 @@ def _attr_list(value) -> list[str]:
 def check_data(path: str) -> None:
     """Cheap checks of --data that every rank runs before any heavy work."""
     if not os.path.exists(path):
-        raise UsageError(f"--data {path}: no such file or folder")
+        hint = (" (the default --data: convert BraTS with `unet-convert --input DIR --output "
+                f"{DEFAULT_DATA}`, run scripts/demo.sh, or pass --synthetic)") if path == DEFAULT_DATA else ""
+        raise UsageError(f"--data {path}: no such file or folder{hint}")
     if os.path.isdir(path):
         for split, names in NPY_FILES.items():
             for name in names:
