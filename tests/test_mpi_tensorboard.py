@@ -11,6 +11,7 @@ import pytest
 
 from conftest import ROOT, mpi_env
 from h5fixture import write_h5
+from unet.schedule import learning_rate
 
 pytestmark = pytest.mark.mpi
 
@@ -49,7 +50,16 @@ def test_rank0_tensorboard_scalars_images_histograms_and_nothing_from_rank1(tmp_
     assert exported in ("best validation epoch 1 of 2", "best validation epoch 2 of 2")
     assert f"exporting the {exported[:21]}" in p.stdout
     lines = (logs / "training.log").read_text().splitlines()
-    assert sum(l.startswith("step ") for l in lines) == 6 and "dice_ET" in lines[0]
+    steps = [l.split() for l in lines if l.startswith("step ")]
+    assert len(steps) == 6 and "dice_ET" in steps[0]
+    # step N epoch E loss L dice_WT a dice_TC b dice_ET c lr R img/s X
+    assert all(f[0::2][:8] == ["step", "epoch", "loss", "dice_WT", "dice_TC", "dice_ET", "lr", "img/s"]
+               and float(f[15]) > 0 for f in steps)
+    # the rate the trainer used is the schedule's: 2 workers, linear scaling, 1 warmup epoch = 3 steps
+    want = [learning_rate(s, base_lr=0.0005, num_workers=2, scaling="linear", warmup_steps=3,
+                          decay_steps=150, lr_fraction=0.25) for s in range(6)]
+    assert [float(f[13]) for f in steps] == pytest.approx(want, rel=1e-5)
+    assert not any("epoch 1/2" in l for l in p.stderr.splitlines())   # no progress bar: not a terminal
 
     port = free_port()
     tb = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "tensorboard"),
@@ -70,6 +80,8 @@ def test_rank0_tensorboard_scalars_images_histograms_and_nothing_from_rank1(tmp_
         assert {"loss", "dice_WT", "dice_TC", "dice_ET"} <= set(scalars["validation"])
         loss = get_json(f"{base}/data/plugin/scalars/scalars?run=train&tag=loss")
         assert [pt[1] for pt in loss] == [0, 1, 2, 3, 4, 5]       # one point per step
+        lr = get_json(f"{base}/data/plugin/scalars/scalars?run=train&tag=learning_rate")
+        assert [pt[2] for pt in lr] == pytest.approx(want, rel=1e-6)
         images = get_json(f"{base}/data/plugin/images/tags")
         assert {"input", "ground_truth", "prediction"} <= set(images["train"])
         hist = get_json(f"{base}/data/plugin/histograms/tags")
@@ -77,3 +89,31 @@ def test_rank0_tensorboard_scalars_images_histograms_and_nothing_from_rank1(tmp_
     finally:
         tb.terminate()
         tb.wait(timeout=30)
+
+
+def test_progress_bar_on_rank0_when_a_terminal(tmp_path):
+    """tqdm draws on rank 0's stderr when it is a terminal (here a pseudo-terminal)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))   # a 120-column terminal
+    cmd = [sys.executable, os.path.join(ROOT, "train_hvd.py"), "--synthetic", "--synthetic_size", "32",
+           "--synthetic_train", "16", "--synthetic_val", "0", "--batch_size", "4", "--epochs", "1",
+           "--logdir", str(tmp_path / "logs")]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=slave, env=mpi_env(), cwd=ROOT)
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:        # the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    assert p.wait(timeout=300) == 0, out.decode(errors="replace")[-2000:]
+    os.close(master)
+    text = out.decode(errors="replace")
+    assert "epoch 1/1" in text and "step" in text and "4/4" in text, text[-2000:]

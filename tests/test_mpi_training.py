@@ -25,9 +25,10 @@ def model_weights(logdir):
 def test_two_ranks_average_like_one_rank_with_double_batch(tmp_path):
     two, one = str(tmp_path / "two"), str(tmp_path / "one")
     # 32 training images: global batch 8 -> 4 steps, both runs see the same samples per step
-    p2 = run_mpi(2, train_args(two, "--batch_size", "4", *DETERMINISTIC))
+    validated = [f for f in DETERMINISTIC if f != "--no_validation"]
+    p2 = run_mpi(2, train_args(two, "--batch_size", "4", *validated))
     assert p2.returncode == 0, p2.stderr[-3000:]
-    p1 = run_mpi(1, train_args(one, "--batch_size", "8", *DETERMINISTIC))
+    p1 = run_mpi(1, train_args(one, "--batch_size", "8", *validated))
     assert p1.returncode == 0, p1.stderr[-3000:]
     assert "global_batch=8 steps/epoch=4" in p2.stdout and "global_batch=8 steps/epoch=4" in p1.stdout
     assert re.search(r"weights: identical on 2 ranks", p2.stdout), p2.stdout
@@ -44,6 +45,19 @@ def test_two_ranks_average_like_one_rank_with_double_batch(tmp_path):
     print(f"|w2-w1| = {diff:.3e}, |w1| = {norm:.3e}, |w1-w_init| = {moved:.3e}")
     assert moved > 1e-3
     assert diff < 1e-3 * moved          # the 2-rank run lands where the 1-rank run does
+    # validation: each rank scores its share of the 8 images, the sums are added over ranks,
+    # so the 2-rank figures are the 1-rank figures (up to the weights' float difference)
+    v2, v1 = validation_line(two), validation_line(one)
+    print(f"validation 2 ranks {v2}\nvalidation 1 rank  {v1}")
+    assert v2.keys() == v1.keys() == {"loss", "dice_WT"}
+    for k in v1:
+        assert v2[k] == pytest.approx(v1[k], rel=1e-3, abs=1e-4)
+
+
+def validation_line(logdir):
+    (line,) = [l for l in open(os.path.join(logdir, "training.log")) if l.startswith("validation ")]
+    f = line.split()   # validation epoch E step S loss L dice_WT D
+    return {f[i]: float(f[i + 1]) for i in range(5, len(f), 2)}
 
 
 def test_missing_data_file_fails_fast_on_every_rank(tmp_path):
