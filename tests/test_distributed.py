@@ -55,3 +55,48 @@ def test_unreadable_topology_falls_back_to_one_core_per_cpu(tmp_path):
 def test_this_machine_counts_its_cores():
     cpus = frozenset(os.sched_getaffinity(0))
     assert 1 <= physical_cores(cpus) <= len(cpus)
+
+
+def _run_py(code: str, **env):
+    import subprocess
+    import sys
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI", "HOROVOD_", "KMP_", "OMP_"))}
+    e.update(TF_CPP_MIN_LOG_LEVEL="3", **env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=e)
+
+
+def test_rank_setup_exports_threads_before_tensorflow_and_sizes_its_pools():
+    import pytest
+    pytest.importorskip("tensorflow")
+    code = """
+import json, os
+from unet.distributed import prepare_rank, init_horovod
+s = prepare_rank(num_threads=0, num_inter_threads=3, blocktime=30)
+env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "KMP_BLOCKTIME", "KMP_AFFINITY", "HOROVOD_CYCLE_TIME")}
+hvd = init_horovod(s)
+import tensorflow as tf
+print(json.dumps(dict(env, line=s.line(), intra=tf.config.threading.get_intra_op_parallelism_threads(),
+                      inter=tf.config.threading.get_inter_op_parallelism_threads())))
+"""
+    p = _run_py(code, HOROVOD_CYCLE_TIME="7")
+    assert p.returncode == 0, p.stderr[-2000:]
+    import json
+    d = json.loads(p.stdout.strip().splitlines()[-1])
+    cores = physical_cores(frozenset(os.sched_getaffinity(0)))
+    assert d["OMP_NUM_THREADS"] == str(cores) and d["intra"] == cores and d["inter"] == 3
+    assert d["KMP_BLOCKTIME"] == "30" and d["KMP_AFFINITY"] == "granularity=fine,compact,1,0"
+    assert d["HOROVOD_CYCLE_TIME"] == "7"          # the user's setting wins over the trainer's default
+    assert d["line"].startswith("rank 0/1 host ") and f"cores {cores} intra {cores} inter 3 KMP_BLOCKTIME 30" in d["line"]
+    late = _run_py("import tensorflow\nfrom unet.distributed import prepare_rank\nprepare_rank(0, 2, 0)")
+    assert late.returncode != 0 and "prepare_rank must run before TensorFlow is imported" in late.stderr
+
+
+def test_unet_train_is_train_hvd_py():
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    exe = os.path.join(os.path.dirname(sys.executable), "unet-train")
+    a = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
+    b = subprocess.run([sys.executable, os.path.join(root, "train_hvd.py"), "--help"], capture_output=True,
+                       text=True, timeout=60)
+    assert a.returncode == b.returncode == 0 and a.stdout == b.stdout and "--use_upsampling" in a.stdout

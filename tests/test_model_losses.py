@@ -15,6 +15,18 @@ def test_seed_unet_has_7759521_parameters():
     names = [l.name for l in m.layers]
     assert "drop3" in names and "drop4" in names and "drop1" not in names
     assert names.index("drop3") == names.index("conv3a") + 1   # right after the level's first conv
+    assert names.index("drop4") == names.index("conv4a") + 1
+    assert m.get_layer("drop3").rate == m.get_layer("drop4").rate == 0.2
+    convs = [l for l in m.layers if type(l).__name__ in ("Conv2D", "Conv2DTranspose")]
+    assert len(convs) == 23   # 18 3x3 + 4 transposed 2x2 + the 1x1 head
+    for l in convs[:-1]:   # the seed's 1x1 head keeps Keras' default (Glorot) initializer
+        assert type(l.kernel_initializer).__name__ == "HeUniform", l.name
+    for l in convs:
+        assert l.padding in ("same", "valid") and l.data_format == "channels_last"
+    assert all(l.padding == "same" for l in convs if l.kernel_size == (3, 3))
+    assert [l.filters for l in convs if l.kernel_size == (3, 3)] == \
+        [32, 32, 64, 64, 128, 128, 256, 256, 512, 512, 256, 256, 128, 128, 64, 64, 32, 32]
+    assert m.layers[-1].activation.__name__ == "sigmoid" and m.layers[-1].kernel_size == (1, 1)
 
 
 def test_upsampling_variant_and_multi_region_head():
@@ -36,6 +48,18 @@ def test_dice_loss_equals_hand_computation():
     sums = dice_sums(tf.constant(y), tf.constant(p)).numpy()
     assert sums.tolist() == [[2.0], [8.0]]
     assert float(dice_from_sums(sums)[0]) == pytest.approx(5 / 9)
+
+
+def test_dice_bce_is_dice_plus_binary_cross_entropy_by_hand():
+    import tensorflow as tf
+    from unet.losses import get_loss
+    y = np.zeros((1, 4, 4, 1), np.float32); y[0, :2, :2] = 1
+    p = np.zeros((1, 4, 4, 1), np.float32); p[0, :2, :] = 0.5
+    # BCE over 16 pixels: 8 at p=0.5 (-log 0.5 each, whatever y), 8 at p=0 clipped to 1e-7 with y=0
+    bce = (8 * np.log(2) + 8 * -np.log(1 - 1e-7)) / 16
+    assert float(get_loss("bce")(tf.constant(y), tf.constant(p))) == pytest.approx(bce, rel=1e-5)
+    assert float(get_loss("dice_bce")(tf.constant(y), tf.constant(p))) == \
+        pytest.approx(-np.log(5 / 9) + bce, rel=1e-5)
 
 
 def test_perfect_prediction_gives_zero_loss():
