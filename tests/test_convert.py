@@ -102,14 +102,52 @@ def test_workers_and_mpi_ranks_give_the_same_slices(tmp_path):
     assert not glob.glob(str(tmp_path / "*.tmp*"))
 
 
-def test_npy_format_is_the_seeds_four_files(tmp_path):
-    synth(tmp_path / "in", "--cases", "3", *SMALL)
-    p = convert("--input", tmp_path / "in", "--output", tmp_path / "npy", "--size", 64, "--format", "npy")
+@pytest.fixture(scope="module")
+def small_h5(tmp_path_factory):
+    """3 small synthetic cases and their HDF5 conversion (all four modalities, WT/TC/ET)."""
+    root = tmp_path_factory.mktemp("small")
+    synth(root / "in", "--cases", "3", *SMALL)
+    p = convert("--input", root / "in", "--output", root / "d.h5", "--size", 64)
+    assert p.returncode == 0, p.stderr
+    return root / "in", root / "d.h5"
+
+
+def h5_arrays(path, split="train"):
+    with h5py.File(path) as f:
+        return f[split]["images"][:], f[split]["masks"][:]
+
+
+def test_npy_format_is_the_seeds_four_files(small_h5, tmp_path):
+    cases, h5 = small_h5
+    p = convert("--input", cases, "--output", tmp_path / "npy", "--size", 64, "--format", "npy")
     assert p.returncode == 0, p.stderr
     names = sorted(os.listdir(tmp_path / "npy"))
-    assert names == ["imgs_test.npy", "imgs_train.npy", "msks_test.npy", "msks_train.npy"]
+    assert names == ["imgs_test.npy", "imgs_train.npy", "msks_test.npy", "msks_train.npy", "unet-convert.json"]
     imgs, msks = np.load(tmp_path / "npy" / "imgs_train.npy"), np.load(tmp_path / "npy" / "msks_train.npy")
     assert imgs.shape[1:] == (64, 64, 1) and msks.shape == imgs.shape and imgs.dtype == np.float32
+    # the seed's default: the one channel is FLAIR (channel 0 of the 4-channel file), the mask WT
+    all_imgs, all_msks = h5_arrays(h5)
+    assert np.allclose(imgs[..., 0], all_imgs[..., 0]) and not np.allclose(imgs[..., 0], all_imgs[..., 2])
+    assert np.array_equal(msks[..., 0], all_msks[..., 0]) and not np.array_equal(msks[..., 0], all_msks[..., 1])
+    with open(tmp_path / "npy" / "unet-convert.json") as fh:
+        meta = json.load(fh)
+    assert meta["modalities"] == ["FLAIR"] and meta["regions"] == ["WT"] and meta["complete"] is True
+
+
+def test_trainer_source_reads_a_two_modality_three_region_npy_conversion(small_h5, tmp_path):
+    import argparse
+    from unet.data.sources import open_sources
+    cases, h5 = small_h5
+    p = convert("--input", cases, "--output", tmp_path / "npy", "--size", 64, "--format", "npy",
+                "--modalities", "T1ce,FLAIR", "--regions", "WT,TC,ET")
+    assert p.returncode == 0, p.stderr
+    train, val, info = open_sources(argparse.Namespace(synthetic=False, data=str(tmp_path / "npy"), seed=0))
+    assert info.modalities == ["T1ce", "FLAIR"] and info.region_names == ["WT", "TC", "ET"]
+    assert (info.height, info.width, info.channels, info.regions) == (64, 64, 2, 3)
+    assert info.attrs["layout"] == "brats" and info.attrs["size"] == 64 and info.attrs["converter_version"]
+    all_imgs, all_msks = h5_arrays(h5, "val")
+    x, y = val.read(np.arange(len(val)))
+    assert np.allclose(x, all_imgs[..., [2, 0]]) and np.array_equal(y, all_msks)   # channel order as asked
 
 
 # -- bad input ---------------------------------------------------------------------------------------
