@@ -23,7 +23,13 @@ def test_two_ranks_of_batch_b_see_what_one_rank_of_batch_2b_sees():
 
 def test_order_changes_per_epoch_but_not_per_rank():
     assert not np.array_equal(epoch_order(64, 0, 1), epoch_order(64, 1, 1))
-    assert np.array_equal(epoch_order(64, 2, 1), epoch_order(64, 2, 1))
+    assert not np.array_equal(epoch_order(64, 2, 1), epoch_order(64, 2, 2))     # the seed matters
+    # all ranks cut their batches from one shared permutation: rank 0 then rank 1 of every
+    # global batch, in order, is exactly that epoch's permutation (a per-rank order would differ)
+    ranks = [rank_batches(64, 4, r, 2, epoch=2, seed=1) for r in range(2)]
+    joined = np.concatenate([np.concatenate([ranks[0][t], ranks[1][t]]) for t in range(len(ranks[0]))])
+    assert np.array_equal(joined, epoch_order(64, 2, 1))
+    assert not np.array_equal(ranks[0][0], ranks[1][0])
 
 
 def test_steps_cap_and_validation_shards():
