@@ -176,7 +176,7 @@ def write_like(path, arr):
 def bad(root, out):
     p = convert("--input", root, "--output", out, "--size", 64)
     lines = p.stderr.strip().splitlines()
-    assert p.returncode != 0 and not os.path.exists(out) and not glob.glob(f"{out}*")
+    assert p.returncode == 1 and not os.path.exists(out) and not glob.glob(f"{out}*")
     assert len(lines) == 1 and lines[0].startswith("unet-convert: error: case BraTS20_Training_002: "), p.stderr
     return lines[0]
 
@@ -188,15 +188,38 @@ def test_truncated_file(small_cases, tmp_path):
     assert str(f) in msg and "cannot read" in msg
 
 
+def test_garbage_file(small_cases, tmp_path):
+    f = case_file(small_cases, 2, "t1")
+    f.write_bytes(np.random.default_rng(0).bytes(5000))          # neither gzip nor NIfTI
+    msg = bad(small_cases, tmp_path / "o.h5")
+    assert str(f) in msg and "cannot read" in msg
+
+
+def test_garbage_uncompressed_file(small_cases, tmp_path):
+    os.unlink(case_file(small_cases, 2, "t1"))
+    f = case_file(small_cases, 2, "t1").with_suffix("")           # ..._t1.nii
+    f.write_bytes(np.random.default_rng(1).bytes(5000))
+    msg = bad(small_cases, tmp_path / "o.h5")
+    assert msg.endswith(f"{f}: cannot read (not a NIfTI file)")
+
+
 def test_missing_modality(small_cases, tmp_path):
     os.unlink(case_file(small_cases, 2, "t1ce"))
-    assert "missing T1ce file" in bad(small_cases, tmp_path / "o.h5")
+    msg = bad(small_cases, tmp_path / "o.h5")
+    assert f"{small_cases / 'BraTS20_Training_002'}: missing T1ce file (*_t1ce.nii.gz)" in msg
 
 
 def test_shape_mismatch(small_cases, tmp_path):
     write_like(case_file(small_cases, 2, "t2"), np.zeros((40, 64, 60), np.int16))
     msg = bad(small_cases, tmp_path / "o.h5")
     assert "_t2.nii.gz" in msg and "shape (60, 64, 40) differs" in msg
+
+
+def test_seg_shape_mismatch(small_cases, tmp_path):
+    f = case_file(small_cases, 2, "seg")
+    write_like(f, np.zeros((40, 64, 60), np.uint8))
+    msg = bad(small_cases, tmp_path / "o.h5")
+    assert f"{f}: shape (60, 64, 40) differs from BraTS20_Training_002_flair.nii.gz (64, 64, 40)" in msg
 
 
 def test_spacing_mismatch(small_cases, tmp_path):
@@ -209,14 +232,28 @@ def test_unexpected_labels(small_cases, tmp_path):
     f = case_file(small_cases, 2, "seg")
     seg = sitk.GetArrayFromImage(sitk.ReadImage(str(f))); seg[0, 0, 0] = 3
     write_like(f, seg)
-    assert "unexpected label values [3] for layout brats" in bad(small_cases, tmp_path / "o.h5")
+    assert f"{f}: unexpected label values [3] for layout brats" in bad(small_cases, tmp_path / "o.h5")
 
 
 def test_nan_in_image(small_cases, tmp_path):
     f = case_file(small_cases, 2, "flair")
     arr = sitk.GetArrayFromImage(sitk.ReadImage(str(f))).astype(np.float32); arr[5, 5, 5] = np.nan
     write_like(f, arr)
-    assert "_flair.nii.gz: contains NaN or Inf" in bad(small_cases, tmp_path / "o.h5")
+    assert f"{f}: contains NaN or Inf" in bad(small_cases, tmp_path / "o.h5")
+
+
+def test_inf_in_image(small_cases, tmp_path):
+    f = case_file(small_cases, 2, "t2")
+    arr = sitk.GetArrayFromImage(sitk.ReadImage(str(f))).astype(np.float32); arr[20, 30, 30] = np.inf
+    write_like(f, arr)
+    assert f"{f}: contains NaN or Inf" in bad(small_cases, tmp_path / "o.h5")
+
+
+def test_nan_in_seg(small_cases, tmp_path):
+    f = case_file(small_cases, 2, "seg")
+    seg = sitk.GetArrayFromImage(sitk.ReadImage(str(f))).astype(np.float32); seg[0, 0, 0] = np.nan
+    write_like(f, seg)
+    assert f"{f}: contains NaN or Inf" in bad(small_cases, tmp_path / "o.h5")
 
 
 def test_skip_bad_carries_on_and_lists_the_skipped(small_cases, tmp_path):
