@@ -155,6 +155,39 @@ def test_trainer_source_reads_a_two_modality_three_region_npy_conversion(small_h
     assert np.allclose(x, all_imgs[..., [2, 0]]) and np.array_equal(y, all_msks)   # channel order as asked
 
 
+def test_files_are_found_by_suffix_and_appledouble_files_ignored(small_h5, tmp_path):
+    """Any prefix, .nii or .nii.gz, any letter case, the '_Segm' seg of BraTS 2020 case 355; macOS
+    '._*' files beside the real ones and in a zip's __MACOSX/ tree are not read."""
+    import shutil
+    cases, h5 = small_h5
+    root = tmp_path / "in"
+    shutil.copytree(cases, root)
+    d = root / "BraTS20_Training_001"
+    renames = {"flair": "Brats18_X_1_flair.nii", "t1ce": "BraTS20_Training_001_T1CE.NII.GZ",
+               "seg": "BraTS20_Training_001_Segm.nii"}
+    for suffix, name in renames.items():
+        f = case_file(root, 1, suffix)
+        tmp = d / ("tmp.nii.gz" if name.lower().endswith(".gz") else "tmp.nii")   # ITK writes lower case only
+        sitk.WriteImage(sitk.ReadImage(str(f)), str(tmp), tmp.suffix == ".gz")
+        os.unlink(f)
+        os.rename(tmp, d / name)
+    junk = b"\x00\x05\x16\x07\x00\x02\x00\x00" + bytes(200)        # AppleDouble header
+    for f in os.listdir(d):
+        (d / f"._{f}").write_bytes(junk)
+    mac = root / "__MACOSX" / "BraTS20_Training_001"
+    mac.mkdir(parents=True)
+    for f in os.listdir(d):
+        if not f.startswith("._"):
+            (mac / f"._{f}").write_bytes(junk)
+    p = convert("--input", root, "--output", tmp_path / "d.h5", "--size", 64)
+    assert p.returncode == 0, p.stderr
+    assert "3 cases (brats)" in p.stdout
+    got, want = rows(tmp_path / "d.h5"), rows(h5)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k][0] == want[k][0] and np.array_equal(got[k][1], want[k][1]) and np.array_equal(got[k][2], want[k][2])
+
+
 # -- bad input ---------------------------------------------------------------------------------------
 
 @pytest.fixture
