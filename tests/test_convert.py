@@ -11,6 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import ROOT, run_mpi
+from unet.data.convert import CONVERTER_VERSION
 
 # The label tables, written out here independently of unet.data.labels.
 EXPECTED = {"brats": ({1, 2, 4}, {1, 4}, {4}), "brats2023": ({1, 2, 3}, {1, 3}, {3}),
@@ -63,8 +64,16 @@ def test_size_240_masks_match_the_generated_labels_voxel_for_voxel(full_size_dat
     got = rows(out)
     with h5py.File(out) as f:
         assert json.loads(f.attrs["regions"]) == ["WT", "TC", "ET"]
-        assert json.loads(f.attrs["modalities"]) == ["FLAIR", "T1", "T1ce", "T2"]
-        assert f.attrs["layout"] == layout and f["train"]["images"].chunks[0] == 1
+        assert json.loads(f.attrs["modalities"]) == ["FLAIR", "T1", "T1ce", "T2"]   # channel order
+        assert f.attrs["layout"] == layout and f.attrs["size"] == 240
+        assert f.attrs["normalisation"] == "zscore over brain (non-zero) voxels per modality"
+        assert f.attrs["converter_version"] == CONVERTER_VERSION and f.attrs["source"] == str(root)
+        for split in ("train", "val"):
+            images, masks = f[split]["images"], f[split]["masks"]
+            assert images.dtype == np.float32 and masks.dtype == np.uint8
+            assert images.chunks == (1, 240, 240, 4) and masks.chunks == (1, 240, 240, 3)   # one slice a chunk
+            assert images.compression == masks.compression == "gzip" and images.shuffle
+            assert f[split]["slice_index"].dtype == np.int32 and f[split]["case_id"].dtype.kind == "O"
     for path in seg_files(layout, root):
         seg = sitk.GetArrayFromImage(sitk.ReadImage(path))           # (z, y, x)
         case = os.path.basename(os.path.dirname(path)) if layout != "msd" else os.path.basename(path)[:-7]
