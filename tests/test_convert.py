@@ -299,13 +299,34 @@ def test_nan_in_seg(small_cases, tmp_path):
 
 
 def test_skip_bad_carries_on_and_lists_the_skipped(small_cases, tmp_path):
+    import re
     os.unlink(case_file(small_cases, 2, "t1ce"))
     out = tmp_path / "o.h5"
     p = convert("--input", small_cases, "--output", out, "--size", 64, "--skip_bad", "--val_fraction", 0.3)
     assert p.returncode == 0, p.stderr
     assert "skipped 1 bad case(s)" in p.stderr and "BraTS20_Training_002" in p.stderr
-    ids = set(rows(out)[k][0] and k[0] for k in rows(out))
-    assert ids == {"BraTS20_Training_001", "BraTS20_Training_003"}
+    got = rows(out)
+    assert {k[0] for k in got} == {"BraTS20_Training_001", "BraTS20_Training_003"}
+    # the summary counts only what was written: slices and cases per split, skipped case excluded
+    m = re.search(r"^unet-convert: 2 cases \(brats\) .*: train (\d+) slices from (\d+) cases, "
+                  r"val (\d+) slices from (\d+) cases", p.stdout, re.M)
+    assert m, p.stdout
+    for split, slices, n_cases in (("train", m[1], m[2]), ("val", m[3], m[4])):
+        in_split = [k for k, v in got.items() if v[0] == split]
+        assert int(slices) == len(in_split) and int(n_cases) == len({k[0] for k in in_split}), split
+    assert int(m[2]) + int(m[4]) == 2
+
+
+def test_help_states_each_default_once():
+    import re
+    from unet.data.convert import build_parser
+    text = build_parser().format_help()
+    options = re.split(r"\n  (?=-)", text)
+    assert len(options) > 15
+    for block in options:
+        assert block.count("default") <= 1, block
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert "(default: 128)" in text and "(default: all four for h5, FLAIR for npy)" in " ".join(text.split())
 
 
 def test_trainer_reads_converted_h5_and_npy(tmp_path):
