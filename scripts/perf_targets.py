@@ -17,7 +17,10 @@ Dice runs: the demo's 2 ranks), at the same batch and threads:
   without training, against the trainer's rate (goal: >= 10x);
 * target 5: peak RSS of the trainer (wait4 ru_maxrss of that process) on the 4-case
   file and on a 10x file (each case converted 10 times under another name):
-  same steps, same batch, no validation (goal: within 10 %);
+  same steps, same batch, no validation (goal: within 10 %); and of the converter
+  (``unet-convert --workers 2``: the process and its workers) writing those two files,
+  4 and 40 cases (goal: within 10 %). ``--convert_only`` measures only the converter
+  (about 2 min);
 * target 7: ``--benchmark --precision bf16`` against fp32; without --quick and
   --skip_dice also the slice-pooled validation Dice after the demo's budget
   (8 cases, 2 ranks x batch 8, 2 epochs, rate 1e-4) for both precisions;
@@ -75,8 +78,9 @@ def run(name: str, cmd: list[str], log: list, timed: bool = True) -> perf.Child:
     return c
 
 
-def make_data(tmp: str, log: list) -> tuple[str, str]:
-    """4 synthetic cases -> small.h5; the same 4 cases, 10 copies each under new ids -> large.h5."""
+def make_data(tmp: str, log: list) -> tuple[str, str, dict]:
+    """4 synthetic cases -> small.h5; the same 4 cases, 10 copies each under new ids -> large.h5.
+    Also returns the converter's peak RSS and time for each: {cases: (maxrss MB, seconds)}."""
     cases, many = os.path.join(tmp, "cases"), os.path.join(tmp, "cases10x")
     run("unet-synth 4 cases", [PY, "-m", "unet.data.synth", "--out", cases, "--cases", "4", "--seed", "0",
                                "--workers", "2"], log, timed=False)
@@ -87,10 +91,18 @@ def make_data(tmp: str, log: list) -> tuple[str, str]:
             for f in os.listdir(os.path.join(cases, d)):
                 os.symlink(os.path.join(cases, d, f), os.path.join(dst, f))
     small, large = os.path.join(tmp, "small.h5"), os.path.join(tmp, "large.h5")
+    conv = {}
     for src, out, n in ((cases, small, 4), (many, large, 40)):
-        run(f"unet-convert {n} cases", [PY, "-m", "unet.data.convert", "--input", src, "--output", out,
-                                        "--size", "128", "--workers", "2", "--no_progress"], log, timed=False)
-    return small, large
+        c = run(f"unet-convert {n} cases", [PY, "-m", "unet.data.convert", "--input", src, "--output", out,
+                                            "--size", "128", "--workers", "2", "--no_progress"], log, timed=False)
+        conv[n] = (c.maxrss_mb, c.seconds)
+    return small, large, conv
+
+
+def converter_line(conv: dict) -> str:
+    (n1, (m1, s1)), (n2, (m2, s2)) = sorted(conv.items())
+    return (f"target 5, converter: {n1} cases -> peak RSS {m1:.0f} MB ({s1:.0f} s); {n2} cases -> {m2:.0f} MB "
+            f"({s2:.0f} s): ratio {m2 / m1:.3f} (goal <= 1.10: {verdict(m2 / m1 <= 1.10)})")
 
 
 def h5_shape(path: str) -> tuple[int, int, int, int, int]:
@@ -183,7 +195,7 @@ def figures(shape, b32: list[dict], b16: dict, tr: dict, tr10: dict, pipe: float
 
 
 def summary_lines(f: dict, shape, a, b32: list[dict], tr: dict, tr10: dict, pipe: float, dice: dict | None,
-                  busiest) -> list[str]:
+                  busiest, conv: dict) -> list[str]:
     """One line per target: the figures and the ratio."""
     _, h, w, c, r = shape
     g = lambda ips: ips * f["train"] / 1e9  # noqa: E731  img/s -> GFLOP/s
@@ -199,6 +211,7 @@ def summary_lines(f: dict, shape, a, b32: list[dict], tr: dict, tr10: dict, pipe
         f"target 5: file {tr['size_mb']:.1f} MB -> peak RSS {tr['maxrss_mb']:.0f} MB; file {tr10['size_mb']:.1f} MB "
         f"({tr10['size_mb'] / tr['size_mb']:.1f}x) -> {tr10['maxrss_mb']:.0f} MB: ratio {f['t5']:.3f} "
         f"(goal <= 1.10: {verdict(f['t5'] <= 1.10)})",
+        converter_line(conv),
         f"target 7: benchmark bf16 {f['rb16']:.2f} img/s, fp32 {f['rb32']:.2f} img/s: ratio {f['t7']:.3f}",
         f"flops: forward {f['fwd'] / 1e9:.2f} GFLOP/image at {h}x{w}x{c}->{r} (seed 128x128x1: "
         f"{f['seed_fwd'] / 1e9:.2f}), training {f['train'] / 1e9:.2f} GFLOP/image; peak {f['cores']} cores x "
@@ -219,7 +232,7 @@ def summary_lines(f: dict, shape, a, b32: list[dict], tr: dict, tr10: dict, pipe
 
 
 def markdown(f: dict, shape, a, tr: dict, tr10: dict, pipe: float, dice: dict | None, busiest, log: list,
-             total: float) -> str:
+             total: float, conv: dict) -> str:
     """The table, the assumptions behind it and every command run."""
     _, h, w, c, r = shape
     g = lambda ips: ips * f["train"] / 1e9  # noqa: E731
@@ -233,6 +246,8 @@ def markdown(f: dict, shape, a, tr: dict, tr10: dict, pipe: float, dice: dict | 
           f"| 5: peak RSS, {tr10['size_mb']:.0f} MB file vs {tr['size_mb']:.0f} MB file | "
           f"{tr10['maxrss_mb']:.0f} MB | {tr['maxrss_mb']:.0f} MB | {f['t5']:.3f} | <= 1.10 | "
           f"{verdict(f['t5'] <= 1.10)} |",
+          f"| 5: peak RSS of unet-convert --workers 2, 40 vs 4 cases | {conv[40][0]:.0f} MB | {conv[4][0]:.0f} MB | "
+          f"{conv[40][0] / conv[4][0]:.3f} | <= 1.10 | {verdict(conv[40][0] / conv[4][0] <= 1.10)} |",
           f"| 7: bf16 vs fp32, benchmark | {f['rb16']:.2f} img/s | {f['rb32']:.2f} img/s | {f['t7']:.3f} | – | |",
           f"| FLOP/s, benchmark fp32 | {g(f['rb32']):.0f} GFLOP/s | {f['peak32'] / 1e9:.0f} GFLOP/s peak | "
           f"{1e9 * g(f['rb32']) / f['peak32']:.3f} | – | |",
@@ -270,6 +285,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=0,
                     help="trainer runs, each followed by a benchmark run (default 1 with --quick, else 3)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (data, logs)")
+    ap.add_argument("--convert_only", action="store_true",
+                    help="only the converter's peak RSS for 4 and 40 cases (target 5, converter)")
     a = ap.parse_args(argv)
     a.steps, a.log_every = (26, 5) if a.quick else (51, 5)
     a.bench_steps = 8 if a.quick else 20
@@ -280,7 +297,10 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     try:
         print(f"perf_targets: working in {a.tmp}", file=sys.stderr, flush=True)
-        small, large = make_data(a.tmp, log)
+        small, large, conv = make_data(a.tmp, log)
+        if a.convert_only:
+            print(converter_line(conv), flush=True)
+            return 0
         shape = h5_shape(small)
         b32, trs = [bench("fp32", a, shape, log, " #1")], []
         for i in range(a.repeats):
@@ -303,8 +323,9 @@ def main(argv=None) -> int:
         mhz = perf.cpu_mhz(fh.read())
     f = figures(shape, b32, b16, tr, tr10, pipe, mhz, len(os.sched_getaffinity(0)))
     busiest = max((e for e in log if e[3] is not None), key=lambda e: e[3])
-    text = markdown(f, shape, a, tr, tr10, pipe, dice, busiest, log, total)
-    print("\n".join(summary_lines(f, shape, a, b32, tr, tr10, pipe, dice, busiest)) + "\n\n" + text, flush=True)
+    text = markdown(f, shape, a, tr, tr10, pipe, dice, busiest, log, total, conv)
+    print("\n".join(summary_lines(f, shape, a, b32, tr, tr10, pipe, dice, busiest, conv)) + "\n\n" + text,
+          flush=True)
     with open(a.out, "w") as fh:
         fh.write(text)
     print(f"perf_targets: {total:.0f} s; table in {a.out}", file=sys.stderr)

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from unet.data.pipeline import augment, epoch_order, rank_batches, steps_per_epoch, val_shard
 
@@ -23,7 +24,13 @@ def test_two_ranks_of_batch_b_see_what_one_rank_of_batch_2b_sees():
 
 def test_order_changes_per_epoch_but_not_per_rank():
     assert not np.array_equal(epoch_order(64, 0, 1), epoch_order(64, 1, 1))
-    assert np.array_equal(epoch_order(64, 2, 1), epoch_order(64, 2, 1))
+    assert not np.array_equal(epoch_order(64, 2, 1), epoch_order(64, 2, 2))     # the seed matters
+    # all ranks cut their batches from one shared permutation: rank 0 then rank 1 of every
+    # global batch, in order, is exactly that epoch's permutation (a per-rank order would differ)
+    ranks = [rank_batches(64, 4, r, 2, epoch=2, seed=1) for r in range(2)]
+    joined = np.concatenate([np.concatenate([ranks[0][t], ranks[1][t]]) for t in range(len(ranks[0]))])
+    assert np.array_equal(joined, epoch_order(64, 2, 1))
+    assert not np.array_equal(ranks[0][0], ranks[1][0])
 
 
 def test_steps_cap_and_validation_shards():
@@ -66,3 +73,68 @@ def test_start_sample_matches_step_offset():
     full = rank_batches(100, 4, 1, 2, epoch=0, seed=5)
     later = rank_batches(100, 4, 1, 2, epoch=0, seed=5, start_sample=3 * 8)
     assert len(later) == len(full) - 3 and all((a == c).all() for a, c in zip(full[3:], later))
+
+
+def dihedral(x):
+    """The 8 flips/rotations of a (H, W, ...) array."""
+    return [np.rot90(x[:, ::-1] if flip else x, k) for flip in (False, True) for k in range(4)]
+
+
+def undo_augment(img, msk, a_img, a_msk):
+    """(scale per channel, shift per channel) with a_img = scale * T(img) + shift and a_msk = T(msk)
+    for one flip/rotation T; None if no T explains the pair."""
+    for t_img, t_msk in zip(dihedral(img), dihedral(msk)):
+        if not np.array_equal(t_msk, a_msk):
+            continue
+        x, y = t_img.reshape(-1, img.shape[-1]).astype(np.float64), a_img.reshape(-1, img.shape[-1])
+        scale = ((x - x.mean(0)) * (y - y.mean(0))).sum(0) / ((x - x.mean(0)) ** 2).sum(0)
+        shift = y.mean(0) - scale * x.mean(0)
+        if np.abs(scale * x + shift - y).max() < 1e-4:
+            return scale, shift
+    return None
+
+
+def test_augment_scales_and_shifts_intensity_within_bounds():
+    """Training augmentation: image = s * T(image) + b per channel, s in [0.9, 1.1], b in [-0.1, 0.1]."""
+    rng = np.random.default_rng(3)
+    img = rng.normal(0, 1, (32, 16, 16, 2)).astype(np.float32)
+    msk = (rng.random((32, 16, 16, 3)) < 0.3).astype(np.float32)
+    a_img, a_msk = augment(img, msk, np.random.default_rng(0))
+    fits = [undo_augment(img[i], msk[i], a_img[i], a_msk[i]) for i in range(32)]
+    assert all(f is not None for f in fits)
+    scales, shifts = np.array([f[0] for f in fits]), np.array([f[1] for f in fits])
+    assert ((scales >= 0.9 - 1e-5) & (scales <= 1.1 + 1e-5)).all() and (np.abs(shifts) <= 0.1 + 1e-5).all()
+    assert np.abs(scales - 1).max() > 0.05 and np.abs(shifts).max() > 0.05    # it does scale and shift
+    assert len({tuple(np.round(s, 4)) for s in scales}) == 32                 # drawn per image
+
+
+def test_validation_batches_are_the_stored_slices_unaugmented(tmp_path):
+    import h5py
+    from h5fixture import write_h5
+    from unet.data.pipeline import val_batches
+    from unet.data.sources import H5Source
+    path = write_h5(str(tmp_path / "d.h5"), n_val=11)
+    with h5py.File(path) as f:
+        stored_imgs, stored_msks = f["val"]["images"][:], f["val"]["masks"][:]
+    src = H5Source(path, "val")
+    for rank in range(2):
+        batches = list(val_batches(src, batch_size=4, rank=rank, size=2))
+        idx = val_shard(11, rank, 2)
+        imgs, msks = np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
+        assert np.array_equal(imgs, stored_imgs[idx]) and np.array_equal(msks, stored_msks[idx])
+
+
+@pytest.mark.needs_stack
+def test_training_dataset_prefetches_and_augments(tmp_path):
+    from h5fixture import write_h5
+    from unet.data.pipeline import train_dataset
+    from unet.data.sources import H5Source
+    src = H5Source(write_h5(str(tmp_path / "d.h5"), n_train=8), "train")
+    ds, steps = train_dataset(src, batch_size=4, rank=0, size=1, epoch=0, seed=0)
+    assert "Prefetch" in type(ds).__name__ and steps == 2
+    idx = rank_batches(8, 4, 0, 1, epoch=0, seed=0)[0]
+    x, y = (np.asarray(t) for t in next(iter(ds)))
+    stored_x, stored_y = src.read(idx)
+    assert not np.array_equal(x, stored_x)
+    for i in range(4):   # each image is a flipped/rotated, scaled and shifted stored slice
+        assert undo_augment(stored_x[i], stored_y[i], x[i], y[i]) is not None

@@ -42,3 +42,22 @@ def test_slice_policies():
     assert select_slices(brain, tum, "brain", rng).tolist() == [2, 3, 4, 5, 6, 7]
     assert select_slices(brain, tum, "tumour", rng, background_fraction=0).tolist() == [4, 5]
     assert len(select_slices(brain, tum, "tumour", rng, background_fraction=0.5)) == 4
+
+
+def test_mask_resize_is_nearest_neighbour_only():
+    """Label values {0, 2, 4} next to each other: any blending (linear, area, cubic) makes new values."""
+    rng = np.random.default_rng(1)
+    labels = rng.choice(np.array([0, 2, 4], np.uint8), size=(240, 240))
+    labels[60:180, 60:180] = 4
+    labels[80:160, 80:160] = 2
+    for size in (128, 64):
+        plan = inplane_plan((240, 240), size, "resize")
+        small = apply_inplane(labels, plan, is_mask=True)
+        back = undo_inplane(small, plan, is_mask=True)
+        assert set(np.unique(small).tolist()) == {0, 2, 4} and set(np.unique(back).tolist()) == {0, 2, 4}
+        # nested region masks stay nested (no blended, partially-set region)
+        nested = np.stack([labels > 0, labels == 2, (labels == 2) & (rng.random((240, 240)) < 0.5)], -1)
+        r = apply_inplane(nested.astype(np.uint8), plan, is_mask=True)
+        assert set(np.unique(r).tolist()) == {0, 1}
+        wt, tc, et = (r[..., k].astype(bool) for k in range(3))
+        assert not (tc & ~wt).any() and not (et & ~tc).any()

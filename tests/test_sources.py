@@ -1,5 +1,6 @@
 """Data files the trainer is given: shape from metadata, one-line errors naming the file."""
 import argparse
+import os
 
 import h5py
 import numpy as np
@@ -48,3 +49,56 @@ def test_npy_folder_missing_a_file(tmp_path):
     np.save(tmp_path / "imgs_train.npy", np.zeros((2, 16, 16, 1), np.float32))
     with pytest.raises(UsageError, match="lacks msks_train.npy"):
         open_sources(args(tmp_path))
+
+
+def seed_folder(folder, channels=1, regions=1):
+    for split, n in (("train", 6), ("test", 2)):
+        np.save(folder / f"imgs_{split}.npy", np.zeros((n, 16, 16, channels), np.float32))
+        np.save(folder / f"msks_{split}.npy", np.zeros((n, 16, 16, regions), np.uint8))
+    return folder
+
+
+def test_npy_folder_without_metadata_is_the_seeds_flair_to_wt(tmp_path):
+    _, _, info = open_sources(args(seed_folder(tmp_path)))
+    assert info.modalities == ["FLAIR"] and info.region_names == ["WT"] and info.attrs["layout"] == "seed-npy"
+
+
+def test_npy_folder_of_several_channels_needs_its_metadata(tmp_path):
+    seed_folder(tmp_path, channels=2, regions=3)
+    with pytest.raises(UsageError, match="2 channel.*3 region.*no unet-convert.json") as e:
+        open_sources(args(tmp_path))
+    assert str(tmp_path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_npy_write_interrupted_between_renames_is_refused(tmp_path, monkeypatch):
+    """A crash after the first of the five renames leaves a folder the trainer will not read."""
+    from unet.data import h5io
+    h5 = write_h5(str(tmp_path / "d.h5"), size=32, channels=2, regions=3)
+    out = tmp_path / "npy"
+    h5io.write_npy(h5, str(out))                                   # a complete previous set
+    assert open_sources(args(out))[2].channels == 2
+    real, calls = os.replace, []
+
+    def crash_after_two(src, dst):
+        calls.append(dst)
+        if len(calls) > 2:            # the 'incomplete' marker and imgs_train.npy are in place
+            raise OSError("simulated crash")
+        real(src, dst)
+
+    monkeypatch.setattr(h5io.os, "replace", crash_after_two)
+    with pytest.raises(OSError, match="simulated crash"):
+        h5io.write_npy(write_h5(str(tmp_path / "e.h5"), size=32, channels=2, regions=3, seed=1), str(out))
+    monkeypatch.undo()
+    with pytest.raises(UsageError, match="did not finish") as e:
+        open_sources(args(out))
+    assert str(out) in str(e.value)
+    assert sorted(os.listdir(out)) == ["imgs_test.npy", "imgs_train.npy", "msks_test.npy", "msks_train.npy",
+                                       "unet-convert.json"]                # no temporary files left
+
+
+def test_npy_files_replaced_by_hand_do_not_match_their_metadata(tmp_path):
+    from unet.data.h5io import write_npy
+    write_npy(write_h5(str(tmp_path / "d.h5"), size=32, channels=2, regions=3), str(tmp_path / "npy"))
+    np.save(tmp_path / "npy" / "imgs_test.npy", np.zeros((3, 32, 32, 2), np.float32))
+    with pytest.raises(UsageError, match="imgs_test.npy has shape .*: files from different conversions"):
+        open_sources(args(tmp_path / "npy"))

@@ -94,7 +94,8 @@ def _worker(case, opts, split):
 
 
 def convert_to(path: str, cases, opts: Options, splits, *, workers: int, skip_bad: bool, progress: bool):
-    """Write all ``cases`` into a new HDF5 file at ``path``; returns (slices per split, skipped)."""
+    """Write all ``cases`` into a new HDF5 file at ``path``;
+    returns (slices per split, [(case id, error) of each skipped case])."""
     from tqdm import tqdm
     w = H5Writer(path, opts.size, len(opts.modalities), len(opts.regions))
     counts, skipped = {"train": 0, "val": 0}, []
@@ -105,7 +106,7 @@ def convert_to(path: str, cases, opts: Options, splits, *, workers: int, skip_ba
             if isinstance(r, DataError):
                 if not skip_bad:
                     raise r
-                skipped.append(str(r))
+                skipped.append((case.case_id, str(r)))
                 continue
             w.append(r)
             counts[r["split"]] += len(r["slice_index"])
@@ -115,9 +116,18 @@ def convert_to(path: str, cases, opts: Options, splits, *, workers: int, skip_ba
     return counts, skipped
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """'(default: X)' appended once: not when the help already states its default, nor for None/False."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="unet-convert", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="unet-convert", description=__doc__.split("\n\n")[0], formatter_class=_Help)
     p.add_argument("--input", required=True, help="dataset root (BraTS 2017-22, BraTS 2023 GLI or MSD Task01)")
     p.add_argument("--output", required=True, help="output .h5 file, or folder for --format npy")
     p.add_argument("--format", choices=("h5", "npy"), default="h5",
@@ -134,9 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inplane", choices=("resize", "crop"), default="resize",
                    help="resize the whole slice (keeps all the brain) or centre-crop it")
     p.add_argument("--slices", choices=("all", "brain", "tumour"), default="brain",
-                   help="training slices kept: all; those with brain (default: drops empty slices "
-                        "above/below the head, keeps the class balance inference sees); tumour: slices "
-                        "with tumour plus --background_fraction of the others. Validation keeps all.")
+                   help="training slices kept: all; brain (the default: those with brain, which drops the "
+                        "empty slices above/below the head and keeps the class balance inference sees); "
+                        "tumour: slices with tumour plus --background_fraction of the others. "
+                        "Validation keeps all.")
     p.add_argument("--background_fraction", type=float, default=0.1,
                    help="--slices tumour: fraction of tumour-free brain slices kept")
     p.add_argument("--val_fraction", type=float, default=0.2, help="fraction of patients for validation")
@@ -237,7 +248,9 @@ def main(argv=None) -> int:
             os.replace(staged, h5_final)  # only a complete file gets the final name
             n_train = sum(t.get("train", 0) for t in totals)
             n_val = sum(t.get("val", 0) for t in totals)
-            n_cases = {s: sum(1 for c in cases if splits[c.case_id] == s) for s in ("train", "val")}
+            bad_ids = {cid for cid, _ in all_skipped}
+            n_cases = {s: sum(1 for c in cases if splits[c.case_id] == s and c.case_id not in bad_ids)
+                       for s in ("train", "val")}
             if a.format == "npy":
                 files = write_npy(h5_final, out)
                 os.unlink(h5_final)
@@ -250,8 +263,8 @@ def main(argv=None) -> int:
                   f"regions {','.join(opts.regions)}")
             if all_skipped:
                 print(f"unet-convert: skipped {len(all_skipped)} bad case(s):", file=sys.stderr)
-                for s in all_skipped:
-                    print(f"  {s}", file=sys.stderr)
+                for _, why in all_skipped:
+                    print(f"  {why}", file=sys.stderr)
         return 0
     finally:
         if comm:

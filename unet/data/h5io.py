@@ -6,6 +6,8 @@ import os
 
 import numpy as np
 
+from unet.data.sources import NPY_FILES, NPY_SIDECAR
+
 
 class H5Writer:
     """Appends slices to resizable, per-slice-chunked, compressed datasets."""
@@ -60,24 +62,66 @@ def merge_parts(parts: list[str], out: str, opts) -> None:
         w.close({})
 
 
+def _attr_value(v):
+    """An HDF5 root attribute as plain JSON (lists stored as JSON text come back as lists)."""
+    if isinstance(v, bytes):
+        v = v.decode()
+    if isinstance(v, str) and v.startswith("["):
+        try:
+            return json.loads(v)
+        except ValueError:
+            return v
+    return v.item() if hasattr(v, "item") else v
+
+
 def write_npy(h5_path: str, folder: str) -> list[str]:
-    """The seed's four files from a finished HDF5 file (copied in bounded chunks)."""
+    """The seed's four files from a finished HDF5 file (copied in bounded chunks), plus
+    ``unet-convert.json``: the file's root attributes (modalities in channel order, regions,
+    size, normalisation, layout, converter version) and each file's shape.
+
+    Every file is first written under a temporary name. Before the first rename the sidecar
+    is replaced by one that says ``"complete": false``; the real sidecar is renamed in last.
+    So at any moment the folder holds the previous set, a set the reader refuses as
+    unfinished, or the new set: never a mix that looks complete.
+    """
     import h5py
     os.makedirs(folder, exist_ok=True)
-    names = {("train", "images"): "imgs_train.npy", ("train", "masks"): "msks_train.npy",
-             ("val", "images"): "imgs_test.npy", ("val", "masks"): "msks_test.npy"}
-    written = []
-    with h5py.File(h5_path, "r") as f:
-        for (split, key), name in names.items():
-            src = f[split][key]
-            final = os.path.join(folder, name)
-            tmp = final + f".tmp-{os.getpid()}.npy"
-            mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32 if key == "images" else np.uint8,
-                                           shape=src.shape)
-            for s in range(0, src.shape[0], 256):
-                mm[s:s + 256] = src[s:s + 256]
-            mm.flush()
-            del mm
+    names = {("train", "images"): NPY_FILES["train"][0], ("train", "masks"): NPY_FILES["train"][1],
+             ("val", "images"): NPY_FILES["val"][0], ("val", "masks"): NPY_FILES["val"][1]}
+    tag = f".tmp-{os.getpid()}"
+    staged: list[tuple[str, str]] = []    # (temporary, final)
+    try:
+        with h5py.File(h5_path, "r") as f:
+            meta = {k: _attr_value(v) for k, v in f.attrs.items()}
+            shapes = {}
+            for (split, key), name in names.items():
+                src = f[split][key]
+                final = os.path.join(folder, name)
+                tmp = os.path.join(folder, f".{name}{tag}.npy")
+                mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32 if key == "images" else np.uint8,
+                                               shape=src.shape)
+                staged.append((tmp, final))
+                for s in range(0, src.shape[0], 256):
+                    mm[s:s + 256] = src[s:s + 256]
+                mm.flush()
+                del mm
+                shapes[name] = list(src.shape)
+        sidecar = os.path.join(folder, NPY_SIDECAR)
+        _write_json(sidecar + tag, dict(meta, complete=True, shapes=shapes))
+        staged.append((sidecar + tag, sidecar))
+        _write_json(sidecar + ".incomplete" + tag, {"complete": False})
+        os.replace(sidecar + ".incomplete" + tag, sidecar)   # from here on the folder reads as unfinished
+        for tmp, final in staged:                             # the sidecar last
             os.replace(tmp, final)
-            written.append(final)
-    return written
+    finally:
+        for tmp, _ in staged:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return [final for _, final in staged]
+
+
+def _write_json(path: str, obj: dict) -> None:
+    with open(path, "w") as fh:
+        json.dump(obj, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())

@@ -73,9 +73,19 @@ def _read(case: Case, path: str):
     try:
         img = sitk.ReadImage(path)
     except RuntimeError as e:
-        msg = next((l.strip() for l in str(e).splitlines() if l.strip()), "unreadable")
-        raise DataError(case.case_id, path, f"cannot read ({msg[:160]})") from None
+        raise DataError(case.case_id, path, f"cannot read ({_itk_reason(str(e), path)})") from None
     return img, sitk.GetArrayFromImage(img)
+
+
+def _itk_reason(text: str, path: str) -> str:
+    """The informative part of an ITK exception: its 'ERROR:' line without the path
+    (the first line is only ITK's own source location)."""
+    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    msg = next((l.split("ERROR:", 1)[1].strip() for l in lines if "ERROR:" in l), lines[0] if lines else "")
+    if "Unable to determine ImageIO reader" in msg:
+        return "not a NIfTI file"
+    msg = msg.replace(f'"{path}"', "").replace(path, "").strip(" :")
+    return msg[:160] or "unreadable"
 
 
 def _geometry(img) -> dict:

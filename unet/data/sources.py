@@ -8,7 +8,9 @@ Reads are random access and streamed: nothing holds the dataset in memory.
   ``images`` (N,H,W,C) and ``masks`` (N,H,W,R); root attributes name the
   modalities, regions, size and preprocessing).
 * ``NpySource``: the seed's ``imgs_train.npy``/``msks_train.npy``/``imgs_test.npy``/
-  ``msks_test.npy`` (memory-mapped).
+  ``msks_test.npy`` (memory-mapped). ``unet-convert --format npy`` adds
+  ``unet-convert.json`` naming the channels and regions; without it the folder must
+  be the seed's own (1 channel, FLAIR; 1 region, WT).
 * ``SyntheticSource``: bright ellipses over noise, generated per index from the
   seed, so any size costs no memory; the masks are nested (region r+1 inside
   region r), like WT > TC > ET.
@@ -24,6 +26,8 @@ import numpy as np
 from unet.config import DEFAULT_DATA, UsageError
 
 NPY_FILES = {"train": ("imgs_train.npy", "msks_train.npy"), "val": ("imgs_test.npy", "msks_test.npy")}
+NPY_SIDECAR = "unet-convert.json"   # metadata of an npy folder written by unet-convert
+SEED_NPY = {"modalities": ["FLAIR"], "regions": ["WT"], "layout": "seed-npy"}  # the seed's own four files
 
 
 @dataclass
@@ -115,10 +119,42 @@ class NpySource(_ArraySource):
         img_name, msk_name = NPY_FILES[split]
         super().__init__(np.load(os.path.join(folder, img_name), mmap_mode="r", allow_pickle=False),
                          np.load(os.path.join(folder, msk_name), mmap_mode="r", allow_pickle=False), folder)
+        self.meta = npy_metadata(folder)
 
     def read(self, indices) -> tuple[np.ndarray, np.ndarray]:
         idx = np.asarray(indices)
         return self.images[idx].astype(np.float32), self.masks[idx].astype(np.float32)
+
+
+def npy_metadata(folder: str) -> dict:
+    """What an npy folder holds: unet-convert.json, checked against the files' shapes; without
+    it, the seed's FLAIR -> WT, accepted only for 1-channel images and 1-region masks."""
+    shapes = {}
+    for names in NPY_FILES.values():
+        for name in names:
+            shapes[name] = list(np.load(os.path.join(folder, name), mmap_mode="r", allow_pickle=False).shape)
+    path = os.path.join(folder, NPY_SIDECAR)
+    if not os.path.exists(path):
+        c, r = shapes[NPY_FILES["train"][0]][-1], shapes[NPY_FILES["train"][1]][-1]
+        if (c, r) != (1, 1):
+            raise UsageError(f"--data {folder}: images have {c} channel(s) and masks {r} region(s) but there is "
+                             f"no {NPY_SIDECAR} naming them (the seed's npy files are FLAIR -> WT, 1 and 1)")
+        return dict(SEED_NPY, source="npy")
+    try:
+        with open(path) as fh:
+            meta = json.load(fh)
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--data {folder}: {NPY_SIDECAR}: cannot read ({str(e).splitlines()[0]})") from None
+    if not meta.get("complete"):
+        raise UsageError(f"--data {folder}: an unet-convert run into this folder did not finish "
+                         f"({NPY_SIDECAR} marks it incomplete); convert again")
+    for name, shape in shapes.items():
+        if meta.get("shapes", {}).get(name) != shape:
+            raise UsageError(f"--data {folder}: {name} has shape {tuple(shape)}, {NPY_SIDECAR} says "
+                             f"{tuple(meta.get('shapes', {}).get(name) or ())}: files from different conversions")
+    return {k: v for k, v in meta.items() if k not in ("complete", "shapes")}
 
 
 def _attr_list(value) -> list[str]:
@@ -177,8 +213,8 @@ def open_sources(args) -> tuple[object, object | None, DataInfo]:
     try:
         if os.path.isdir(path):
             train, val = NpySource(path, "train"), NpySource(path, "val")
-            modalities, regions = ["FLAIR"], ["WT"]
-            attrs = {"source": "npy", "layout": "seed-npy"}
+            attrs = dict(train.meta)
+            modalities, regions = _attr_list(attrs.get("modalities")), _attr_list(attrs.get("regions"))
         else:
             import h5py
             with h5py.File(path, "r") as f:
