@@ -97,6 +97,7 @@ def test_patient_split_is_disjoint_and_complete(tmp_path):
     assert tr | va == {f"BraTS20_Training_{i:03d}" for i in range(1, 6)}
 
 
+@pytest.mark.mpi
 def test_workers_and_mpi_ranks_give_the_same_slices(tmp_path):
     synth(tmp_path / "in", "--cases", "4", *SMALL, "--grades")
     # seed 0: case 002 has no enhancing tumour (LGG), the others do (HGG)
@@ -329,6 +330,7 @@ def test_help_states_each_default_once():
     assert "(default: 128)" in text and "(default: all four for h5, FLAIR for npy)" in " ".join(text.split())
 
 
+@pytest.mark.mpi
 def test_trainer_reads_converted_h5_and_npy(tmp_path):
     synth(tmp_path / "in", "--cases", "3", *SMALL)
     assert convert("--input", tmp_path / "in", "--output", tmp_path / "d.h5", "--size", 64).returncode == 0
