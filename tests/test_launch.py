@@ -92,3 +92,13 @@ def test_sync_pushes_the_tree_and_data_to_every_host(tmp_path):
     bad = subprocess.run([os.path.join(ROOT, "scripts", "sync.sh"), "--hostfile", str(tmp_path / "nope")],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "no such hostfile" in bad.stderr
+
+
+def test_sync_help_prints_only_the_help_text():
+    p = subprocess.run([os.path.join(ROOT, "scripts", "sync.sh"), "--help"], capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 0
+    lines = p.stdout.splitlines()
+    assert lines[0].startswith("Push the code") and lines[-1].startswith("  --dry-run")
+    assert any(l.startswith("Usage: scripts/sync.sh --hostfile F") for l in lines)
+    assert not any(l.startswith(("#", "set -", "ROOT=")) for l in lines)
