@@ -14,7 +14,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 HOSTFILE=""; DEST="$ROOT"; DATA=""; DATA_DEST=""; RSH="ssh"; DRY=0
 while (($#)); do
   case "$1" in
-    --help|-h) sed -n '2,13p' "$0"; exit 0 ;;
+    --help|-h) sed -n '1d; /^#/!q; s/^# \{0,1\}//p' "$0"; exit 0 ;;
     --hostfile) HOSTFILE="$2"; shift ;;
     --dest) DEST="$2"; shift ;;
     --data) DATA="$2"; shift ;;
@@ -31,7 +31,7 @@ mapfile -t HOSTS < <(PYTHONPATH="$ROOT" "$PY" -m unet.hostfile "$HOSTFILE") || e
 [[ ${#HOSTS[@]} -gt 0 ]] || exit 2
 run() { if ((DRY)); then printf '%q ' "$@"; echo; else "$@"; fi; }
 for h in "${HOSTS[@]}"; do
-  run rsync -az --delete --exclude .venv/ --exclude .git/ --exclude runs/ --exclude __pycache__/ \
+  run rsync -az --delete --exclude .venv --exclude .git --exclude runs/ --exclude __pycache__/ \
       -e "$RSH" "$ROOT/" "$h:$DEST/"
   if [[ -n "$DATA" ]]; then
     d="${DATA_DEST:-$(cd "$(dirname "$DATA")" && pwd)}"

@@ -33,6 +33,14 @@ def test_horovodrun_launcher(tmp_path, controller):
     assert p.returncode == 0, p.stderr[-2000:]
     assert "weights: identical on 2 ranks" in p.stdout
     assert timeline.exists() and "ALLREDUCE" in timeline.read_text()
+    ranks = [l for l in p.stdout.splitlines() if "rank " in l and " intra " in l]
+    assert len(ranks) == 2, p.stdout[-2000:]
+    if controller == "mpi":       # bound as launch_mpirun.sh binds: one core each, and mpirun reports it
+        assert "bound to" in p.stderr or "MCW rank" in p.stderr
+        assert all("(1) cores 1 intra 1 " in l for l in ranks), ranks
+    else:                         # Gloo cannot bind: both ranks see every CPU and split its cores
+        ncpu = len(os.sched_getaffinity(0))
+        assert all(f"({ncpu}) cores " in l for l in ranks), ranks
 
 
 @pytest.mark.parametrize("launcher,controller", [("launch_mpirun.sh", None), ("launch_horovodrun.sh", "gloo"),

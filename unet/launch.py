@@ -1,15 +1,16 @@
 """Launchers: hostfile + hardware profile -> the exact mpirun / horovodrun command.
 
-    python -m unet.launch mpirun     [--hostfile F] [--np N] [--profile local|knl|skylake|FILE] [--dry-run] [-- TRAIN_ARGS]
-    python -m unet.launch horovodrun [--hostfile F] [--np N] [--profile ...] [--controller mpi|gloo]
-                                     [--timeline-filename F] [--autotune] [--dry-run] [-- TRAIN_ARGS]
-    python -m unet.launch horovodrun --elastic --min-np K [--max-np M] --hostfile F ...
+    scripts/launch_mpirun.sh     [--hostfile F] [--np N] [--profile local|knl|skylake|FILE] [--dry-run] [-- TRAIN_ARGS]
+    scripts/launch_horovodrun.sh [--hostfile F] [--np N] [--profile ...] [--controller mpi|gloo]
+                                 [--timeline-filename F] [--autotune] [--dry-run] [-- TRAIN_ARGS]
+    scripts/launch_horovodrun.sh --elastic --min-np K [--max-np M] --hostfile F ...
 
-(``scripts/launch_mpirun.sh`` and ``scripts/launch_horovodrun.sh`` call these.) The
-hostfile is checked first (missing, syntax, duplicate hosts, too few slots). The
-command is executed directly (``execvp``), never through a shell, so paths from
-the hostfile or flags are not interpreted. Intra-op threads are left to the
-trainer, which derives them from the binding mpirun gives each rank.
+(the scripts run ``python -m unet.launch mpirun|horovodrun ...``). The hostfile is
+checked first (missing, syntax, duplicate hosts, too few slots). The command is
+executed directly (``execvp``), never through a shell, so paths from the hostfile or
+flags are not interpreted. mpirun, and horovodrun with the MPI controller, bind each
+rank to its socket (or to its share of the socket's cores); intra-op threads are left
+to the trainer, which counts the physical cores of the CPUs each rank is bound to.
 """
 from __future__ import annotations
 
@@ -70,23 +71,33 @@ def trainer_cmd(prof: dict, python: str, train_args: list[str]) -> list[str]:
     return cmd + train_args
 
 
+def rank_threads(prof: dict, ranks_per_socket: int | None = None) -> tuple[int, int]:
+    """(ranks per socket, physical cores per rank): what the binding gives each rank, and
+    so the intra-op threads the trainer will count from it (SMT siblings count once)."""
+    k = ranks_per_socket or int(prof["ranks_per_socket"])
+    return k, max(int(prof["cores_per_socket"]) // k, 1)
+
+
+def binding_args(prof: dict, ranks_per_socket: int | None = None) -> list[str]:
+    """Open MPI mapping and binding: a whole socket per rank, or K ranks per socket with
+    cores_per_socket/K cores each (pe= counts cores, not hardware threads)."""
+    k, cores = rank_threads(prof, ranks_per_socket)
+    if k == 1:
+        return ["--map-by", "socket", "--bind-to", "socket"]
+    return ["--map-by", f"ppr:{k}:socket:pe={cores}", "--bind-to", "core"]
+
+
 def mpirun_cmd(hostfile: str, np_: int, prof: dict, python: str, train_args: list[str],
                ranks_per_socket: int | None = None) -> list[str]:
-    k = ranks_per_socket or int(prof["ranks_per_socket"])
-    cores = int(prof["cores_per_socket"])
-    cmd = ["mpirun", "-hostfile", hostfile, "-np", str(np_)]
-    if k == 1:
-        cmd += ["--map-by", "socket", "--bind-to", "socket"]
-    else:
-        cmd += ["--map-by", f"ppr:{k}:socket:pe={max(cores // k, 1)}", "--bind-to", "core"]
-    cmd += ["--report-bindings"]
+    cmd = ["mpirun", "-hostfile", hostfile, "-np", str(np_), *binding_args(prof, ranks_per_socket),
+           "--report-bindings"]
     if os.geteuid() == 0:
         cmd += ["--allow-run-as-root"]
     env = runtime_env(prof)
     yield_idle = env.pop("OMPI_MCA_mpi_yield_when_idle", None)
     if yield_idle is not None:
         cmd += ["--mca", "mpi_yield_when_idle", yield_idle]
-    env["OMP_NUM_THREADS"] = str(max(cores // k, 1))
+    env["OMP_NUM_THREADS"] = str(rank_threads(prof, ranks_per_socket)[1])
     for key, val in env.items():
         cmd += ["-x", f"{key}={val}"]
     cmd += ["-x", "PATH", "-x", "PYTHONPATH"] if os.environ.get("PYTHONPATH") else ["-x", "PATH"]
@@ -95,9 +106,12 @@ def mpirun_cmd(hostfile: str, np_: int, prof: dict, python: str, train_args: lis
 
 def horovodrun_cmd(hostfile: str, np_: int, prof: dict, python: str, train_args: list[str], *,
                    controller: str, timeline: str | None, autotune: bool,
-                   elastic: tuple[int, int, int, int] | None = None) -> list[str]:
+                   elastic: tuple[int, int, int, int] | None = None,
+                   ranks_per_socket: int | None = None) -> list[str]:
     """``elastic`` = (min_np, max_np, cooldown_lo, cooldown_hi): Elastic Horovod over Gloo,
-    hosts found by ``scripts/discover_hosts.sh`` re-reading the hostfile every second."""
+    hosts found by ``scripts/discover_hosts.sh`` re-reading the hostfile every second.
+    With the MPI controller the ranks are mapped and bound as ``mpirun_cmd`` binds them
+    (horovodrun itself binds nothing outside Spectrum MPI); Gloo cannot bind."""
     hvdrun = os.path.join(os.path.dirname(python), "horovodrun")
     if elastic:
         min_np, max_np, lo, hi = elastic
@@ -112,6 +126,10 @@ def horovodrun_cmd(hostfile: str, np_: int, prof: dict, python: str, train_args:
                 parts.append(f"{h}:{min(n, left)}")
                 left -= min(n, left)
         cmd = [hvdrun, "-np", str(np_), "-H", ",".join(parts), f"--{controller}"]
+        if controller == "mpi":
+            # horovodrun pastes these strings into its mpirun line: one argument each, '=' form
+            cmd += [f"--binding-args={' '.join(binding_args(prof, ranks_per_socket))}",
+                    "--mpi-args=--report-bindings"]
     if prof.get("HOROVOD_CYCLE_TIME"):
         cmd += ["--cycle-time-ms", prof["HOROVOD_CYCLE_TIME"]]
     if prof.get("HOROVOD_FUSION_THRESHOLD") and not elastic:
@@ -123,42 +141,91 @@ def horovodrun_cmd(hostfile: str, np_: int, prof: dict, python: str, train_args:
     return cmd + trainer_cmd(prof, python, train_args)
 
 
+PASS_THROUGH = "Arguments after -- go to train_hvd.py (see: python train_hvd.py --help)."
+HELP = {
+    "mpirun": ("launch_mpirun.sh",
+               "Launch train_hvd.py with mpirun from an Open MPI hostfile and a hardware profile.",
+               PASS_THROUGH + """
+
+  launch_mpirun.sh --hostfile hostfiles/knl-4node --np 4 --profile knl -- --data /shared/brats.h5
+
+Binding: one rank per socket -> --map-by socket --bind-to socket; K ranks per socket ->
+--map-by ppr:K:socket:pe=C --bind-to core (C = cores per socket / K); mpirun prints the
+bindings (--report-bindings). Each rank runs one intra-op thread per physical core it is
+bound to (OMP_NUM_THREADS = C)."""),
+    "horovodrun": ("launch_horovodrun.sh",
+                   "Launch train_hvd.py with horovodrun (MPI or Gloo controller) from an Open MPI\n"
+                   "hostfile and a hardware profile.",
+                   PASS_THROUGH + """
+
+  launch_horovodrun.sh --hostfile hostfiles/skylake-4node --np 8 --profile skylake -- --data /shared/brats.h5
+
+--controller mpi: ranks are mapped and bound as launch_mpirun.sh binds them (horovodrun
+--binding-args, socket or ppr:K:socket:pe=C) and mpirun prints the bindings
+(--mpi-args=--report-bindings).
+--controller gloo, and --elastic (which runs over Gloo): Gloo cannot bind ranks to CPUs.
+Each rank may run on every CPU of its host; the trainer still picks its intra-op threads
+itself: the physical cores it may use, divided among the ranks on its host."""),
+}
+
+
+def build_parser(launcher: str) -> argparse.ArgumentParser:
+    prog, description, epilog = HELP[launcher]
+    ap = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
+                                 usage="%(prog)s [options] [-- TRAIN_HVD_ARGS ...]",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hostfile", default=os.path.join(ROOT, "hostfiles", "localhost"),
+                    help="Open MPI hostfile ('host slots=N' per line; default: %(default)s)")
+    ap.add_argument("--np", type=int, default=2, help="number of ranks (default: %(default)s)")
+    ap.add_argument("--profile", default="local",
+                    help="hardware profile: local, knl, skylake or a .conf path (default: %(default)s)")
+    ap.add_argument("--ranks_per_socket", type=int, default=0,
+                    help="override the profile's ranks per socket (0: the profile's"
+                    + ("; MPI controller only)" if launcher == "horovodrun" else ")"))
+    if launcher == "horovodrun":
+        ap.add_argument("--controller", choices=("mpi", "gloo"), default=None,
+                        help="Horovod controller (default: mpi; gloo with --elastic)")
+        ap.add_argument("--timeline-filename", dest="timeline", default=None, help="Horovod timeline file")
+        ap.add_argument("--autotune", action="store_true", help="Horovod autotuning")
+        ap.add_argument("--elastic", action="store_true",
+                        help="Elastic Horovod (Gloo); workers come and go as the hostfile is edited")
+        ap.add_argument("--min-np", dest="min_np", type=int, default=1,
+                        help="--elastic: fewest workers to go on with (default: %(default)s)")
+        ap.add_argument("--max-np", dest="max_np", type=int, default=0, help="--elastic: most workers (0: --np)")
+        ap.add_argument("--blacklist-cooldown-range", dest="cooldown", type=int, nargs=2, default=(10, 300),
+                        metavar=("LO", "HI"),
+                        help="--elastic: seconds before a failed host may rejoin (default: 10 300)")
+    ap.add_argument("--python", default=sys.executable,
+                    help="Python that runs train_hvd.py on every host (default: %(default)s)")
+    ap.add_argument("--dry-run", action="store_true", help="print the exact command, run nothing")
+    return ap
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in HELP:
+        print("usage: python -m unet.launch {mpirun,horovodrun} [options] [-- TRAIN_HVD_ARGS ...] "
+              "(or scripts/launch_mpirun.sh, scripts/launch_horovodrun.sh)", file=sys.stderr)
+        return 2
+    launcher, argv = argv[0], argv[1:]
     train_args = []
     if "--" in argv:
         i = argv.index("--")
         argv, train_args = argv[:i], argv[i + 1:]
-    ap = argparse.ArgumentParser(prog="launch", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("launcher", choices=("mpirun", "horovodrun"))
-    ap.add_argument("--hostfile", default=os.path.join(ROOT, "hostfiles", "localhost"),
-                    help="Open MPI hostfile ('host slots=N' per line)")
-    ap.add_argument("--np", type=int, default=2, help="number of ranks")
-    ap.add_argument("--profile", default="local", help="hardware profile: local, knl, skylake or a .conf path")
-    ap.add_argument("--ranks_per_socket", type=int, default=0, help="override the profile's ranks per socket")
-    ap.add_argument("--controller", choices=("mpi", "gloo"), default="mpi", help="horovodrun: controller")
-    ap.add_argument("--timeline-filename", dest="timeline", default=None, help="horovodrun: Horovod timeline file")
-    ap.add_argument("--autotune", action="store_true", help="horovodrun: Horovod autotuning")
-    ap.add_argument("--elastic", action="store_true",
-                    help="horovodrun: Elastic Horovod (Gloo); workers come and go as the hostfile is edited")
-    ap.add_argument("--min-np", dest="min_np", type=int, default=1, help="--elastic: fewest workers to go on with")
-    ap.add_argument("--max-np", dest="max_np", type=int, default=0, help="--elastic: most workers (default: --np)")
-    ap.add_argument("--blacklist-cooldown-range", dest="cooldown", type=int, nargs=2, default=(10, 300),
-                    metavar=("LO", "HI"), help="--elastic: seconds before a failed host may rejoin")
-    ap.add_argument("--python", default=sys.executable, help="Python that runs train_hvd.py on every host")
-    ap.add_argument("--dry-run", action="store_true", help="print the exact command, run nothing")
-    a = ap.parse_args(argv)
+    a = build_parser(launcher).parse_args(argv)
     try:
         if a.np < 1:
             raise LaunchError(f"--np must be >= 1 (got {a.np})")
         check(a.hostfile, a.np)
         prof = load_profile(a.profile)
-        if a.launcher == "mpirun":
+        if launcher == "mpirun":
             cmd = mpirun_cmd(a.hostfile, a.np, prof, a.python, train_args, a.ranks_per_socket or None)
-            env = {}
+            env, controller = {}, None
         else:
             elastic = None
+            if a.elastic and a.controller == "mpi":
+                raise LaunchError("--elastic runs over Gloo: drop --controller mpi")
+            controller = a.controller or ("gloo" if a.elastic else "mpi")
             if a.elastic:
                 max_np = a.max_np or a.np
                 if not 1 <= a.min_np <= a.np <= max_np:
@@ -167,14 +234,17 @@ def main(argv=None) -> int:
                 if not 1 <= a.cooldown[0] <= a.cooldown[1] <= 3600:
                     raise LaunchError("--blacklist-cooldown-range needs 1 <= LO <= HI <= 3600")
                 elastic = (a.min_np, max_np, *a.cooldown)
-            cmd = horovodrun_cmd(a.hostfile, a.np, prof, a.python, train_args, controller=a.controller,
-                                 timeline=a.timeline, autotune=a.autotune, elastic=elastic)
+            cmd = horovodrun_cmd(a.hostfile, a.np, prof, a.python, train_args, controller=controller,
+                                 timeline=a.timeline, autotune=a.autotune, elastic=elastic,
+                                 ranks_per_socket=a.ranks_per_socket or None)
             env = runtime_env(prof)
+            if controller == "mpi":      # horovodrun passes its environment on with -x
+                env["OMP_NUM_THREADS"] = str(rank_threads(prof, a.ranks_per_socket or None)[1])
             if elastic:
                 env.pop("HOROVOD_FUSION_THRESHOLD", None)  # see ELASTIC_UNSAFE in unet/distributed.py
                 env["UNET_DISCOVERY_HOSTFILE"] = os.path.abspath(a.hostfile)
     except (HostfileError, LaunchError) as e:
-        print(f"launch: error: {e}", file=sys.stderr)
+        print(f"{HELP[launcher][0]}: error: {e}", file=sys.stderr)
         return 2
     if a.dry_run:
         print(" ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + (" " if env else "") + shlex.join(cmd))
@@ -184,7 +254,7 @@ def main(argv=None) -> int:
         os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
         os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
     sys.stdout.flush()
-    if a.launcher == "horovodrun" and a.controller == "gloo" and not a.elastic:
+    if launcher == "horovodrun" and controller == "gloo" and not a.elastic:
         return run_naming_failures(cmd, rank_hosts(check(a.hostfile, a.np), a.np))
     os.execvp(cmd[0], cmd)
     return 127
@@ -223,7 +293,7 @@ def run_naming_failures(cmd: list[str], hosts: list[str]) -> int:
     if found and found[0] < len(hosts):
         r, code = found
         how = f"killed by signal {code - 128}" if code > 128 else f"exit code {code}"
-        print(f"launch: error: rank {r} on host {hosts[r]} failed ({how}); horovodrun ended the job",
+        print(f"{HELP['horovodrun'][0]}: error: rank {r} on host {hosts[r]} failed ({how}); horovodrun ended the job",
               file=sys.stderr, flush=True)
     return rc
 

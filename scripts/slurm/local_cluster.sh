@@ -5,7 +5,7 @@
 #   scripts/slurm/local_cluster.sh stop DIR    # stops the daemons by their pid files
 # Then: SLURM_CONF=DIR/slurm.conf sbatch ...   (needs root: daemons run as root)
 set -euo pipefail
-usage() { sed -n '2,7p' "$0"; }
+usage() { sed -n '1d; /^#/!q; s/^# \{0,1\}//p' "$0"; }
 [[ $# -eq 2 ]] || { usage; [[ "${1:-}" == --help || "${1:-}" == -h ]] && exit 0; exit 2; }
 CMD="$1"; DIR="$(mkdir -p "$2" && cd "$2" && pwd)"
 NODE="$(hostname -s)"
