@@ -3,7 +3,7 @@
 #   set up what is missing -> write synthetic BraTS-format cases (unet-synth)
 #   -> convert them to HDF5 (unet-convert) -> train the U-Net on 2 ranks with
 #   mpirun -> score the validation cases volume by volume (unet-evaluate, 2 ranks)
-#   -> print where the TensorBoard logs and the model are, and Dice / HD95 per region.
+#   -> print where the TensorBoard logs and the model are, then (last) Dice / HD95 per region.
 # Options: --dry-run (print the commands), --out DIR (default runs/demo),
 #          --cases N (default 8), --epochs N (default 2); anything else goes to train_hvd.py.
 set -euo pipefail
@@ -38,6 +38,7 @@ rm -rf "$OUT/cases" "$OUT/brats.h5" "$OUT/logs" "$OUT/predictions" "$OUT/scores.
 echo "==> synthetic cases";  "${SYNTH[@]}"
 echo "==> conversion";       "${CONVERT[@]}"
 echo "==> training, 2 ranks"; "${TRAIN[@]}"
+echo "demo: trained in $(( $(date +%s) - t0 )) s: cases $OUT/cases, data $OUT/brats.h5, logs and model $OUT/logs;"
+echo "      predictions go to $OUT/predictions, per-case scores to $OUT/scores.csv"
+# last: the per-region volume-level Dice / HD95 summary (unet-evaluate prints its table last)
 echo "==> volume-level evaluation of the validation cases, 2 ranks"; "${EVAL[@]}"
-echo "demo: done in $(( $(date +%s) - t0 )) s: cases $OUT/cases, data $OUT/brats.h5, logs and model $OUT/logs,"
-echo "      predictions $OUT/predictions, per-case scores $OUT/scores.csv"

@@ -1,10 +1,17 @@
-"""unet-predict and unet-evaluate on synthetic cases: geometry kept, scores right, errors named."""
+"""unet-predict and unet-evaluate on synthetic cases: geometry kept, scores right, errors named.
+
+The module's model is trained on 80x80 cases converted to 64x64 (the default --inplane resize),
+so every prediction has to be brought back to the 80x80 input grid.
+"""
 import csv
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 
+import h5py
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -13,18 +20,33 @@ from conftest import ROOT, run_mpi
 
 pytestmark = pytest.mark.mpi
 
+MODS = ("flair", "t1", "t1ce", "t2")
+ONE = "BraTS20_Training_001"
+BGR = {"WT": (0, 200, 0), "TC": (0, 200, 255), "ET": (0, 0, 255)}   # write_png's colours
+
 
 def py(module, *args, timeout=300):
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
 
 
+def predict(*args):
+    from unet.predict import main
+    return main([str(a) for a in args])
+
+
+def evaluate(*args):
+    from unet.evaluate import main
+    return main([str(a) for a in args])
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     from unet.data.synth import main as synth
-    assert synth(["--out", str(root / "cases"), "--cases", "3", "--shape", "40,64,64", "--seed", "4"]) == 0
-    p = py("unet.data.convert", "--input", root / "cases", "--output", root / "d.h5", "--size", 64, "--no_progress")
+    assert synth(["--out", str(root / "cases"), "--cases", "3", "--shape", "40,80,80", "--seed", "4"]) == 0
+    p = py("unet.data.convert", "--input", root / "cases", "--output", root / "d.h5", "--size", 64,
+           "--val_fraction", 0.5, "--no_progress")
     assert p.returncode == 0, p.stderr
     t = run_mpi(1, [os.path.join(ROOT, "train_hvd.py"), "--data", str(root / "d.h5"), "--logdir", str(root / "logs"),
                     "--batch_size", "4", "--epochs", "1", "--steps_per_epoch", "2"])
@@ -32,24 +54,80 @@ def trained(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def predicted(trained):
+    """unet-predict (the trained model) in batch mode over the dataset root."""
+    p = py("unet.predict", "--model", trained / "logs", "--case", trained / "cases", "--out", trained / "pred")
+    assert p.returncode == 0, p.stderr
+    return trained / "pred"
+
+
+class OracleNetwork:
+    """Stands in for the network where the test must know what is predicted: for each input slice it
+    returns the masks the training file stores for that slice (found by the slice's exact values), so
+    the prediction is the reference carried to the network grid and back. A 2-step model predicts
+    nothing, which would leave label values and colours unseen."""
+
+    def __init__(self, h5):
+        self.masks = {}
+        with h5py.File(h5) as f:
+            for g in (f["train"], f["val"]):
+                for img, msk in zip(g["images"][:], g["masks"][:]):
+                    self.masks[img.tobytes()] = msk.astype(np.float32)
+
+    def __call__(self, batch, training=False):
+        out = []
+        for s in np.asarray(batch):
+            if s.tobytes() not in self.masks:
+                assert not s.any(), "an input slice that is not in the training file"
+                out.append(np.zeros(s.shape[:2] + (3,), np.float32))   # outside the head (not stored)
+            else:
+                out.append(self.masks[s.tobytes()])
+        return np.stack(out)
+
+
+@pytest.fixture(scope="module")
+def oracle(trained):
+    return OracleNetwork(trained / "d.h5")
+
+
+def predict_with(oracle_net, *args):
+    from unet.predict import Predictor
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Predictor, "model", property(lambda self: oracle_net))
+        return predict(*args)
+
+
+@pytest.fixture(scope="module")
+def oracle_predicted(trained, oracle):
+    """Batch mode over the dataset root with the oracle network, with pictures."""
+    assert predict_with(oracle, "--model", trained / "logs", "--case", trained / "cases", "--out",
+                        trained / "oracle", "--png", trained / "oracle_png") == 0
+    return trained / "oracle"
+
+
 def read_csv(path):
     with open(path) as f:
         return list(csv.DictReader(f))
 
 
-def test_predict_writes_labels_on_the_input_geometry_and_scores_round_trip(trained, tmp_path):
-    case = trained / "cases" / "BraTS20_Training_001"
-    out = tmp_path / "pred"
-    p = py("unet.predict", "--model", trained / "logs", "--case", trained / "cases", "--out", out, "--png", tmp_path / "png")
-    assert p.returncode == 0, p.stderr
-    ref = sitk.ReadImage(str(case / "BraTS20_Training_001_flair.nii.gz"))
-    pred = sitk.ReadImage(str(out / "BraTS20_Training_001.nii.gz"))
-    assert pred.GetSize() == ref.GetSize() == (64, 64, 40)
+def array(path):
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def val_ids(h5):
+    with h5py.File(h5) as f:
+        return sorted(set(f["val"]["case_id"].asstr()[:]))
+
+
+def test_predict_writes_labels_on_the_input_grid_and_scores_round_trip(trained, predicted, tmp_path):
+    ref = sitk.ReadImage(str(trained / "cases" / ONE / f"{ONE}_flair.nii.gz"))
+    pred = sitk.ReadImage(str(predicted / f"{ONE}.nii.gz"))
+    assert pred.GetSize() == ref.GetSize() == (80, 80, 40)          # the model saw 64x64 slices
     assert pred.GetSpacing() == ref.GetSpacing() and pred.GetOrigin() == ref.GetOrigin()
     assert pred.GetDirection() == ref.GetDirection()
     assert set(np.unique(sitk.GetArrayFromImage(pred))) <= {0, 1, 2, 4}
-    assert (tmp_path / "png" / "BraTS20_Training_001.png").stat().st_size > 1000
-    e = py("unet.evaluate", "--pred_dir", out, "--ref_dir", trained / "cases", "--csv", tmp_path / "s.csv")
+    e = py("unet.evaluate", "--pred_dir", predicted, "--ref_dir", trained / "cases", "--csv", tmp_path / "s.csv")
     assert e.returncode == 0, e.stderr
     rows = read_csv(tmp_path / "s.csv")
     assert [r["case"] for r in rows] == [f"BraTS20_Training_00{i}" for i in (1, 2, 3)]
@@ -57,6 +135,64 @@ def test_predict_writes_labels_on_the_input_geometry_and_scores_round_trip(train
                              "sens_WT", "sens_TC", "sens_ET", "spec_WT", "spec_TC", "spec_ET"]
     assert all(0 <= float(r["dice_WT"]) <= 1 for r in rows)
     assert "dice_WT" in e.stdout and "median" in e.stdout
+
+
+def test_predictor_feeds_the_network_the_slices_it_was_trained_on(trained):
+    from unet.data.layouts import find_cases
+    from unet.predict import Predictor
+    pred = Predictor(str(trained / "logs"))
+    assert (pred.size, pred.inplane) == (64, "resize")
+    cases = {c.case_id: c for c in find_cases(str(trained / "cases"))}
+    with h5py.File(trained / "d.h5") as f:
+        g = f["val"]
+        ids, zs = g["case_id"].asstr()[:], g["slice_index"][:]
+        for cid in sorted(set(ids)):
+            rows = np.flatnonzero(ids == cid)
+            chans, _, _ = pred.read(cases[cid])
+            slices = pred.network_input(chans).slices
+            assert zs[rows].tolist() == list(range(len(slices))) == list(range(40))
+            assert np.allclose(slices, g["images"][rows], rtol=0, atol=0)   # slice for slice, bit for bit
+
+
+@pytest.mark.parametrize("edit,field", [
+    (lambda a: a.update(inplane="pad"), "inplane"),
+    (lambda a: a.pop("inplane"), "inplane"),
+    (lambda a: a.update(normalisation="minmax"), "normalisation"),
+    (lambda a: a.pop("normalisation"), "normalisation"),
+])
+def test_predictor_refuses_preprocessing_it_does_not_implement(trained, tmp_path, capsys, edit, field):
+    with open(trained / "logs" / "model.json") as f:
+        meta = json.load(f)
+    edit(meta["data"]["attrs"])
+    (tmp_path / "model.json").write_text(json.dumps(meta))
+    os.symlink(trained / "logs" / "model.keras", tmp_path / "model.keras")
+    assert predict("--model", tmp_path, "--case", trained / "cases" / ONE, "--out", tmp_path / "x.nii.gz") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"unet-predict: error: {tmp_path / 'model.json'}: data.attrs.{field} ")
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "x.nii.gz").exists()
+
+
+GEOMETRY = dict(spacing=(0.9, 1.2, 2.5), origin=(12.5, -30.0, 7.0),
+                direction=(np.cos(0.5), -np.sin(0.5), 0.0, np.sin(0.5), np.cos(0.5), 0.0, 0.0, 0.0, 1.0))
+
+
+def test_predict_copies_non_default_spacing_origin_and_direction(trained, oracle, oracle_predicted, tmp_path):
+    case = tmp_path / "cases" / ONE
+    shutil.copytree(trained / "cases" / ONE, case)
+    for f in case.iterdir():
+        img = sitk.ReadImage(str(f))
+        img.SetSpacing(GEOMETRY["spacing"]); img.SetOrigin(GEOMETRY["origin"])
+        img.SetDirection(GEOMETRY["direction"])
+        sitk.WriteImage(img, str(f), True)
+    assert predict_with(oracle, "--model", trained / "logs", "--case", case,
+                        "--out", tmp_path / "pred" / f"{ONE}.nii.gz") == 0
+    out = sitk.ReadImage(str(tmp_path / "pred" / f"{ONE}.nii.gz"))
+    assert out.GetSize() == (80, 80, 40)
+    for name, want in GEOMETRY.items():
+        assert np.allclose(getattr(out, f"Get{name.title()}")(), want, atol=1e-5), name
+    # the same voxels as on the default geometry: the header is copied, nothing is resampled
+    assert np.array_equal(sitk.GetArrayFromImage(out), array(oracle_predicted / f"{ONE}.nii.gz"))
+    assert evaluate("--pred_dir", tmp_path / "pred", "--ref_dir", tmp_path / "cases") == 0
 
 
 def test_reference_against_itself_scores_perfectly_and_missing_cases_are_reported(trained, tmp_path):
@@ -74,25 +210,197 @@ def test_reference_against_itself_scores_perfectly_and_missing_cases_are_reporte
     assert "not scored, in reference only: BraTS20_Training_003" in e.stdout
 
 
-def test_geometry_mismatch_names_the_case(trained, tmp_path):
+@pytest.mark.parametrize("what,change", [
+    ("size", lambda img: img[:, :, :-1]),
+    ("spacing", lambda img: (img.SetSpacing((1.0, 1.0, 3.0)), img)[1]),
+    ("origin", lambda img: (img.SetOrigin((0.0, -239.0, 5.0)), img)[1]),
+    ("direction", lambda img: (img.SetDirection((-1, 0, 0, 0, 1, 0, 0, 0, 1)), img)[1]),
+])
+def test_geometry_mismatch_names_the_case(trained, tmp_path, capsys, what, change):
     pred = tmp_path / "pred"; pred.mkdir()
     cid = "BraTS20_Training_002"
-    img = sitk.ReadImage(str(trained / "cases" / cid / f"{cid}_seg.nii.gz"))
-    img.SetSpacing((1.0, 1.0, 3.0))
+    img = change(sitk.ReadImage(str(trained / "cases" / cid / f"{cid}_seg.nii.gz")))
     sitk.WriteImage(img, str(pred / f"{cid}.nii.gz"))
-    e = py("unet.evaluate", "--pred_dir", pred, "--ref_dir", trained / "cases")
-    assert e.returncode == 2
-    assert e.stderr.startswith(f"unet-evaluate: error: case {cid}: ") and "spacing" in e.stderr
-    assert len(e.stderr.strip().splitlines()) == 1
+    assert evaluate("--pred_dir", pred, "--ref_dir", trained / "cases") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"unet-evaluate: error: case {cid}: ") and f"differ in {what} " in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def write_labels(path, arr, spacing=(1.0, 1.0, 1.0)):
+    img = sitk.GetImageFromArray(arr.astype(np.uint8))
+    img.SetSpacing(spacing)
+    sitk.WriteImage(img, str(path), True)
+
+
+def test_flat_folders_with_anisotropic_voxels(tmp_path, capsys):
+    # <case>.nii.gz in both folders. Case A: one-voxel planes of label 4 (all three regions)
+    # 3 slices apart with 3 mm slices -> every surface distance, so HD95, is 9 mm (3 if the
+    # spacing were applied to the wrong axis); case B: identical. Case C has no prediction.
+    pred, ref = tmp_path / "pred", tmp_path / "ref"
+    pred.mkdir(); ref.mkdir()
+    plane = lambda z: np.pad(np.full((1, 10, 10), 4), ((z, 11 - z), (0, 0), (0, 0)))
+    write_labels(ref / "A.nii.gz", plane(5), (1.0, 1.0, 3.0))
+    write_labels(pred / "A.nii.gz", plane(8), (1.0, 1.0, 3.0))
+    for d in (pred, ref):
+        write_labels(d / "B.nii.gz", plane(2), (1.0, 1.0, 3.0))
+    write_labels(ref / "C.nii.gz", plane(2))
+    assert evaluate("--pred_dir", pred, "--ref_dir", ref, "--csv", tmp_path / "s.csv") == 0
+    rows = {r["case"]: r for r in read_csv(tmp_path / "s.csv")}
+    assert sorted(rows) == ["A", "B"]
+    for reg in ("WT", "TC", "ET"):
+        assert float(rows["A"][f"dice_{reg}"]) == 0.0 and float(rows["A"][f"hd95_{reg}"]) == 9.0
+        assert float(rows["B"][f"dice_{reg}"]) == 1.0 and float(rows["B"][f"hd95_{reg}"]) == 0.0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert "not scored, in reference only: C" in out
+    assert out[-13].startswith("metric ") and out[-1].startswith("spec_ET ")   # the summary table ends it
+
+
+BRATS_TO = {"brats2023": {1: 1, 2: 2, 4: 3}, "msd": {1: 2, 2: 1, 4: 3}}
+
+
+def relabel(arr, table):
+    out = np.zeros_like(arr)
+    for src, dst in table.items():
+        out[arr == src] = dst
+    return out
+
+
+@pytest.mark.parametrize("labels", ["brats2023", "msd"])
+def test_predict_writes_the_chosen_label_convention(trained, oracle, oracle_predicted, tmp_path, labels):
+    brats = array(oracle_predicted / f"{ONE}.nii.gz")
+    assert set(np.unique(brats)) == {0, 1, 2, 4}     # all three labels occur, so the mapping is seen
+    out = tmp_path / f"{ONE}.nii.gz"
+    assert predict_with(oracle, "--model", trained / "logs", "--case", trained / "cases" / ONE, "--out", out,
+                        "--labels", labels) == 0
+    assert np.array_equal(array(out), relabel(brats, BRATS_TO[labels]))
+
+
+@pytest.mark.parametrize("layout", ["brats2023", "msd"])
+def test_evaluate_scores_each_label_convention(tmp_path, capsys, layout):
+    from unet.data.layouts import find_cases
+    from unet.data.synth import main as synth
+    root, pred = tmp_path / "ref", tmp_path / "pred"
+    assert synth(["--out", str(root), "--cases", "1", "--shape", "24,64,64", "--layout", layout, "--seed", "1"]) == 0
+    case = find_cases(str(root))[0]
+    pred.mkdir()
+    shutil.copy(case.seg, pred / f"{case.case_id}.nii.gz")
+    assert set(np.unique(array(case.seg))) == {0, 1, 2, 3}
+    # the reference against itself, as a dataset root in its own layout
+    assert evaluate("--pred_dir", pred, "--ref_dir", root, "--labels", layout, "--csv", tmp_path / "s.csv") == 0
+    (row,) = read_csv(tmp_path / "s.csv")
+    assert all(float(row[f"dice_{r}"]) == 1.0 and float(row[f"hd95_{r}"]) == 0.0 for r in ("WT", "TC", "ET"))
+    # the same predictions scored under BraTS 1/2/4: label 3 is not in that convention
+    capsys.readouterr()
+    assert evaluate("--pred_dir", pred, "--ref_dir", root) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"unet-evaluate: error: case {case.case_id}: ") and "label values [3]" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("labels", ["brats2023", "msd"])
+def test_evaluate_predictions_in_another_convention_than_the_reference(trained, tmp_path, labels):
+    pred = tmp_path / "pred"; pred.mkdir()
+    seg = sitk.ReadImage(str(trained / "cases" / ONE / f"{ONE}_seg.nii.gz"))
+    out = sitk.GetImageFromArray(relabel(sitk.GetArrayFromImage(seg), BRATS_TO[labels]))
+    out.CopyInformation(seg)
+    sitk.WriteImage(out, str(pred / f"{ONE}.nii.gz"))
+    assert evaluate("--pred_dir", pred, "--ref_dir", trained / "cases", "--labels", labels,
+                    "--csv", tmp_path / "s.csv") == 0
+    (row,) = read_csv(tmp_path / "s.csv")
+    assert all(float(row[f"dice_{r}"]) == 1.0 for r in ("WT", "TC", "ET"))
+
+
+def test_case_takes_the_files_of_one_case_in_any_layout(trained, oracle, oracle_predicted, tmp_path, capsys):
+    src = trained / "cases" / ONE
+    want = array(oracle_predicted / f"{ONE}.nii.gz")
+    assert want.any()
+    files = [src / f"{ONE}_{m}.nii.gz" for m in MODS]
+    # BraTS 2017-22 names, in any order
+    assert predict_with(oracle, "--model", trained / "logs", "--case", *files[::-1], "--out", tmp_path / "a.nii.gz") == 0
+    assert np.array_equal(array(tmp_path / "a.nii.gz"), want)
+    # BraTS 2023 names
+    gli = tmp_path / "gli"; gli.mkdir()
+    for f, suf in zip(files, ("t2f", "t1n", "t1c", "t2w")):
+        shutil.copy(f, gli / f"BraTS-GLI-00001-000-{suf}.nii.gz")
+    assert predict_with(oracle, "--model", trained / "logs", "--case", *sorted(gli.iterdir()),
+                        "--out", tmp_path / "b.nii.gz") == 0
+    assert np.array_equal(array(tmp_path / "b.nii.gz"), want)
+    # one MSD 4-D file (FLAIR, T1w, T1gd, T2w)
+    sitk.WriteImage(sitk.JoinSeries([sitk.ReadImage(str(f)) for f in files]), str(tmp_path / "BRATS_001.nii.gz"))
+    assert predict_with(oracle, "--model", trained / "logs", "--case", tmp_path / "BRATS_001.nii.gz",
+                        "--out", tmp_path / "c.nii.gz") == 0
+    assert np.array_equal(array(tmp_path / "c.nii.gz"), want)
+    # files of two cases: one line, nothing written
+    capsys.readouterr()
+    other = trained / "cases" / "BraTS20_Training_002" / "BraTS20_Training_002_t1.nii.gz"
+    assert predict("--model", trained / "logs", "--case", files[0], other, "--out", tmp_path / "d.nii.gz") == 2
+    err = capsys.readouterr().err
+    assert err == "unet-predict: error: files of more than one case given: BraTS20_Training_001, BraTS20_Training_002\n"
 
 
 def test_scoring_a_model_on_two_ranks(trained, tmp_path):
     p = run_mpi(2, ["-m", "unet.evaluate", "--model", str(trained / "logs"), "--data", str(trained / "d.h5"),
                     "--csv", str(tmp_path / "m.csv"), "--pred_dir", str(tmp_path / "p")])
     assert p.returncode == 0, p.stderr[-2000:]
-    import h5py
-    with h5py.File(trained / "d.h5") as f:
-        val = sorted(set(f["val"]["case_id"].asstr()[:]))
-    assert [r["case"] for r in read_csv(tmp_path / "m.csv")] == val
+    val = val_ids(trained / "d.h5")
+    assert len(val) == 2
+    rows = read_csv(tmp_path / "m.csv")
+    assert [r["case"] for r in rows] == val
     assert sorted(os.listdir(tmp_path / "p")) == [f"{c}.nii.gz" for c in val]
     assert p.stdout.count("volume-level scores over") == 1
+    assert p.stdout.strip().splitlines()[-1].startswith("spec_ET ")          # the summary is printed last
+    # each rank scored its own share: disjoint, non-empty, together the validation cases
+    shares = {int(r): set(c.split(", ")) for r, n, c in
+              re.findall(r"^rank (\d) scored (\d+) case\(s\): (.+)$", p.stdout, re.M)}
+    assert sorted(shares) == [0, 1] and all(shares.values()), p.stdout
+    assert shares[0].isdisjoint(shares[1]) and sorted(shares[0] | shares[1]) == val
+    # rank 0's TensorBoard summary holds the CSV's means
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.util.tensor_util import make_ndarray
+    acc = EventAccumulator(str(trained / "logs" / "evaluation"), size_guidance={"tensors": 0})
+    acc.Reload()
+    cols = [c for c in rows[0] if c != "case"]
+    assert sorted(acc.Tags()["tensors"]) == sorted(f"volume_{c}" for c in cols)
+    for c in cols:
+        (event,) = acc.Tensors(f"volume_{c}")
+        assert float(make_ndarray(event.tensor_proto)) == pytest.approx(np.mean([float(r[c]) for r in rows]),
+                                                                          abs=1e-5), c
+
+
+def test_a_bad_case_under_model_is_one_line(trained, tmp_path, capsys):
+    shutil.copytree(trained / "cases", tmp_path / "cases")
+    bad = val_ids(trained / "d.h5")[0]
+    flair = tmp_path / "cases" / bad / f"{bad}_flair.nii.gz"
+    flair.write_bytes(flair.read_bytes()[:2000])
+    shutil.copy(trained / "d.h5", tmp_path / "d.h5")
+    with h5py.File(tmp_path / "d.h5", "a") as f:
+        f.attrs["source"] = str(tmp_path / "cases")
+    assert evaluate("--model", trained / "logs", "--data", tmp_path / "d.h5") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"unet-evaluate: error: case {bad}: {flair}: cannot read")
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_png_shows_input_prediction_and_reference_in_region_colours(trained, oracle_predicted):
+    import cv2
+    from unet.data.labels import regions_from_labels
+    png = cv2.imread(str(trained / "oracle_png" / f"{ONE}.png"))
+    ref = regions_from_labels(array(trained / "cases" / ONE / f"{ONE}_seg.nii.gz"), "brats")
+    pred = regions_from_labels(array(oracle_predicted / f"{ONE}.nii.gz"), "brats")
+    # rows: the 3 slices with the most reference tumour; columns: input | prediction | reference
+    assert png.shape == (3 * 80, 3 * 80, 3)
+    chosen = sorted(np.argsort(ref[..., 0].reshape(40, -1).sum(1))[::-1][:3])
+    for row, z in enumerate(chosen):
+        tiles = [png[row * 80:(row + 1) * 80, col * 80:(col + 1) * 80].astype(int) for col in range(3)]
+        b, g, r = np.moveaxis(tiles[0], -1, 0)
+        assert np.array_equal(b, g) and np.array_equal(g, r)            # the input is grey
+        for tile, m in ((tiles[1], pred[z]), (tiles[2], ref[z])):
+            b, g, r = np.moveaxis(tile, -1, 0)
+            wt, tc, et = (m[..., k].astype(bool) for k in range(3))
+            assert np.array_equal((b == g) & (g == r), ~wt)       # grey exactly where WT is empty
+            assert ((g - b >= 100) & (b == r))[wt & ~tc].all()    # WT only: green
+            assert ((r - b >= 100) & (g > r))[tc & ~et].all()     # TC: yellow over green
+            assert (r - g >= 100)[et].all()                       # ET: red over both
+        assert ref[z, ..., 0].any()
+    assert all(pred[chosen, ..., k].any() for k in range(3))   # every region's colour is in the prediction tiles

@@ -1,6 +1,11 @@
 import numpy as np
+import pytest
 
-from unet.data.preprocess import apply_inplane, inplane_plan, select_slices, undo_inplane, zscore
+from unet.data.labels import regions_from_labels
+from unet.data.preprocess import (apply_inplane, inplane_plan, network_input, select_slices, to_case_grid,
+                                  undo_inplane, zscore)
+from unet.data.synth import MODALITIES, make_case
+from unet.metrics import dice
 
 
 def test_zscore_over_brain_voxels_only():
@@ -61,3 +66,23 @@ def test_mask_resize_is_nearest_neighbour_only():
         assert set(np.unique(r).tolist()) == {0, 1}
         wt, tc, et = (r[..., k].astype(bool) for k in range(3))
         assert not (tc & ~wt).any() and not (et & ~tc).any()
+
+
+@pytest.mark.parametrize("mode", ["resize", "crop"])
+def test_reference_round_trip_through_the_network_grid(mode):
+    # a synthetic case on the BraTS 240x240 in-plane grid, brought to the default 128 x 128
+    # the way unet-convert and unet-predict do, and back the way unet-predict undoes it
+    vols, canon = make_case(0, 3, (24, 240, 240))
+    chans = np.stack([vols[m] for m in MODALITIES])
+    inp = network_input(chans, 128, mode)
+    assert inp.slices.shape == (24, 128, 128, 4) and inp.slices.dtype == np.float32
+    ref = regions_from_labels(canon, "brats")                 # (z, y, x, WT/TC/ET)
+    # what a perfect network outputs: the reference carried to the network grid like the images
+    out = np.stack([apply_inplane(r.astype(np.float32), inp.plan, is_mask=False) for r in ref])
+    back = to_case_grid(out, inp) > 0.5
+    assert back.shape == ref.shape == (24, 240, 240, 3)
+    scores = [dice(back[..., k], ref[..., k]) for k in range(3)]
+    if mode == "crop":                                         # the tumour lies inside the crop
+        assert scores == [1.0, 1.0, 1.0]
+    else:
+        assert min(scores) > 0.95, scores

@@ -57,6 +57,12 @@ def score_files(case: str, pred_path: str, ref_path: str, pred_labels: str, ref_
     why = same_geometry(pimg, rimg)
     if why:
         raise EvalError(f"case {case}: {pred_path} and {ref_path} differ in {why}")
+    for path, arr, labels, flag in ((pred_path, parr, pred_labels, "--labels"), (ref_path, rarr, ref_labels, None)):
+        bad = L.unexpected_labels(arr, labels)
+        if bad:
+            what = f"{flag} {labels}" if flag else f"the {labels} convention"
+            raise EvalError(f"case {case}: {path} has label values {bad} outside {what} "
+                            f"({', '.join(map(str, L.VALID_LABELS[labels]))})")
     spacing = rimg.GetSpacing()[::-1]          # array axes are (z, y, x)
     pred = L.regions_from_labels(parr, pred_labels)
     ref = L.regions_from_labels(rarr, ref_labels)
@@ -93,18 +99,17 @@ def report(rows: list[dict], csv_path: str | None, only_pred=(), only_ref=()) ->
             for r in rows:
                 w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
         os.replace(tmp, csv_path)
-    print(f"volume-level scores over {len(rows)} case(s):")
+        print(f"per-case scores: {csv_path}")
+    for name, missing in (("predictions only", only_pred), ("reference only", only_ref)):
+        if missing:
+            print(f"not scored, in {name}: {', '.join(sorted(missing))}")
+    print(f"volume-level scores over {len(rows)} case(s):")   # the summary comes last
     if rows:
         s = summarise(rows, cols)
         print(f"{'metric':<10}{'mean':>10}{'std':>10}{'median':>10}{'p25':>10}{'p75':>10}")
         for c in cols:
             v = s[c]
             print(f"{c:<10}{v['mean']:>10.4f}{v['std']:>10.4f}{v['median']:>10.4f}{v['p25']:>10.4f}{v['p75']:>10.4f}")
-    for name, missing in (("predictions only", only_pred), ("reference only", only_ref)):
-        if missing:
-            print(f"not scored, in {name}: {', '.join(sorted(missing))}")
-    if csv_path:
-        print(f"per-case scores: {csv_path}")
 
 
 def evaluate_folders(a) -> int:
@@ -120,35 +125,64 @@ def evaluate_folders(a) -> int:
     return 0
 
 
+def _validation_cases(data: str) -> list:
+    """The validation cases of a unet-convert HDF5 file, found again in its source folder."""
+    import h5py
+    if not os.path.isfile(data):
+        raise EvalError(f"--data {data}: no such file")
+    try:
+        with h5py.File(data, "r") as f:
+            source, layout = f.attrs["source"], f.attrs["layout"]
+            val_ids = sorted(set(f["val"]["case_id"].asstr()[:]))
+    except OSError:
+        raise EvalError(f"--data {data}: not an HDF5 file") from None
+    except KeyError as e:
+        raise EvalError(f"--data {data}: not written by unet-convert (no {e.args[0]!r})") from None
+    source = source.decode() if isinstance(source, bytes) else str(source)
+    cases = [c for c in find_cases(source, str(layout)) if c.case_id in val_ids]
+    missing = sorted(set(val_ids) - {c.case_id for c in cases})
+    if missing:
+        raise EvalError(f"--data {data}: validation case(s) {', '.join(missing)} not found in {source}")
+    return cases
+
+
 def evaluate_model(a) -> int:
     """Predict the validation cases of --data with --model and score them (sharded over MPI ranks)."""
-    import h5py
+    from unet.data.nifti import DataError
     from unet.distributed import under_mpirun
+    from unet.predict import ModelError, Predictor, reference_image, write_labels
     comm = None
     if under_mpirun():
         from mpi4py import MPI
         comm = MPI.COMM_WORLD
     rank, size = (comm.Get_rank(), comm.Get_size()) if comm else (0, 1)
-    if not os.path.isfile(a.data):
-        raise EvalError(f"--data {a.data}: no such file")
-    with h5py.File(a.data, "r") as f:
-        source, layout = f.attrs["source"], f.attrs["layout"]
-        val_ids = sorted(set(f["val"]["case_id"].asstr()[:]))
-    source = source.decode() if isinstance(source, bytes) else str(source)
-    cases = [c for c in find_cases(source, str(layout)) if c.case_id in val_ids]
-    from unet.predict import Predictor, reference_image, write_labels
-    pred = Predictor(a.model)
-    rows = []
-    for case in cases[rank::size]:
-        chans, seg, _ = pred.read(case)
-        masks = pred.regions_mask(chans)
-        ref = L.regions_from_labels(seg, case.layout, pred.regions)
-        img = reference_image(case)
-        rows.append(dict(case=case.case_id, **score_regions(
-            _full(masks, pred.regions), _full(ref, pred.regions), img.GetSpacing()[::-1], L.REGIONS)))
-        if a.pred_dir:
-            os.makedirs(a.pred_dir, exist_ok=True)
-            write_labels(pred.label_map(masks, a.labels), img, os.path.join(a.pred_dir, f"{case.case_id}.nii.gz"))
+    rows, error = [], None
+    try:  # every rank gets here, so errors are agreed on below instead of leaving a rank waiting
+        cases = _validation_cases(a.data)
+        pred = Predictor(a.model)
+        for case in cases[rank::size]:
+            chans, seg, _ = pred.read(case)
+            masks = pred.regions_mask(chans)
+            ref = L.regions_from_labels(seg, case.layout, pred.regions)
+            img = reference_image(case)
+            rows.append(dict(case=case.case_id, **score_regions(
+                _full(masks, pred.regions), _full(ref, pred.regions), img.GetSpacing()[::-1], L.REGIONS)))
+            if a.pred_dir:
+                os.makedirs(a.pred_dir, exist_ok=True)
+                write_labels(pred.label_map(masks, a.labels), img,
+                             os.path.join(a.pred_dir, f"{case.case_id}.nii.gz"))
+    except (EvalError, LayoutError, ModelError, DataError) as e:
+        error = str(e)
+    if comm:
+        error = next((e for e in comm.allgather(error) if e), None)
+    if error:
+        if rank == 0:
+            raise EvalError(error)
+        return 2
+    # one write per line: print() writes the text and its newline separately, and mpirun may put
+    # another rank's output between the two
+    sys.stdout.write(f"rank {rank} scored {len(rows)} case(s): {', '.join(r['case'] for r in rows)}\n")
+    sys.stdout.flush()
     if comm:
         rows = sum(comm.gather(rows, root=0) or [], [])
     if rank == 0:
@@ -194,7 +228,7 @@ def main(argv=None) -> int:
         if not (a.pred_dir and a.ref_dir):
             raise EvalError("give --pred_dir and --ref_dir, or --model and --data")
         return evaluate_folders(a)
-    except (EvalError, LayoutError, FileNotFoundError) as e:
+    except (EvalError, LayoutError) as e:
         print(f"unet-evaluate: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,6 +1,7 @@
 """unet-predict: segment cases with a trained model and write label maps as NIfTI.
 
     unet-predict --model LOGDIR_OR_MODEL.keras --case CASE_DIR --out seg.nii.gz
+    unet-predict --model LOGDIR --case X_flair.nii.gz X_t1.nii.gz X_t1ce.nii.gz X_t2.nii.gz --out seg.nii.gz
     unet-predict --model LOGDIR --case DATASET_ROOT --out OUT_DIR      # every case found
 
 The preprocessing (modalities and their order, z-score over brain voxels,
@@ -22,9 +23,13 @@ import numpy as np
 from unet.data import labels as L
 from unet.data import preprocess as P
 from unet.data.nifti import DataError, Options, read_case
-from unet.data.layouts import Case, LayoutError, find_cases
+from unet.data.layouts import Case, LayoutError, case_from_files, find_cases
 
 LABEL_SETS = ("brats", "brats2023", "msd")
+
+
+class ModelError(Exception):
+    """The model or its metadata cannot be used (one-line message naming the file)."""
 
 
 class Predictor:
@@ -34,30 +39,46 @@ class Predictor:
         meta_path = os.path.join(os.path.dirname(model_path), "model.json")
         for p in (model_path, meta_path):
             if not os.path.isfile(p):
-                raise FileNotFoundError(f"--model: {p}: no such file")
-        with open(meta_path) as f:
-            self.meta = json.load(f)
-        d = self.meta["data"]
-        self.modalities = tuple(d["modalities"])
-        self.regions = tuple(d["region_names"])
-        self.size = int(d["height"])
-        self.inplane = d.get("attrs", {}).get("inplane", "resize")
-        import keras
-        self.model = keras.saving.load_model(model_path, compile=False)
-        self.batch_size = batch_size
+                raise ModelError(f"--model: {p}: no such file")
+        try:
+            with open(meta_path) as f:
+                self.meta = json.load(f)
+            d = self.meta["data"]
+            self.modalities = tuple(d["modalities"])
+            self.regions = tuple(d["region_names"])
+            self.size = int(d["height"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ModelError(f"{meta_path}: not a model description from train_hvd.py ({type(e).__name__}: {e})") \
+                from None
+        # the preprocessing the training file was made with, never a default
+        attrs = d.get("attrs") or {}
+        for key, known in (("normalisation", (P.NORMALISATION,)), ("inplane", P.INPLANE_MODES)):
+            if key not in attrs:
+                raise ModelError(f"{meta_path}: data.attrs.{key} missing (the training data's preprocessing "
+                                 f"is unknown; unet-predict needs a model trained on a unet-convert HDF5 file)")
+            if attrs[key] not in known:
+                raise ModelError(f"{meta_path}: data.attrs.{key} {attrs[key]!r} is not implemented "
+                                 f"(known: {', '.join(map(repr, known))})")
+        self.normalisation, self.inplane = attrs["normalisation"], attrs["inplane"]
+        self.model_path, self.batch_size, self._model = model_path, batch_size, None
+
+    @property
+    def model(self):
+        if self._model is None:
+            import keras
+            self._model = keras.saving.load_model(self.model_path, compile=False)
+        return self._model
+
+    def network_input(self, chans: np.ndarray) -> P.NetworkInput:
+        """(C,z,y,x) raw intensities -> what the model sees: the training file's preprocessing."""
+        return P.network_input(chans, self.size, self.inplane, self.normalisation)
 
     def probabilities(self, chans: np.ndarray) -> np.ndarray:
         """(C,z,y,x) raw intensities -> (z,y,x,R) probabilities on the input grid."""
-        brain = P.brain_mask(chans)
-        norm = np.stack([P.zscore(v, brain) for v in chans])
-        plan = P.inplane_plan(norm.shape[2:], self.size, self.inplane)
-        slices = np.stack([P.apply_inplane(np.moveaxis(norm[:, z], 0, -1), plan, is_mask=False)
-                           for z in range(norm.shape[1])]).astype(np.float32)
-        out = np.concatenate([np.asarray(self.model(slices[i:i + self.batch_size], training=False))
-                              for i in range(0, len(slices), self.batch_size)])
-        probs = np.stack([P.undo_inplane(out[z], plan, is_mask=False) for z in range(len(out))])
-        probs[~brain] = 0.0
-        return probs
+        inp = self.network_input(chans)
+        out = np.concatenate([np.asarray(self.model(inp.slices[i:i + self.batch_size], training=False))
+                              for i in range(0, len(inp.slices), self.batch_size)])
+        return P.to_case_grid(out, inp)
 
     def regions_mask(self, chans: np.ndarray) -> np.ndarray:
         return (self.probabilities(chans) > 0.5).astype(np.uint8)
@@ -114,19 +135,32 @@ def write_png(path: str, flair: np.ndarray, pred: np.ndarray, ref: np.ndarray | 
     cv2.imwrite(path, np.concatenate(rows, 0).astype(np.uint8))
 
 
-def _cases(path: str) -> list[Case]:
-    """A case folder, a 4-D MSD image file, or a dataset root."""
-    if os.path.isfile(path):
-        cid = os.path.basename(path).split(".nii")[0]
-        return [Case(cid, "msd", {"image": path}, None)]
-    return find_cases(path)
+def _cases(paths: list[str]) -> list[Case]:
+    """A case folder, a dataset root, an MSD 4-D image, or the files of one case (matched by suffix)."""
+    if len(paths) == 1 and os.path.isdir(paths[0]):
+        return find_cases(paths[0])
+    for p in paths:
+        if os.path.isdir(p):
+            raise LayoutError(f"--case {p}: a folder among several paths (one folder, or the files of one case)")
+        if not os.path.isfile(p):
+            raise LayoutError(f"--case {p}: no such file or folder")
+    if len(paths) == 1:
+        try:
+            return [case_from_files(paths)]
+        except LayoutError:                       # not a per-modality file: an MSD 4-D image
+            cid = os.path.basename(paths[0]).split(".nii")[0]
+            return [Case(cid, "msd", {"image": paths[0]}, None)]
+    return [case_from_files(paths)]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="unet-predict", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--model", required=True, help="training logdir or its model.keras (model.json beside it)")
-    ap.add_argument("--case", required=True, help="a case folder, an MSD 4-D image, or a dataset root (batch mode)")
+    ap.add_argument("--case", required=True, nargs="+",
+                    help="a case folder, the modality files of one case (any layout, told apart by suffix; "
+                         "a segmentation among them is drawn in --png), an MSD 4-D image, or a dataset root "
+                         "(batch mode)")
     ap.add_argument("--out", required=True, help="output .nii.gz for one case, or a folder for several")
     ap.add_argument("--labels", choices=LABEL_SETS, default="brats",
                     help="label convention written: brats 1/2/4, brats2023 1/2/3, msd 2/1/3 (core/edema/enh.)")
@@ -135,14 +169,13 @@ def main(argv=None) -> int:
     try:
         cases = _cases(a.case)
         if not cases:
-            raise LayoutError(f"--case {a.case}: no case found")
+            raise LayoutError(f"--case {' '.join(a.case)}: no case found")
         pred = Predictor(a.model)
-    except (LayoutError, FileNotFoundError, KeyError, json.JSONDecodeError) as e:
+    except (LayoutError, ModelError) as e:
         print(f"unet-predict: error: {e}", file=sys.stderr)
         return 2
     many = len(cases) > 1 or os.path.isdir(a.out) or not a.out.endswith((".nii", ".nii.gz"))
-    if many:
-        os.makedirs(a.out, exist_ok=True)
+    os.makedirs(a.out if many else os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     if a.png:
         os.makedirs(a.png, exist_ok=True)
     for case in cases:
@@ -152,11 +185,13 @@ def main(argv=None) -> int:
             print(f"unet-predict: error: {e}", file=sys.stderr)
             return 1
         masks = pred.regions_mask(chans)
+        labels = pred.label_map(masks, a.labels)
         out = os.path.join(a.out, f"{case.case_id}.nii.gz") if many else a.out
-        write_labels(pred.label_map(masks, a.labels), reference_image(case), out)
-        if a.png:
+        write_labels(labels, reference_image(case), out)
+        if a.png:  # the picture shows what was written: regions read back from the label map
+            shown = L.regions_from_labels(labels, a.labels) if pred.regions == L.REGIONS else masks
             ref = L.regions_from_labels(seg, case.layout, pred.regions) if seg is not None else None
-            write_png(os.path.join(a.png, f"{case.case_id}.png"), chans[0], masks, ref)
+            write_png(os.path.join(a.png, f"{case.case_id}.png"), chans[0], shown, ref)
         print(f"unet-predict: {case.case_id} -> {out}")
     return 0
 

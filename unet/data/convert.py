@@ -32,16 +32,13 @@ CONVERTER_VERSION = "1"
 def process_case(case: Case, opts: Options, split: str) -> dict:
     """Read, normalise, resample in-plane and slice one case (runs in a worker)."""
     chans, seg, geom = read_case(case, opts)
-    brain = P.brain_mask(chans)
-    chans = np.stack([P.zscore(v, brain) for v in chans])
+    brain, plan, slices = P.network_input(chans, opts.size, opts.inplane)   # what unet-predict feeds the model
     regions = L.regions_from_labels(seg, case.layout, opts.regions)
     tumour = np.isin(seg, L.REGION_LABELS[case.layout]["WT"])
     rng = np.random.default_rng([opts.seed, zlib.crc32(case.case_id.encode())])
     keep = P.select_slices(brain, tumour, "all" if split == "val" else opts.slices, rng,
                            opts.background_fraction)
-    plan = P.inplane_plan(chans.shape[2:], opts.size, opts.inplane)
-    imgs = np.stack([P.apply_inplane(np.moveaxis(chans[:, z], 0, -1), plan, is_mask=False) for z in keep]) \
-        if len(keep) else np.zeros((0, opts.size, opts.size, len(opts.modalities)), np.float32)
+    imgs = slices[np.asarray(keep, int)]
     msks = np.stack([P.apply_inplane(regions[z], plan, is_mask=True) for z in keep]) \
         if len(keep) else np.zeros((0, opts.size, opts.size, len(opts.regions)), np.uint8)
     return {"case_id": case.case_id, "split": split, "images": imgs.astype(np.float32),
@@ -232,7 +229,7 @@ def main(argv=None) -> int:
             return fail(error)
         if rank == 0:
             attrs = {"modalities": json.dumps(list(opts.modalities)), "regions": json.dumps(list(opts.regions)),
-                     "size": opts.size, "normalisation": "zscore over brain (non-zero) voxels per modality",
+                     "size": opts.size, "normalisation": P.NORMALISATION,
                      "inplane": opts.inplane, "slices_train": opts.slices, "slices_val": "all",
                      "layout": layout, "converter_version": CONVERTER_VERSION,
                      "val_fraction": a.val_fraction, "seed": a.seed, "source": os.path.abspath(a.input)}

@@ -80,19 +80,47 @@ def find_cases(root: str, layout: str | None = None) -> list[Case]:
                               lab if os.path.exists(lab) else None))
         return cases
     by_dir: dict[str, Case] = {}
-    suffixes = SUFFIXES[layout]
     for d, f in _nifti_files(root):
-        s = _stem(f)
-        for key, suf in suffixes.items():
-            if key == "seg":
-                hit = any(s.endswith(a) for a in SEG_ALIASES)
+        hit = _suffix(f, layout)
+        if hit:
+            case = by_dir.setdefault(d, Case(os.path.basename(d), layout))
+            if hit[0] == "seg":
+                case.seg = os.path.join(d, f)
             else:
-                hit = s.endswith(suf)
-            if hit:
-                case = by_dir.setdefault(d, Case(os.path.basename(d), layout))
-                if key == "seg":
-                    case.seg = os.path.join(d, f)
-                else:
-                    case.files[key] = os.path.join(d, f)
-                break
+                case.files[hit[0]] = os.path.join(d, f)
     return sorted(by_dir.values(), key=lambda c: c.case_id)
+
+
+def _suffix(name: str, layout: str) -> tuple[str, str] | None:
+    """(modality or 'seg', case id before the suffix) if the file name ends with one of the layout's suffixes."""
+    s = _stem(name)
+    for key, suf in SUFFIXES[layout].items():
+        for alias in (SEG_ALIASES if key == "seg" else (suf,)):
+            if s.endswith(alias):
+                return key, os.path.basename(name)[: len(s) - len(alias)]
+    return None
+
+
+def case_from_files(paths: list[str]) -> Case:
+    """One case from its files named one by one (its modalities, optionally its segmentation), in any
+    layout whose files are told apart by suffix; the case id is the common name before the suffixes."""
+    for layout in SUFFIXES:
+        hits = [_suffix(os.path.basename(p), layout) for p in paths]
+        if all(hits):
+            break
+    else:
+        bad = next(p for p in paths if not any(_suffix(os.path.basename(p), l) for l in SUFFIXES))
+        raise LayoutError(f"{bad}: not a modality or segmentation file of a known layout "
+                          f"(*_flair/_t1/_t1ce/_t2/_seg.nii.gz or *-t2f/-t1n/-t1c/-t2w/-seg.nii.gz)")
+    ids = sorted({cid for _, cid in hits})
+    if len(ids) > 1:
+        raise LayoutError(f"files of more than one case given: {', '.join(ids)}")
+    case = Case(ids[0], layout)
+    for p, (key, _) in zip(paths, hits):
+        if key in case.files or (key == "seg" and case.seg):
+            raise LayoutError(f"{p}: a second {key} file for case {ids[0]}")
+        if key == "seg":
+            case.seg = p
+        else:
+            case.files[key] = p
+    return case

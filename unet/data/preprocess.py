@@ -1,11 +1,20 @@
 """Per-case preprocessing (pure numpy/OpenCV): normalisation, in-plane geometry, slice choice.
 
-Arrays are SimpleITK's (z, y, x); axial slices are ``volume[z]``.
+Arrays are SimpleITK's (z, y, x); axial slices are ``volume[z]``. ``network_input`` is the
+whole path from a case's raw intensities to the network's input slices: unet-convert writes
+its output into the training file, unet-predict feeds it to the model.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import cv2
 import numpy as np
+
+# the only normalisation implemented; unet-convert stores this text in the file's attributes
+# and unet-predict refuses a model whose metadata names another
+NORMALISATION = "zscore over brain (non-zero) voxels per modality"
+INPLANE_MODES = ("resize", "crop")
 
 
 def brain_mask(channels: np.ndarray) -> np.ndarray:
@@ -93,3 +102,34 @@ def select_slices(brain: np.ndarray, tumour: np.ndarray, policy: str, rng: np.ra
         extra = rng.choice(rest, size=k, replace=False) if k else np.array([], int)
         return np.sort(np.concatenate([np.flatnonzero(has_t), extra]).astype(int))
     raise ValueError(f"unknown slice policy {policy!r}")
+
+
+class NetworkInput(NamedTuple):
+    brain: np.ndarray    # (z, y, x) bool, voxels where any modality is non-zero
+    plan: dict           # the in-plane step, for undo_inplane
+    slices: np.ndarray   # (z, size, size, C) float32, every axial slice
+
+
+def network_input(channels: np.ndarray, size: int, inplane: str,
+                  normalisation: str = NORMALISATION) -> NetworkInput:
+    """(C, z, y, x) raw intensities -> brain mask, in-plane plan and the network's input slices:
+    z-score per modality over brain voxels, then every axial slice brought to size x size."""
+    if normalisation != NORMALISATION:
+        raise ValueError(f"unknown normalisation {normalisation!r}")
+    if inplane not in INPLANE_MODES:
+        raise ValueError(f"unknown in-plane mode {inplane!r}")
+    brain = brain_mask(channels)
+    norm = np.stack([zscore(v, brain) for v in channels])
+    plan = inplane_plan(norm.shape[2:], size, inplane)
+    slices = np.zeros((norm.shape[1], size, size, len(norm)), np.float32)
+    for z in range(norm.shape[1]):
+        slices[z] = apply_inplane(np.moveaxis(norm[:, z], 0, -1), plan, is_mask=False)
+    return NetworkInput(brain, plan, slices)
+
+
+def to_case_grid(out: np.ndarray, inp: NetworkInput) -> np.ndarray:
+    """(z, size, size, R) network output -> (z, y, x, R) on the case's grid (the in-plane step undone,
+    linear interpolation), 0 outside the brain."""
+    probs = np.stack([undo_inplane(o, inp.plan, is_mask=False) for o in out]).astype(np.float32)
+    probs[~inp.brain] = 0.0
+    return probs
