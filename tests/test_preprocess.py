@@ -86,3 +86,16 @@ def test_reference_round_trip_through_the_network_grid(mode):
         assert scores == [1.0, 1.0, 1.0]
     else:
         assert min(scores) > 0.95, scores
+
+
+def test_resized_masks_stay_aligned_with_the_resized_images():
+    """A mask resized as a mask must cover what the same region resized as an image covers:
+    OpenCV's plain INTER_NEAREST samples off-centre (half a pixel), which costs small regions
+    most (ET agreement 0.78 here); pixel-centre sampling keeps them aligned (0.95)."""
+    vols, canon = make_case(0, 3, (24, 240, 240))
+    ref = regions_from_labels(canon, "brats")
+    plan = inplane_plan((240, 240), 128, "resize")
+    as_mask = np.stack([apply_inplane(r, plan, is_mask=True) for r in ref]).astype(bool)
+    as_image = np.stack([apply_inplane(r.astype(np.float32), plan, is_mask=False) for r in ref]) > 0.5
+    agreement = [dice(as_mask[..., k], as_image[..., k]) for k in range(3)]
+    assert min(agreement) > 0.93, agreement

@@ -26,7 +26,7 @@ from unet.data.h5io import H5Writer, merge_parts, write_npy
 from unet.data.layouts import MODALITIES, Case, LayoutError, detect_layout, find_cases
 from unet.data.nifti import DataError, Options, read_case
 
-CONVERTER_VERSION = "1"
+CONVERTER_VERSION = "2"   # 2: masks resized centre-aligned (INTER_NEAREST_EXACT), as the images are
 
 
 def process_case(case: Case, opts: Options, split: str) -> dict:

@@ -59,13 +59,14 @@ def _crop_or_pad(img: np.ndarray, y0: int, x0: int, size: int) -> np.ndarray:
 
 
 def apply_inplane(img: np.ndarray, plan: dict, *, is_mask: bool) -> np.ndarray:
-    """(y, x[, k]) slice -> (size, size[, k]); masks use nearest neighbour only."""
+    """(y, x[, k]) slice -> (size, size[, k]); masks use nearest neighbour only, sampled at pixel
+    centres (INTER_NEAREST_EXACT) so they stay aligned with the resampled images."""
     if plan["mode"] == "none":
         return img
     s = plan["size"]
     if plan["mode"] == "crop":
         return _crop_or_pad(img, plan["y0"], plan["x0"], s)
-    interp = cv2.INTER_NEAREST if is_mask else cv2.INTER_AREA
+    interp = cv2.INTER_NEAREST_EXACT if is_mask else cv2.INTER_AREA
     out = cv2.resize(img, (s, s), interpolation=interp)
     return out.reshape((s, s) + img.shape[2:])
 
@@ -77,7 +78,7 @@ def undo_inplane(img: np.ndarray, plan: dict, *, is_mask: bool) -> np.ndarray:
     h, w = plan["shape"]
     if plan["mode"] == "crop":
         return _crop_or_pad(img, -plan["y0"], -plan["x0"], max(h, w))[:h, :w]
-    interp = cv2.INTER_NEAREST if is_mask else cv2.INTER_LINEAR
+    interp = cv2.INTER_NEAREST_EXACT if is_mask else cv2.INTER_LINEAR
     out = cv2.resize(img, (w, h), interpolation=interp)
     return out.reshape((h, w) + img.shape[2:])
 
