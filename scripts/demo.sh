@@ -37,6 +37,12 @@ t0=$(date +%s)
 rm -rf "$OUT/cases" "$OUT/brats.h5" "$OUT/logs" "$OUT/predictions" "$OUT/scores.csv"
 echo "==> synthetic cases";  "${SYNTH[@]}"
 echo "==> conversion";       "${CONVERT[@]}"
+# train_hvd.py with neither --data nor --synthetic reads data/brats.h5: point it at the demo's
+# data unless something (a converted BraTS release) is there already
+if [[ ! -e "$ROOT/data/brats.h5" ]]; then
+  ln -sfn "$OUT/brats.h5" "$ROOT/data/brats.h5"
+  echo "    data/brats.h5 -> $OUT/brats.h5 (train_hvd.py's default --data; replace it with a converted BraTS release)"
+fi
 echo "==> training, 2 ranks"; "${TRAIN[@]}"
 echo "demo: trained in $(( $(date +%s) - t0 )) s: cases $OUT/cases, data $OUT/brats.h5, logs and model $OUT/logs;"
 echo "      predictions go to $OUT/predictions, per-case scores to $OUT/scores.csv"
