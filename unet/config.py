@@ -46,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("threads (per rank, set before TensorFlow starts)")
     g.add_argument("--num_threads", type=int, default=0,
-                   help="intra-op threads and OMP_NUM_THREADS per rank; 0 = the CPUs this rank is "
-                        "bound to, shared among ranks bound to the same CPUs")
+                   help="intra-op threads and OMP_NUM_THREADS per rank; 0 = the physical cores of the "
+                        "CPUs this rank is bound to (hardware threads of a core count once), shared "
+                        "among ranks bound to the same CPUs")
     g.add_argument("--num_inter_threads", type=int, default=SEED_INTER_THREADS,
                    help="inter-op threads per rank")
     g.add_argument("--blocktime", type=int, default=SEED_BLOCKTIME,
