@@ -93,7 +93,9 @@ PY="$VENV/bin/python"
 PIP=("$PY" -m pip install -q --disable-pip-version-check -c "$CONSTRAINTS")
 # uv installs the pinned wheels: from a warm cache it puts TensorFlow into a new
 # venv in ~5 s where pip takes ~25 s. pip stays for bootstrapping and the Horovod build.
-UV=(env VIRTUAL_ENV="$VENV" "$VENV/bin/uv" pip install -q -c "$CONSTRAINTS")
+# --compile-bytecode as pip does: without .pyc files every process (and the test suite
+# starts hundreds) compiles TensorFlow's Python from source on import.
+UV=(env VIRTUAL_ENV="$VENV" "$VENV/bin/uv" pip install -q --compile-bytecode -c "$CONSTRAINTS")
 
 # Stamp of everything that decides the environment: when it matches, steps 3-5
 # have nothing to do.
