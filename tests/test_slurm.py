@@ -34,9 +34,11 @@ def slurm(tmp_path):
         subprocess.run([script, "stop", str(d)], capture_output=True, timeout=60)
 
 
-def test_sbatch_wrapper_trains_on_real_slurm(slurm, tmp_path):
+@pytest.mark.parametrize("launch", ["mpirun", "srun"])
+def test_sbatch_wrapper_trains_on_real_slurm(slurm, tmp_path, launch):
+    """The wrapper's two launch paths: mpirun inside the allocation, and srun --mpi=pmix."""
     env = mpi_env(SLURM_CONF=str(slurm / "slurm.conf"), UNET_HVD_ROOT=ROOT, LOGDIR=str(tmp_path / "logs"),
-                  TB_PORT="16116")
+                  TB_PORT="16116", LAUNCH=launch)
     out = tmp_path / "job.out"
     sub = subprocess.run(["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--ntasks-per-socket=2",
                           "--cpus-per-task=1", f"--output={out}", "--time=00:10:00",
@@ -56,6 +58,7 @@ def test_sbatch_wrapper_trains_on_real_slurm(slurm, tmp_path):
     log = out.read_text() if out.exists() else ""
     assert state == "COMPLETED" and "ExitCode=0:0" in show, log[-3000:]
     assert "weights: identical on 2 ranks" in log
+    assert {"mpirun": "launch: mpirun, 2 ranks", "srun": "launch: srun --mpi=pmix, 2 tasks"}[launch] in log
     # TensorBoard answered on 127.0.0.1 before training started, and the tunnel to it is printed
     up = re.search(r"^tensorboard: up at http://127\.0\.0\.1:16116 \(pid (\d+)\) on \S+ after (\d+) s", log, re.M)
     assert up, log[-3000:]
