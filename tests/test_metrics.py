@@ -94,3 +94,4 @@ def test_score_regions_and_summary():
     assert s["dice_WT"] == 1.0 and s["dice_ET"] == 1.0 and s["hd95_ET"] == 0.0
     summ = summarise([{"x": 1.0}, {"x": 2.0}, {"x": 3.0}, {"x": 4.0}], ["x"])["x"]
     assert summ["mean"] == 2.5 and summ["median"] == 2.5 and summ["p25"] == 1.75 and summ["p75"] == 3.25
+    assert summ["std"] == pytest.approx(np.sqrt(1.25))   # population std (ddof 0): sqrt(mean((x - 2.5)^2))

@@ -76,7 +76,7 @@ def score_regions(pred: np.ndarray, ref: np.ndarray, spacing, names) -> dict:
 
 
 def summarise(rows: list[dict], columns: list[str]) -> dict:
-    """Per column: mean, std, median, 25th and 75th percentile over cases."""
+    """Per column: mean, std (population, ddof 0), median, 25th and 75th percentile over cases."""
     out = {}
     for c in columns:
         v = np.array([r[c] for r in rows], float)
