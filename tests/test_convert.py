@@ -278,24 +278,13 @@ def test_unexpected_labels(small_cases, tmp_path):
     assert f"{f}: unexpected label values [3] for layout brats" in bad(small_cases, tmp_path / "o.h5")
 
 
-def test_nan_in_image(small_cases, tmp_path):
-    f = case_file(small_cases, 2, "flair")
-    arr = sitk.GetArrayFromImage(sitk.ReadImage(str(f))).astype(np.float32); arr[5, 5, 5] = np.nan
+@pytest.mark.parametrize("kind,voxel,value", [("flair", (5, 5, 5), np.nan), ("t2", (20, 30, 30), np.inf),
+                                              ("seg", (0, 0, 0), np.nan)],
+                         ids=["nan_in_image", "inf_in_image", "nan_in_seg"])
+def test_non_finite_values(small_cases, tmp_path, kind, voxel, value):
+    f = case_file(small_cases, 2, kind)
+    arr = sitk.GetArrayFromImage(sitk.ReadImage(str(f))).astype(np.float32); arr[voxel] = value
     write_like(f, arr)
-    assert f"{f}: contains NaN or Inf" in bad(small_cases, tmp_path / "o.h5")
-
-
-def test_inf_in_image(small_cases, tmp_path):
-    f = case_file(small_cases, 2, "t2")
-    arr = sitk.GetArrayFromImage(sitk.ReadImage(str(f))).astype(np.float32); arr[20, 30, 30] = np.inf
-    write_like(f, arr)
-    assert f"{f}: contains NaN or Inf" in bad(small_cases, tmp_path / "o.h5")
-
-
-def test_nan_in_seg(small_cases, tmp_path):
-    f = case_file(small_cases, 2, "seg")
-    seg = sitk.GetArrayFromImage(sitk.ReadImage(str(f))).astype(np.float32); seg[0, 0, 0] = np.nan
-    write_like(f, seg)
     assert f"{f}: contains NaN or Inf" in bad(small_cases, tmp_path / "o.h5")
 
 
