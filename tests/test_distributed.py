@@ -1,5 +1,7 @@
 import os
 
+import pytest
+
 from unet.distributed import physical_cores, threads_for_rank
 
 
@@ -65,9 +67,8 @@ def _run_py(code: str, **env):
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=e)
 
 
+@pytest.mark.needs_stack   # TensorFlow and Horovod (conftest: a failure under CI, a skip elsewhere)
 def test_rank_setup_exports_threads_before_tensorflow_and_sizes_its_pools():
-    import pytest
-    pytest.importorskip("tensorflow")
     code = """
 import json, os
 from unet.distributed import prepare_rank, init_horovod
