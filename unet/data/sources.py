@@ -119,7 +119,6 @@ class NpySource(_ArraySource):
         img_name, msk_name = NPY_FILES[split]
         super().__init__(np.load(os.path.join(folder, img_name), mmap_mode="r", allow_pickle=False),
                          np.load(os.path.join(folder, msk_name), mmap_mode="r", allow_pickle=False), folder)
-        self.meta = npy_metadata(folder)
 
     def read(self, indices) -> tuple[np.ndarray, np.ndarray]:
         idx = np.asarray(indices)
@@ -212,8 +211,8 @@ def open_sources(args) -> tuple[object, object | None, DataInfo]:
     attrs: dict = {}
     try:
         if os.path.isdir(path):
+            attrs = npy_metadata(path)   # the folder's, checked once for both splits
             train, val = NpySource(path, "train"), NpySource(path, "val")
-            attrs = dict(train.meta)
             modalities, regions = _attr_list(attrs.get("modalities")), _attr_list(attrs.get("regions"))
         else:
             import h5py
