@@ -98,4 +98,5 @@ def test_resized_masks_stay_aligned_with_the_resized_images():
     as_mask = np.stack([apply_inplane(r, plan, is_mask=True) for r in ref]).astype(bool)
     as_image = np.stack([apply_inplane(r.astype(np.float32), plan, is_mask=False) for r in ref]) > 0.5
     agreement = [dice(as_mask[..., k], as_image[..., k]) for k in range(3)]
+    print("mask/image agreement WT/TC/ET: " + "/".join(f"{a:.3f}" for a in agreement))
     assert min(agreement) > 0.93, agreement
