@@ -91,11 +91,15 @@ def oracle(trained):
     return OracleNetwork(trained / "d.h5")
 
 
+# the oracle's prediction is the reference carried through: no clean-up may change it
+RAW = ("--min_component_mm3", "0", "--et_min_mm3", "0")
+
+
 def predict_with(oracle_net, *args):
     from unet.predict import Predictor
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Predictor, "model", property(lambda self: oracle_net))
-        return predict(*args)
+        return predict(*args, *RAW)
 
 
 @pytest.fixture(scope="module")

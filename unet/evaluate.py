@@ -21,6 +21,8 @@ import numpy as np
 from unet.data import labels as L
 from unet.data.layouts import LayoutError, detect_layout, find_cases
 from unet.metrics import score_regions, summarise
+from unet.distributed import launcher_rank
+from unet.postprocess import PostError, add_flags, options_from_args
 
 GEOMETRY_TOL = 1e-3
 
@@ -146,7 +148,7 @@ def _validation_cases(data: str) -> list:
     return cases
 
 
-def evaluate_model(a) -> int:
+def evaluate_model(a, post) -> int:
     """Predict the validation cases of --data with --model and score them (sharded over MPI ranks)."""
     from unet.data.nifti import DataError
     from unet.distributed import under_mpirun
@@ -162,9 +164,9 @@ def evaluate_model(a) -> int:
         pred = Predictor(a.model)
         for case in cases[rank::size]:
             chans, seg, _ = pred.read(case)
-            masks = pred.regions_mask(chans)
-            ref = L.regions_from_labels(seg, case.layout, pred.regions)
             img = reference_image(case)
+            masks = pred.regions_mask(chans, img.GetSpacing()[::-1], post)
+            ref = L.regions_from_labels(seg, case.layout, pred.regions)
             rows.append(dict(case=case.case_id, **score_regions(
                 _full(masks, pred.regions), _full(ref, pred.regions), img.GetSpacing()[::-1], L.REGIONS)))
             if a.pred_dir:
@@ -219,12 +221,19 @@ def main(argv=None) -> int:
     ap.add_argument("--model", help="training logdir or model.keras: score it on --data's validation cases")
     ap.add_argument("--data", help="HDF5 file from unet-convert (its validation cases and source folder)")
     ap.add_argument("--csv", help="write one row per case here")
+    add_flags(ap)
     a = ap.parse_args(argv)
     try:
         if a.model or a.data:
             if not (a.model and a.data):
                 raise EvalError("--model and --data go together")
-            return evaluate_model(a)
+            try:   # every rank finds the same bad value; rank 0 says so
+                post = options_from_args(a)
+            except PostError as e:
+                if launcher_rank() != 0:
+                    return 2
+                raise EvalError(str(e)) from None
+            return evaluate_model(a, post)
         if not (a.pred_dir and a.ref_dir):
             raise EvalError("give --pred_dir and --ref_dir, or --model and --data")
         return evaluate_folders(a)

@@ -7,9 +7,10 @@
 The preprocessing (modalities and their order, z-score over brain voxels,
 in-plane size and crop/resize) is read from the model's ``model.json``, written
 at training time from the data file's metadata; nothing is re-typed. Every axial
-slice is predicted, the in-plane step undone, probabilities thresholded at 0.5,
-and the regions turned into the dataset's labels (BraTS 1/2/4 by default) on the
-input's grid, spacing, origin and direction.
+slice is predicted (with ``--tta``, mirrored too), the in-plane step undone, and the
+probabilities post-processed (``unet.postprocess``: head mask, threshold, nesting,
+whole-tumour clean-up, the small-ET rule) into regions, then the dataset's labels
+(BraTS 1/2/4 by default) on the input's grid, spacing, origin and direction.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from unet.data import labels as L
 from unet.data import preprocess as P
 from unet.data.nifti import DataError, Options, read_case
 from unet.data.layouts import Case, LayoutError, case_from_files, find_cases
+from unet.postprocess import PostError, PostOptions, add_flags, options_from_args, postprocess
 
 LABEL_SETS = ("brats", "brats2023", "msd")
 
@@ -73,15 +75,33 @@ class Predictor:
         """(C,z,y,x) raw intensities -> what the model sees: the training file's preprocessing."""
         return P.network_input(chans, self.size, self.inplane, self.normalisation)
 
-    def probabilities(self, chans: np.ndarray) -> np.ndarray:
-        """(C,z,y,x) raw intensities -> (z,y,x,R) probabilities on the input grid."""
-        inp = self.network_input(chans)
-        out = np.concatenate([np.asarray(self.model(inp.slices[i:i + self.batch_size], training=False))
-                              for i in range(0, len(inp.slices), self.batch_size)])
-        return P.to_case_grid(out, inp)
+    def _forward(self, slices: np.ndarray) -> np.ndarray:
+        return np.concatenate([np.asarray(self.model(slices[i:i + self.batch_size], training=False))
+                               for i in range(0, len(slices), self.batch_size)])
 
-    def regions_mask(self, chans: np.ndarray) -> np.ndarray:
-        return (self.probabilities(chans) > 0.5).astype(np.uint8)
+    def network_output(self, slices: np.ndarray, tta: bool = False) -> np.ndarray:
+        """(z, size, size, C) input slices -> (z, size, size, R) probabilities; with ``tta`` the mean
+        over the slices and their mirror images (left-right, up-down, both), each flipped back."""
+        if not tta:
+            return self._forward(slices)
+        flips = ((), (2,), (1,), (1, 2))     # axes of (z, y, x, C) to mirror
+        total = np.zeros(slices.shape[:3] + (len(self.regions),), np.float32)
+        for axes in flips:
+            x = np.flip(slices, axes) if axes else slices
+            out = self._forward(np.ascontiguousarray(x))
+            total += np.flip(out, axes) if axes else out
+        return total / len(flips)
+
+    def probabilities(self, chans: np.ndarray, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(C,z,y,x) raw intensities -> ((z,y,x,R) probabilities on the input grid, (z,y,x) head mask)."""
+        inp = self.network_input(chans)
+        return P.to_case_grid(self.network_output(inp.slices, tta), inp), inp.brain
+
+    def regions_mask(self, chans: np.ndarray, spacing, post: PostOptions = PostOptions()) -> np.ndarray:
+        """(C,z,y,x) raw intensities -> (z,y,x,R) nested uint8 region masks after post-processing;
+        ``spacing`` is the voxel size (mm) along (z, y, x)."""
+        probs, brain = self.probabilities(chans, post.tta)
+        return postprocess(probs, brain, self.regions, spacing, post)
 
     def label_map(self, masks: np.ndarray, labels: str) -> np.ndarray:
         if self.regions == L.REGIONS:
@@ -165,7 +185,13 @@ def main(argv=None) -> int:
     ap.add_argument("--labels", choices=LABEL_SETS, default="brats",
                     help="label convention written: brats 1/2/4, brats2023 1/2/3, msd 2/1/3 (core/edema/enh.)")
     ap.add_argument("--png", default=None, help="folder for one overview picture per case")
+    add_flags(ap)
     a = ap.parse_args(argv)
+    try:
+        post = options_from_args(a)
+    except PostError as e:
+        print(f"unet-predict: error: {e}", file=sys.stderr)
+        return 2
     try:
         cases = _cases(a.case)
         if not cases:
@@ -184,10 +210,11 @@ def main(argv=None) -> int:
         except DataError as e:
             print(f"unet-predict: error: {e}", file=sys.stderr)
             return 1
-        masks = pred.regions_mask(chans)
+        ref_img = reference_image(case)
+        masks = pred.regions_mask(chans, ref_img.GetSpacing()[::-1], post)
         labels = pred.label_map(masks, a.labels)
         out = os.path.join(a.out, f"{case.case_id}.nii.gz") if many else a.out
-        write_labels(labels, reference_image(case), out)
+        write_labels(labels, ref_img, out)
         if a.png:  # the picture shows what was written: regions read back from the label map
             shown = L.regions_from_labels(labels, a.labels) if pred.regions == L.REGIONS else masks
             ref = L.regions_from_labels(seg, case.layout, pred.regions) if seg is not None else None

@@ -130,7 +130,5 @@ def network_input(channels: np.ndarray, size: int, inplane: str,
 
 def to_case_grid(out: np.ndarray, inp: NetworkInput) -> np.ndarray:
     """(z, size, size, R) network output -> (z, y, x, R) on the case's grid (the in-plane step undone,
-    linear interpolation), 0 outside the brain."""
-    probs = np.stack([undo_inplane(o, inp.plan, is_mask=False) for o in out]).astype(np.float32)
-    probs[~inp.brain] = 0.0
-    return probs
+    linear interpolation). The head mask is post-processing's (``unet.postprocess``)."""
+    return np.stack([undo_inplane(o, inp.plan, is_mask=False) for o in out]).astype(np.float32)
