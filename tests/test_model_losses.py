@@ -105,3 +105,50 @@ def test_bf16_checkpoint_and_export_round_trip(tmp_path):
     x = tf.random.stateless_normal((1, 32, 32, 2), seed=(3, 4))
     assert back(x).dtype == tf.float32
     assert np.array_equal(back(x).numpy(), m(x).numpy())
+
+
+def _two_regions():
+    # region 0: the top two rows (8 pixels), predicted 0.5 on 8 pixels of them;
+    # region 1: one pixel, not predicted at all
+    y = np.zeros((1, 4, 4, 2), np.float32); y[0, :2, :, 0] = 1; y[0, 0, 0, 1] = 1
+    p = np.zeros((1, 4, 4, 2), np.float32); p[0, :2, :, 0] = 0.5
+    return y, p
+
+
+def test_region_dice_averages_regions_where_pooled_dice_lets_the_large_one_dominate():
+    import tensorflow as tf
+    from unet.losses import dice_loss, region_dice_loss
+    y, p = _two_regions()
+    # pooled over both regions: sum(y*p) = 4, sum(y) = 9, sum(p) = 4 -> -log((8+1)/(13+1))
+    pooled = float(dice_loss(tf.constant(y), tf.constant(p)))
+    assert pooled == pytest.approx(-np.log(9 / 14), rel=1e-6)
+    # per region: Dice_0 = (8+1)/(12+1) = 9/13, Dice_1 = (0+1)/(1+0+1) = 1/2; loss = mean(-log Dice_r)
+    per_region = float(region_dice_loss(tf.constant(y), tf.constant(p)))
+    assert per_region == pytest.approx((-np.log(9 / 13) - np.log(1 / 2)) / 2, rel=1e-6)
+    # the missed one-pixel region weighs as much as the large one; pooled, it is 1 pixel of 9
+    assert per_region > pooled
+    linear = float(region_dice_loss(tf.constant(y), tf.constant(p), log=False))
+    assert linear == pytest.approx(((1 - 9 / 13) + (1 - 1 / 2)) / 2, rel=1e-6)
+
+
+def test_region_dice_leaves_regions_absent_from_the_batch_out_of_the_mean():
+    import tensorflow as tf
+    from unet.losses import region_dice_loss
+    y, p = _two_regions()
+    y[..., 1] = 0                      # no pixel of region 1 in this batch
+    p[0, 3, 3, 1] = 0.9                # a false positive there: cross-entropy's to punish
+    loss = float(region_dice_loss(tf.constant(y), tf.constant(p)))
+    assert loss == pytest.approx(-np.log(9 / 13), rel=1e-6)
+    nothing = np.zeros_like(y)
+    assert float(region_dice_loss(tf.constant(nothing), tf.constant(p))) == 0.0
+
+
+def test_region_dice_bce_is_the_default_and_adds_cross_entropy():
+    import tensorflow as tf
+    from unet.config import parse_args
+    from unet.losses import bce_loss, get_loss, region_dice_loss
+    assert parse_args(["--synthetic"]).loss == "region_dice_bce"
+    y, p = _two_regions()
+    y, p = tf.constant(y), tf.constant(p)
+    assert float(get_loss("region_dice_bce")(y, p)) == \
+        pytest.approx(float(region_dice_loss(y, p)) + float(bce_loss(y, p)), rel=1e-6)

@@ -34,12 +34,17 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--use_upsampling", action="store_true",
                    help="decoder uses UpSampling2D instead of 2x2 stride-2 Conv2DTranspose")
-    g.add_argument("--dropout", type=float, default=0.2,
-                   help="dropout rate after the first convolution of levels 3 and 4 (fraction)")
-    g.add_argument("--loss", choices=("dice", "dice_bce", "bce"), default="dice_bce",
-                   help="dice: -log((2*sum(y*p)+1)/(sum(y)+sum(p)+1)) over the batch (the seed's; "
-                        "at the seed's rate it can collapse to all-background, see docs/TRAINING.md); "
-                        "dice_bce: that plus binary cross-entropy; bce: cross-entropy only")
+    g.add_argument("--dropout", type=float, default=0.0,
+                   help="dropout rate after the first convolution of levels 3 and 4 (fraction; the seed's "
+                        "0.2 made the inference-mode network disagree with the trained one and validation "
+                        "Dice fall between epochs, see docs/TRAINING.md)")
+    g.add_argument("--loss", choices=("region_dice_bce", "dice", "dice_bce", "bce"), default="region_dice_bce",
+                   help="region_dice_bce: mean over the regions present in the batch of 1 - soft Dice "
+                        "(each region pooled over batch and pixels) plus binary cross-entropy, so every "
+                        "region learns; dice: -log((2*sum(y*p)+1)/(sum(y)+sum(p)+1)) pooled over the batch "
+                        "and all regions (the seed's; the whole tumour dominates it, and at the seed's rate "
+                        "it can collapse to all-background); dice_bce: that plus binary cross-entropy; "
+                        "bce: cross-entropy only. See docs/TRAINING.md")
     g.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="fp32, or bf16: Keras mixed_bfloat16 (float32 variables, bfloat16 compute, "
                         "float32 sigmoid output, so losses and metrics stay float32)")

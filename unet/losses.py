@@ -1,7 +1,12 @@
 """Losses and metrics of the training step (TensorFlow ops).
 
 The seed's Dice loss pools the whole batch: ``-log((2*sum(y*p) + s) /
-(sum(y) + sum(p) + s))`` with s = 1, over every pixel and region. Metrics are
+(sum(y) + sum(p) + s))`` with s = 1, over every pixel and region, so the whole
+tumour (by far the largest region) dominates it and the tumour core and the
+enhancing tumour get almost no gradient. The default, ``region_dice_bce``, takes
+the soft Dice of each region separately (pooled over batch and pixels), averages
+``1 - Dice`` over the regions present in the batch, and adds binary
+cross-entropy (docs/TRAINING.md, "Loss", for what was measured). Metrics are
 per region, from pooled sums, so ranks can add their sums and get exactly the
 single-process value. Inputs are cast to float32 first, so a bfloat16
 prediction is summed in float32.
@@ -31,6 +36,28 @@ def bce_loss(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
     return -tf.reduce_mean(y_true * tf.math.log(p) + (1.0 - y_true) * tf.math.log(1.0 - p))
 
 
+def region_dice_loss(y_true: tf.Tensor, y_pred: tf.Tensor, smooth: float = SMOOTH,
+                     present_only: bool = True, log: bool = True) -> tf.Tensor:
+    """Soft Dice per region (pooled over batch and pixels), ``-log`` of it averaged over regions.
+
+    ``present_only``: regions absent from the batch's reference are left out of the mean
+    (their Dice is undefined; cross-entropy still punishes false positives there), so a
+    batch without enhancing tumour does not reward an all-background answer.
+    ``log``: ``-log(Dice)`` rather than ``1 - Dice``; near the all-background state the
+    gradient of ``1 - Dice`` vanishes and training stays there (docs/TRAINING.md).
+    """
+    y_true, y_pred = _f32(y_true, y_pred)
+    axes = tuple(range(len(y_true.shape) - 1))   # static: batch and pixels
+    inter = tf.reduce_sum(y_true * y_pred, axis=axes)
+    ref = tf.reduce_sum(y_true, axis=axes)
+    dice = (2.0 * inter + smooth) / (ref + tf.reduce_sum(y_pred, axis=axes) + smooth)
+    per_region = -tf.math.log(dice) if log else 1.0 - dice
+    if not present_only:
+        return tf.reduce_mean(per_region)
+    present = tf.cast(ref > 0, tf.float32)
+    return tf.reduce_sum(present * per_region) / tf.maximum(tf.reduce_sum(present), 1.0)
+
+
 def get_loss(name: str):
     if name == "dice":
         return dice_loss
@@ -38,6 +65,8 @@ def get_loss(name: str):
         return bce_loss
     if name == "dice_bce":
         return lambda y, p: dice_loss(y, p) + bce_loss(y, p)
+    if name == "region_dice_bce":
+        return lambda y, p: region_dice_loss(y, p) + bce_loss(y, p)
     raise ValueError(f"unknown loss {name!r}")
 
 
