@@ -16,7 +16,7 @@ def run(script, *args):
 
 
 def test_mpirun_launcher_binds_and_trains(tmp_path):
-    p = run("launch_mpirun.sh", "--np", "2", "--", *TINY, "--logdir", str(tmp_path / "l"))
+    p = run("launch_mpirun.sh", "--np", "2", "--", *TINY, "--dropout", "0.2", "--logdir", str(tmp_path / "l"))
     assert p.returncode == 0, p.stderr[-2000:]
     assert "bound to" in p.stderr or "MCW rank" in p.stderr          # --report-bindings
     ranks = sorted(l for l in p.stdout.splitlines() if "rank " in l and " intra " in l)
