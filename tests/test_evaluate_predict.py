@@ -92,7 +92,7 @@ def oracle(trained):
 
 
 # the oracle's prediction is the reference carried through: no clean-up may change it
-RAW = ("--min_component_mm3", "0", "--et_min_mm3", "0")
+RAW = ("--wt_components", "all", "--et_min_mm3", "0")
 
 
 def predict_with(oracle_net, *args):

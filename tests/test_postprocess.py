@@ -8,7 +8,7 @@ from unet.data import labels as L
 from unet.postprocess import PostError, PostOptions, add_flags, components_to_keep, options_from_args, postprocess
 
 REGIONS = ("WT", "TC", "ET")
-OFF = PostOptions(min_component_mm3=0, et_min_mm3=0)
+OFF = PostOptions(wt_components="all", et_min_mm3=0)
 
 
 def _probs(shape=(20, 40, 40)):
@@ -26,7 +26,7 @@ def test_head_mask_sets_voxels_outside_every_modality_to_background():
     brain = np.zeros(p.shape[:3], bool)
     brain[:, :, 5:] = True                      # the cube's x = 2..4 lie outside the head
     on = postprocess(p, brain, REGIONS, (1, 1, 1), OFF)
-    off = postprocess(p, brain, REGIONS, (1, 1, 1), PostOptions(head_mask=False, min_component_mm3=0, et_min_mm3=0))
+    off = postprocess(p, brain, REGIONS, (1, 1, 1), PostOptions(head_mask=False, wt_components="all", et_min_mm3=0))
     assert off[..., 0].sum() == 6 ** 3
     assert on[..., 0].sum() == 6 * 6 * 3       # x = 5..7 only
     assert not on[~brain].any()
@@ -36,7 +36,7 @@ def test_threshold_decides_membership():
     p = _probs()
     p[5, 5, 5, 0], p[5, 5, 6, 0] = 0.55, 0.45
     assert postprocess(p, None, REGIONS, (1, 1, 1), OFF)[..., 0].sum() == 1
-    low = PostOptions(threshold=0.4, min_component_mm3=0, et_min_mm3=0)
+    low = PostOptions(threshold=0.4, wt_components="all", et_min_mm3=0)
     assert postprocess(p, None, REGIONS, (1, 1, 1), low)[..., 0].sum() == 2
 
 
@@ -58,7 +58,7 @@ def test_small_whole_tumour_components_are_dropped_with_their_core():
     p = _probs()
     _cube(p, 2, 2, 2, 10, (0.9, 0.9, 0.9))     # 1000 voxels
     _cube(p, 15, 30, 30, 4, (0.9, 0.9, 0.0))   # 64 voxels, with core
-    opts = PostOptions(min_component_mm3=100, et_min_mm3=0)
+    opts = PostOptions(wt_components="volume", min_component_mm3=100, et_min_mm3=0)
     m = postprocess(p, None, REGIONS, (1, 1, 1), opts)
     assert m[..., 0].sum() == 1000 and m[..., 1].sum() == 1000 and m[15:, 30:, 30:].sum() == 0
     # 2 mm slices: the small blob is 128 mm3 and stays; the 100 mm3 limit is 50 voxels there
@@ -73,30 +73,32 @@ def test_small_whole_tumour_components_are_dropped_with_their_core():
 def test_keep_largest_keeps_one_component():
     p = _probs()
     _cube(p, 2, 2, 2, 10, (0.9, 0.0, 0.0))
-    _cube(p, 14, 25, 25, 9, (0.9, 0.0, 0.0))   # 729 voxels, well over the volume limit
-    m = postprocess(p, None, REGIONS, (1, 1, 1), PostOptions(keep_largest=True, et_min_mm3=0))
+    _cube(p, 10, 25, 25, 9, (0.9, 0.0, 0.0))   # 729 voxels, over the 500 mm3 volume limit
+    m = postprocess(p, None, REGIONS, (1, 1, 1), PostOptions(et_min_mm3=0))     # the default
     assert m[..., 0].sum() == 1000
+    both = postprocess(p, None, REGIONS, (1, 1, 1), PostOptions(wt_components="volume", et_min_mm3=0))
+    assert both[..., 0].sum() == 1729
 
 
 def test_small_enhancing_tumour_becomes_necrosis():
     p = _probs()
     _cube(p, 2, 2, 2, 10, (0.9, 0.9, 0.0))
     _cube(p, 4, 4, 4, 5, (0.9, 0.9, 0.9))      # ET 125 voxels
-    small = postprocess(p, None, REGIONS, (1, 1, 1), PostOptions(min_component_mm3=0, et_min_mm3=200))
+    small = postprocess(p, None, REGIONS, (1, 1, 1), PostOptions(wt_components="all", et_min_mm3=200))
     assert small[..., 2].sum() == 0 and small[..., 1].sum() == 1000
     lab = L.labels_from_regions(small, "brats")
     assert (lab == 4).sum() == 0 and (lab == 1).sum() == 1000
-    kept = postprocess(p, None, REGIONS, (1, 1, 1), PostOptions(min_component_mm3=0, et_min_mm3=100))
+    kept = postprocess(p, None, REGIONS, (1, 1, 1), PostOptions(wt_components="all", et_min_mm3=100))
     assert kept[..., 2].sum() == 125
     # the rule counts mm3: 125 voxels of 2 mm3 are 250 mm3, over the 200 mm3 limit
-    assert postprocess(p, None, REGIONS, (2, 1, 1), PostOptions(min_component_mm3=0))[..., 2].sum() == 125
+    assert postprocess(p, None, REGIONS, (2, 1, 1), PostOptions(wt_components="all"))[..., 2].sum() == 125
 
 
 def test_single_region_model_gets_the_component_clean_up_only():
     p = np.zeros((10, 20, 20, 1), np.float32)
     p[1:9, 1:9, 1:9] = 0.9
     p[9, 18, 18] = 0.9
-    m = postprocess(p, None, ("WT",), (1, 1, 1), PostOptions(min_component_mm3=10))
+    m = postprocess(p, None, ("WT",), (1, 1, 1), PostOptions(wt_components="volume", min_component_mm3=10))
     assert m.shape == p.shape and m.sum() == 512
 
 
@@ -110,6 +112,7 @@ def test_flags_map_to_options_and_bad_values_name_the_flag():
     o = options_from_args(_ns())
     assert o == PostOptions()
     assert options_from_args(_ns(threshold=0.3)).threshold == 0.3
+    assert options_from_args(_ns(wt_components="volume")).wt_components == "volume"
     for flag, value in (("threshold", 1.5), ("min_component_mm3", -1), ("et_min_mm3", -2)):
         with pytest.raises(PostError, match=f"--{flag}"):
             options_from_args(_ns(**{flag: value}))

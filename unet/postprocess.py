@@ -6,9 +6,10 @@ Used alike by unet-predict and unet-evaluate --model, so what is scored is what 
    background (``--no_head_mask`` keeps the network's raw answer there);
 2. threshold the probabilities (``--threshold``);
 3. nesting: TC inside WT, ET inside TC (BraTS regions are nested by definition);
-4. whole-tumour clean-up: 3-D connected components of WT (26-connectivity) under
-   ``--min_component_mm3`` are dropped, or all but the largest (``--keep_largest``); the
-   TC and ET voxels inside a dropped component go with it;
+4. whole-tumour clean-up of the 3-D connected components of WT (26-connectivity),
+   ``--wt_components``: keep the largest (the default), keep those of at least
+   ``--min_component_mm3`` (``volume``), or keep all; the TC and ET voxels inside a dropped
+   component go with it;
 5. the BraTS enhancing-tumour rule: a predicted ET smaller than ``--et_min_mm3`` in all is
    relabelled necrosis (it stays in TC, leaves ET), since a few enhancing voxels are far more
    often a false positive than a real small enhancing tumour and an ET-free case scores
@@ -28,6 +29,7 @@ from scipy import ndimage
 
 # defaults measured on the demo's validation cases (docs/TRAINING.md, "Post-processing")
 DEFAULT_THRESHOLD = 0.5
+WT_COMPONENTS = ("largest", "volume", "all")
 DEFAULT_MIN_COMPONENT_MM3 = 500.0
 DEFAULT_ET_MIN_MM3 = 200.0
 
@@ -40,13 +42,14 @@ class PostError(ValueError):
 class PostOptions:
     head_mask: bool = True
     threshold: float = DEFAULT_THRESHOLD
+    wt_components: str = "largest"
     min_component_mm3: float = DEFAULT_MIN_COMPONENT_MM3
-    keep_largest: bool = False
     et_min_mm3: float = DEFAULT_ET_MIN_MM3
     tta: bool = False
 
     def describe(self) -> str:
-        wt = "largest WT component" if self.keep_largest else f"WT components >= {self.min_component_mm3:g} mm3"
+        wt = {"largest": "largest WT component", "all": "all WT components",
+              "volume": f"WT components >= {self.min_component_mm3:g} mm3"}[self.wt_components]
         return (f"head mask {'on' if self.head_mask else 'off'}, threshold {self.threshold:g}, {wt}, "
                 f"ET < {self.et_min_mm3:g} mm3 -> necrosis, tta {'on' if self.tta else 'off'}")
 
@@ -60,10 +63,11 @@ def add_flags(p: argparse.ArgumentParser) -> None:
                    help="keep predictions where every modality is zero (outside the head)")
     g.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                    help="probability above which a voxel belongs to a region")
+    g.add_argument("--wt_components", choices=WT_COMPONENTS, default="largest",
+                   help="whole-tumour connected components kept: the largest, those of at least "
+                        "--min_component_mm3 (volume), or all")
     g.add_argument("--min_component_mm3", type=float, default=DEFAULT_MIN_COMPONENT_MM3,
-                   help="drop whole-tumour connected components smaller than this (mm3); 0 = keep all")
-    g.add_argument("--keep_largest", action="store_true",
-                   help="keep only the largest whole-tumour component (overrides --min_component_mm3)")
+                   help="--wt_components volume: drop whole-tumour components smaller than this (mm3)")
     g.add_argument("--et_min_mm3", type=float, default=DEFAULT_ET_MIN_MM3,
                    help="a predicted enhancing tumour smaller than this in all (mm3) becomes necrosis "
                         "(stays tumour core); 0 = off")
@@ -76,9 +80,8 @@ def options_from_args(a: argparse.Namespace) -> PostOptions:
     for flag in ("min_component_mm3", "et_min_mm3"):
         if getattr(a, flag) < 0:
             raise PostError(f"--{flag} must be >= 0 (got {getattr(a, flag)})")
-    return PostOptions(head_mask=not a.no_head_mask, threshold=a.threshold,
-                       min_component_mm3=a.min_component_mm3, keep_largest=a.keep_largest,
-                       et_min_mm3=a.et_min_mm3, tta=a.tta)
+    return PostOptions(head_mask=not a.no_head_mask, threshold=a.threshold, wt_components=a.wt_components,
+                       min_component_mm3=a.min_component_mm3, et_min_mm3=a.et_min_mm3, tta=a.tta)
 
 
 def nest(masks: np.ndarray, regions) -> np.ndarray:
@@ -92,7 +95,8 @@ def nest(masks: np.ndarray, regions) -> np.ndarray:
 
 
 def components_to_keep(mask: np.ndarray, min_voxels: float, keep_largest: bool) -> np.ndarray:
-    """The part of a 3-D boolean mask whose 26-connected components survive the clean-up."""
+    """The part of a 3-D boolean mask whose 26-connected components survive the clean-up:
+    the largest one, or those of at least ``min_voxels``."""
     if not mask.any() or (min_voxels <= 0 and not keep_largest):
         return mask
     lab, n = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, bool))
@@ -118,9 +122,10 @@ def postprocess(probs: np.ndarray, brain: np.ndarray | None, regions, spacing,
         p = probs * brain[..., None]
     masks = nest(p > opts.threshold, regions)
     names = list(regions)
-    if "WT" in names:
+    if "WT" in names and opts.wt_components != "all":
         w = names.index("WT")
-        kept = components_to_keep(masks[..., w], opts.min_component_mm3 / voxel_mm3, opts.keep_largest)
+        kept = components_to_keep(masks[..., w], opts.min_component_mm3 / voxel_mm3,
+                                  opts.wt_components == "largest")
         masks &= kept[..., None]
     if "ET" in names and opts.et_min_mm3 > 0:
         e = names.index("ET")
