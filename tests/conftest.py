@@ -59,7 +59,13 @@ def mpi_env(**extra) -> dict:
     return env
 
 
-def run_mpi(np_: int, argv: list[str], *, timeout: float = 300, cwd: str | None = None,
+# A wait on a job ends with the event it waits for, or when the job ends; HANG only stops a job
+# that hangs. (The slowest job of the suite takes about 3 minutes on a 2-core AVX2 box with a busy
+# loop on each core: a budget tuned to a fast machine would fail a slow one.)
+HANG = 900
+
+
+def run_mpi(np_: int, argv: list[str], *, timeout: float = HANG, cwd: str | None = None,
             mpi_args: list[str] = (), env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``mpirun -np N python ARGV`` for real; a hang fails the test at ``timeout``."""
     cmd = ["mpirun", "-np", str(np_), "--oversubscribe", *mpi_args, sys.executable, *argv]
@@ -93,10 +99,6 @@ def rank_pid(marker: str, rank: int) -> int | None:
                 (f"OMPI_COMM_WORLD_RANK={rank}" in env or f"HOROVOD_RANK={rank}" in env):
             return int(pid)
     return None
-
-
-# A wait on a job ends with the event it waits for, or when the job ends; HANG only stops a job that hangs.
-HANG = 900
 
 
 def signal_rank_once_training(cmd: list[str], logdir: str, sig: int, *, rank: int = 1,

@@ -2,6 +2,7 @@ import os
 
 import pytest
 
+from conftest import HANG
 from unet.distributed import physical_cores, threads_for_rank
 
 
@@ -64,7 +65,7 @@ def _run_py(code: str, **env):
     import sys
     e = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI", "HOROVOD_", "KMP_", "OMP_"))}
     e.update(TF_CPP_MIN_LOG_LEVEL="3", **env)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=e)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG, env=e)
 
 
 @pytest.mark.needs_stack   # TensorFlow and Horovod (conftest: a failure under CI, a skip elsewhere)

@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from conftest import HANG, ROOT, run_mpi, train_args
+from conftest import ROOT, run_mpi, train_args
 from h5fixture import write_h5
 from unet.distributed import physical_cores
 
@@ -54,9 +54,9 @@ def test_two_ranks_average_like_one_rank_with_double_batch(tmp_path):
     first moments 1.4e-7 apart after step 1, 5e-5 after step 2, 7e-4 after step 4, relative)."""
     two, one = str(tmp_path / "two"), str(tmp_path / "one")
     # 32 training images: global batch 8 -> 4 steps, both runs see the same samples per step
-    p2 = run_mpi(2, train_args(two, "--batch_size", "4", *FROZEN), timeout=HANG)
+    p2 = run_mpi(2, train_args(two, "--batch_size", "4", *FROZEN))
     assert p2.returncode == 0, p2.stderr[-3000:]
-    p1 = run_mpi(1, train_args(one, "--batch_size", "8", *FROZEN), timeout=HANG)
+    p1 = run_mpi(1, train_args(one, "--batch_size", "8", *FROZEN))
     assert p1.returncode == 0, p1.stderr[-3000:]
     assert "global_batch=8 steps/epoch=4" in p2.stdout and "global_batch=8 steps/epoch=4" in p1.stdout
     assert re.search(r"weights: identical on 2 ranks", p2.stdout), p2.stdout
@@ -88,14 +88,13 @@ def validation_line(logdir):
 
 def test_missing_data_file_fails_fast_on_every_rank(tmp_path):
     p = run_mpi(2, [os.path.join(ROOT, "train_hvd.py"), "--data", str(tmp_path / "nope.h5"),
-                    "--logdir", str(tmp_path / "logs")], timeout=90)
+                    "--logdir", str(tmp_path / "logs")])
     assert p.returncode != 0
     errors = [l for l in p.stderr.splitlines() if l.startswith("train_hvd.py: error:")]
     assert errors == [f"train_hvd.py: error: --data {tmp_path / 'nope.h5'}: no such file or folder"]
     assert not (tmp_path / "logs").exists()
     # no --data and no --synthetic: the default data/brats.h5 (under the working directory)
-    p = run_mpi(2, [os.path.join(ROOT, "train_hvd.py"), "--logdir", str(tmp_path / "logs")], timeout=90,
-                cwd=str(tmp_path))
+    p = run_mpi(2, [os.path.join(ROOT, "train_hvd.py"), "--logdir", str(tmp_path / "logs")], cwd=str(tmp_path))
     assert p.returncode != 0
     errors = [l for l in p.stderr.splitlines() if l.startswith("train_hvd.py: error:")]
     assert len(errors) == 1 and errors[0].startswith("train_hvd.py: error: --data data/brats.h5: no such file "
@@ -104,14 +103,14 @@ def test_missing_data_file_fails_fast_on_every_rank(tmp_path):
 
 
 def test_bad_flag_value_is_one_line_from_rank0(tmp_path):
-    p = run_mpi(2, [os.path.join(ROOT, "train_hvd.py"), "--synthetic", "--batch_size", "0"], timeout=60)
+    p = run_mpi(2, [os.path.join(ROOT, "train_hvd.py"), "--synthetic", "--batch_size", "0"])
     assert p.returncode != 0
     assert p.stderr.count("--batch_size must be >= 1 (got 0)") == 1
 
 
 def test_batch_larger_than_a_shard_is_refused_before_training(tmp_path):
     logdir = tmp_path / "logs"
-    p = run_mpi(2, train_args(str(logdir), "--batch_size", "20"), timeout=90)   # 2 x 20 > 32 images
+    p = run_mpi(2, train_args(str(logdir), "--batch_size", "20"))   # 2 x 20 > 32 images
     assert p.returncode == 2
     errors = [l for l in p.stderr.splitlines() if l.startswith("train_hvd.py: error:")]
     assert errors == ["train_hvd.py: error: --batch_size 20 x 2 ranks = 40 images per step, more than "
