@@ -93,6 +93,25 @@ print(json.dumps(dict(env, line=s.line(), intra=tf.config.threading.get_intra_op
     assert late.returncode != 0 and "prepare_rank must run before TensorFlow is imported" in late.stderr
 
 
+def test_elastic_rank_turns_off_what_breaks_a_reformed_ring():
+    """Elastic workers: Horovod's response cache off (a joining worker aborted at its second step
+    with it on), the fusion threshold dropped; plain mpirun ranks keep the user's settings."""
+    code = """
+import json, os
+from unet.distributed import prepare_rank
+prepare_rank(num_threads=1, num_inter_threads=1, blocktime=0)
+print(json.dumps({k: os.environ.get(k) for k in ("HOROVOD_CACHE_CAPACITY", "HOROVOD_FUSION_THRESHOLD")}))
+"""
+    user = dict(HOROVOD_CACHE_CAPACITY="1024", HOROVOD_FUSION_THRESHOLD="67108864")
+    import json
+    p = _run_py(code, HOROVOD_ELASTIC="1", HOROVOD_RANK="0", HOROVOD_SIZE="1", **user)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads(p.stdout.splitlines()[-1]) == {"HOROVOD_CACHE_CAPACITY": "0", "HOROVOD_FUSION_THRESHOLD": None}
+    assert "HOROVOD_CACHE_CAPACITY=1024 replaced by 0 in an elastic run" in p.stderr
+    p = _run_py(code, **user)
+    assert json.loads(p.stdout.splitlines()[-1]) == user
+
+
 def test_unet_train_is_train_hvd_py():
     import subprocess
     import sys
