@@ -59,7 +59,13 @@ def mpi_env(**extra) -> dict:
     return env
 
 
-def run_mpi(np_: int, argv: list[str], *, timeout: float = 300, cwd: str | None = None,
+# A wait on a job ends with the event it waits for, or when the job ends; HANG only stops a job
+# that hangs. (The slowest job of the suite takes about 3 minutes on a 2-core AVX2 box with a busy
+# loop on each core: a budget tuned to a fast machine would fail a slow one.)
+HANG = 900
+
+
+def run_mpi(np_: int, argv: list[str], *, timeout: float = HANG, cwd: str | None = None,
             mpi_args: list[str] = (), env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``mpirun -np N python ARGV`` for real; a hang fails the test at ``timeout``."""
     cmd = ["mpirun", "-np", str(np_), "--oversubscribe", *mpi_args, sys.executable, *argv]
@@ -97,22 +103,29 @@ def rank_pid(marker: str, rank: int) -> int | None:
 
 def signal_rank_once_training(cmd: list[str], logdir: str, sig: int, *, rank: int = 1,
                               env: dict | None = None) -> tuple[int, str, str, float]:
-    """Start ``cmd`` (a job training into ``logdir``), send ``sig`` to ``rank`` once its first step is
-    logged, and wait for the job to end: (exit code, stdout, stderr, seconds from the signal)."""
+    """Start ``cmd`` (a job training into ``logdir``), send ``sig`` to ``rank`` once a step is logged
+    and the rank's process is found, and wait for the job to end: (exit code, stdout, stderr,
+    seconds from the signal). A job that ends before that fails the test with its output."""
     import signal as signals
     import time
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env or mpi_env(), cwd=ROOT, start_new_session=True)
     try:
         log = os.path.join(logdir, "training.log")
-        deadline = time.time() + 180
-        while time.time() < deadline and not (os.path.exists(log) and os.path.getsize(log) > 0):
-            time.sleep(0.2)
-        victim = rank_pid(logdir, rank)
-        assert victim, f"rank {rank} not found"
+        deadline, victim = time.time() + HANG, None
+        while not victim:
+            if proc.poll() is not None:
+                out, err = proc.communicate()
+                raise AssertionError(f"the job ended (exit {proc.returncode}) before rank {rank} trained "
+                                     f"a step:\n{out[-1500:]}\n{err[-3000:]}")
+            assert time.time() < deadline, f"no step of rank {rank} logged in {HANG} s: the job hangs"
+            if os.path.exists(log) and os.path.getsize(log) > 0:
+                victim = rank_pid(logdir, rank)
+            if not victim:
+                time.sleep(0.2)
         t0 = time.time()
         os.kill(victim, sig)
-        out, err = proc.communicate(timeout=120)
+        out, err = proc.communicate(timeout=HANG)
         return proc.returncode, out, err, time.time() - t0
     finally:
         if proc.poll() is None:

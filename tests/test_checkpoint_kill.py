@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from conftest import ROOT
+from conftest import HANG, ROOT
 from unet.checkpoint import list_checkpoints
 
 
@@ -19,8 +19,8 @@ def test_latest_checkpoint_always_loads_after_sigkill(tmp_path):
         folder = tmp_path / f"try{attempt}"
         proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "mpi_scripts", "ckpt_writer.py"),
                                  str(folder)], env=env)
-        deadline = time.time() + 60           # wait for the first save, then kill at a random moment
-        while not list_checkpoints(str(folder)) and time.time() < deadline:
+        deadline = time.time() + HANG         # wait for the first save, then kill at a random moment
+        while not list_checkpoints(str(folder)) and time.time() < deadline and proc.poll() is None:
             time.sleep(0.01)
         time.sleep(rnd.random())
         proc.send_signal(signal.SIGKILL)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import ROOT, run_mpi
+from conftest import HANG, ROOT, run_mpi
 from unet.data.convert import CONVERTER_VERSION
 
 # The label tables, written out here independently of unet.data.labels.
@@ -26,7 +26,7 @@ def synth(out, *args):
 
 def convert(*args):
     return subprocess.run([sys.executable, "-m", "unet.data.convert", "--no_progress", *map(str, args)],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+                          capture_output=True, text=True, timeout=HANG, cwd=ROOT)
 
 
 def rows(path):
@@ -106,8 +106,7 @@ def test_workers_and_mpi_ranks_give_the_same_slices(tmp_path):
     base = ["--input", tmp_path / "in", "--size", 64, "--slices", "tumour"]
     assert convert(*base, "--output", tmp_path / "a.h5").returncode == 0
     assert convert(*base, "--output", tmp_path / "b.h5", "--workers", 2).returncode == 0
-    p = run_mpi(2, ["-m", "unet.data.convert", "--no_progress", *map(str, base), "--output", str(tmp_path / "c.h5")],
-                timeout=300)
+    p = run_mpi(2, ["-m", "unet.data.convert", "--no_progress", *map(str, base), "--output", str(tmp_path / "c.h5")])
     assert p.returncode == 0, p.stderr[-2000:]
     a, b, c = rows(tmp_path / "a.h5"), rows(tmp_path / "b.h5"), rows(tmp_path / "c.h5")
     assert a.keys() == b.keys() == c.keys()

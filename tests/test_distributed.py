@@ -2,6 +2,7 @@ import os
 
 import pytest
 
+from conftest import HANG
 from unet.distributed import physical_cores, threads_for_rank
 
 
@@ -64,7 +65,7 @@ def _run_py(code: str, **env):
     import sys
     e = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI", "HOROVOD_", "KMP_", "OMP_"))}
     e.update(TF_CPP_MIN_LOG_LEVEL="3", **env)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=e)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG, env=e)
 
 
 @pytest.mark.needs_stack   # TensorFlow and Horovod (conftest: a failure under CI, a skip elsewhere)
@@ -90,6 +91,25 @@ print(json.dumps(dict(env, line=s.line(), intra=tf.config.threading.get_intra_op
     assert d["line"].startswith("rank 0/1 host ") and f"cores {cores} intra {cores} inter 3 KMP_BLOCKTIME 30" in d["line"]
     late = _run_py("import tensorflow\nfrom unet.distributed import prepare_rank\nprepare_rank(0, 2, 0)")
     assert late.returncode != 0 and "prepare_rank must run before TensorFlow is imported" in late.stderr
+
+
+def test_elastic_rank_turns_off_what_breaks_a_reformed_ring():
+    """Elastic workers: Horovod's response cache off (a joining worker aborted at its second step
+    with it on), the fusion threshold dropped; plain mpirun ranks keep the user's settings."""
+    code = """
+import json, os
+from unet.distributed import prepare_rank
+prepare_rank(num_threads=1, num_inter_threads=1, blocktime=0)
+print(json.dumps({k: os.environ.get(k) for k in ("HOROVOD_CACHE_CAPACITY", "HOROVOD_FUSION_THRESHOLD")}))
+"""
+    user = dict(HOROVOD_CACHE_CAPACITY="1024", HOROVOD_FUSION_THRESHOLD="67108864")
+    import json
+    p = _run_py(code, HOROVOD_ELASTIC="1", HOROVOD_RANK="0", HOROVOD_SIZE="1", **user)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads(p.stdout.splitlines()[-1]) == {"HOROVOD_CACHE_CAPACITY": "0", "HOROVOD_FUSION_THRESHOLD": None}
+    assert "HOROVOD_CACHE_CAPACITY=1024 replaced by 0 in an elastic run" in p.stderr
+    p = _run_py(code, **user)
+    assert json.loads(p.stdout.splitlines()[-1]) == user
 
 
 def test_unet_train_is_train_hvd_py():

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import ROOT, run_mpi
+from conftest import HANG, ROOT, run_mpi
 
 pytestmark = pytest.mark.mpi
 
@@ -25,7 +25,7 @@ ONE = "BraTS20_Training_001"
 BGR = {"WT": (0, 200, 0), "TC": (0, 200, 255), "ET": (0, 0, 255)}   # write_png's colours
 
 
-def py(module, *args, timeout=300):
+def py(module, *args, timeout=HANG):
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
 

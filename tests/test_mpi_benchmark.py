@@ -25,5 +25,5 @@ def test_benchmark_line(tmp_path):
 
 
 def test_benchmark_refuses_a_data_file(tmp_path):
-    p = run_mpi(2, [os.path.join(ROOT, "train_hvd.py"), "--benchmark", "--data", "x.h5"], timeout=60)
+    p = run_mpi(2, [os.path.join(ROOT, "train_hvd.py"), "--benchmark", "--data", "x.h5"])
     assert p.returncode == 2 and "--benchmark uses in-memory synthetic data; drop --data" in p.stderr

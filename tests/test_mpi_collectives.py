@@ -14,7 +14,7 @@ def results(proc):
 
 
 def test_allreduce_of_known_values_and_broadcast_from_rank0(mpirun):
-    out = results(mpirun(2, [f"{ROOT}/tests/mpi_scripts/collectives.py"], timeout=120))
+    out = results(mpirun(2, [f"{ROOT}/tests/mpi_scripts/collectives.py"]))
     assert [d["rank"] for d in out] == [0, 1] and all(d["size"] == 2 for d in out)
     for d in out:
         # rank 0 holds [0,1,2,3], rank 1 holds [10,11,12,13]
@@ -24,7 +24,7 @@ def test_allreduce_of_known_values_and_broadcast_from_rank0(mpirun):
 
 
 def test_three_ranks_oversubscribed(mpirun):
-    out = results(mpirun(3, [f"{ROOT}/tests/mpi_scripts/collectives.py"], timeout=120))
+    out = results(mpirun(3, [f"{ROOT}/tests/mpi_scripts/collectives.py"]))
     assert len(out) == 3
     for d in out:
         assert d["sum"] == [30.0, 33.0, 36.0, 39.0]

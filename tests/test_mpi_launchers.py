@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 
-from conftest import ROOT, mpi_env, signal_rank_once_training
+from conftest import HANG, ROOT, mpi_env, signal_rank_once_training
 
 pytestmark = pytest.mark.mpi
 TINY = ["--synthetic", "--synthetic_size", "32", "--synthetic_train", "32", "--batch_size", "4", "--epochs", "1"]
@@ -12,7 +12,7 @@ TINY = ["--synthetic", "--synthetic_size", "32", "--synthetic_train", "32", "--b
 
 def run(script, *args):
     return subprocess.run([os.path.join(ROOT, "scripts", script), *args], capture_output=True, text=True,
-                          timeout=300, env=mpi_env())
+                          timeout=HANG, env=mpi_env())
 
 
 def test_mpirun_launcher_binds_and_trains(tmp_path):

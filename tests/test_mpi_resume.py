@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, mpi_env, run_mpi, train_args
+from conftest import HANG, ROOT, mpi_env, run_mpi, train_args
 
 pytestmark = pytest.mark.mpi
 FLAGS = ["--loss", "bce", "--dropout", "0", "--epochs", "2", "--checkpoint_every", "2", "--no_validation",
@@ -30,7 +30,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=mpi_env(),
                             cwd=ROOT, start_new_session=True)
     first = os.path.join(cut, "checkpoints", "ckpt-00000002.npz")
-    deadline = time.time() + 240
+    deadline = time.time() + HANG
     while not os.path.exists(first) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)                      # the whole job, mid-training
@@ -54,7 +54,7 @@ def test_fresh_ignores_and_resume_names_a_checkpoint(tmp_path):
     assert run_mpi(2, train_args(logdir, "--epochs", "1")).returncode == 0
     again = run_mpi(2, train_args(logdir, "--epochs", "1", "--fresh"))
     assert again.returncode == 0 and "resumed" not in again.stdout
-    bad = run_mpi(2, train_args(logdir, "--resume", str(tmp_path / "none.npz")), timeout=60)
+    bad = run_mpi(2, train_args(logdir, "--resume", str(tmp_path / "none.npz")))
     assert bad.returncode == 2 and f"--resume {tmp_path / 'none.npz'}: no such checkpoint file" in bad.stderr
 
 
@@ -63,7 +63,7 @@ def test_checkpoint_of_another_model_is_refused_on_every_rank(tmp_path):
     assert run_mpi(2, train_args(logdir, "--epochs", "1")).returncode == 0
     (ckpt,) = [f for f in os.listdir(os.path.join(logdir, "checkpoints")) if f.startswith("ckpt-")]
     other = run_mpi(2, train_args(str(tmp_path / "o"), "--synthetic_channels", "3", "--resume",
-                                  os.path.join(logdir, "checkpoints", ckpt)), timeout=120)
+                                  os.path.join(logdir, "checkpoints", ckpt)))
     assert other.returncode == 2
     errs = [l for l in other.stderr.splitlines() if l.startswith("train_hvd.py: error:")]
     assert len(errs) == 1 and "checkpoint of another model" in errs[0]
@@ -74,7 +74,7 @@ def test_checkpoint_on_data_of_another_size_is_refused(tmp_path):
     assert run_mpi(2, train_args(logdir, "--epochs", "1")).returncode == 0   # 32x32 images
     bigger = train_args(logdir, "--epochs", "2")
     bigger[bigger.index("--synthetic_size") + 1] = "64"   # same weights fit, the data does not
-    p = run_mpi(2, bigger, timeout=120)
+    p = run_mpi(2, bigger)
     assert p.returncode == 2
     errs = [l for l in p.stderr.splitlines() if l.startswith("train_hvd.py: error:")]
     assert len(errs) == 1 and "trained on 32x32x1 -> 1 region(s), but --synthetic data is 64x64x1" in errs[0]

@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from conftest import ROOT, mpi_env
+from conftest import HANG, ROOT, mpi_env
 from h5fixture import write_h5
 from unet.schedule import learning_rate
 
@@ -23,7 +23,7 @@ def free_port() -> int:
 
 
 def get_json(url):
-    with urllib.request.urlopen(url, timeout=5) as r:
+    with urllib.request.urlopen(url, timeout=60) as r:   # a busy server answers late, not never
         return json.loads(r.read())
 
 
@@ -37,7 +37,7 @@ def test_rank0_tensorboard_scalars_images_histograms_and_nothing_from_rank1(tmp_
     # relative --logdir shows exactly what each rank wrote.
     cmd = ["mpirun", "--oversubscribe", "-np", "1", "-wdir", str(wd0), *train, ":",
            "-np", "1", "-wdir", str(wd1), *train]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=mpi_env())
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG, env=mpi_env())
     assert p.returncode == 0, p.stderr[-3000:]
     assert "input 32x32x2 (FLAIR,T1ce) regions WT,TC,ET" in p.stdout   # shape from the file's metadata
     assert "global_batch=8 steps/epoch=3" in p.stdout
@@ -67,8 +67,8 @@ def test_rank0_tensorboard_scalars_images_histograms_and_nothing_from_rank1(tmp_
                            "--reload_interval", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline, scalars = time.time() + 90, {}
-        while time.time() < deadline:
+        deadline, scalars = time.time() + HANG, {}      # TensorBoard starts and loads the logs
+        while time.time() < deadline and tb.poll() is None:
             try:
                 scalars = get_json(f"{base}/data/plugin/scalars/tags")
                 if "validation" in scalars and "train" in scalars:
@@ -76,6 +76,7 @@ def test_rank0_tensorboard_scalars_images_histograms_and_nothing_from_rank1(tmp_
             except OSError:
                 pass
             time.sleep(1)
+        assert "train" in scalars and "validation" in scalars, f"TensorBoard exited ({tb.poll()}) or shows {scalars}"
         assert {"loss", "learning_rate", "img_per_sec", "dice_WT", "dice_TC", "dice_ET"} <= set(scalars["train"])
         assert {"loss", "dice_WT", "dice_TC", "dice_ET"} <= set(scalars["validation"])
         loss = get_json(f"{base}/data/plugin/scalars/scalars?run=train&tag=loss")
@@ -113,7 +114,7 @@ def test_progress_bar_on_rank0_when_a_terminal(tmp_path):
         if not chunk:
             break
         out += chunk
-    assert p.wait(timeout=300) == 0, out.decode(errors="replace")[-2000:]
+    assert p.wait(timeout=HANG) == 0, out.decode(errors="replace")[-2000:]
     os.close(master)
     text = out.decode(errors="replace")
     assert "epoch 1/1" in text and "step" in text and "4/4" in text, text[-2000:]

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import IN_CI, ROOT, mpi_env, train_args
+from conftest import HANG, IN_CI, ROOT, mpi_env, train_args
 
 pytestmark = pytest.mark.mpi
 PREFIX = "unethvd"
@@ -101,5 +101,5 @@ def train_on(hosts, tmp_path):
            "-x", "PATH", "-x", "PYTHONPATH", "-x", "TF_CPP_MIN_LOG_LEVEL", "-x", "UNET_NETNS_PREFIX",
            "-x", "OMPI_ALLOW_RUN_AS_ROOT", "-x", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM",
            sys.executable, *train_args(str(tmp_path / "logs"))]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=mpi_env(UNET_NETNS_PREFIX=PREFIX),
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=HANG, env=mpi_env(UNET_NETNS_PREFIX=PREFIX),
                           cwd=ROOT)

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import IN_CI, ROOT, mpi_env
+from conftest import HANG, IN_CI, ROOT, mpi_env
 
 pytestmark = pytest.mark.mpi
 NEEDED = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol")
@@ -41,14 +41,14 @@ def test_sbatch_wrapper_trains_on_real_slurm(slurm, tmp_path, launch):
                   TB_PORT="16116", LAUNCH=launch)
     out = tmp_path / "job.out"
     sub = subprocess.run(["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--ntasks-per-socket=2",
-                          "--cpus-per-task=1", f"--output={out}", "--time=00:10:00",
+                          "--cpus-per-task=1", f"--output={out}", "--time=00:20:00",
                           SBATCH,
                           "--synthetic", "--synthetic_size", "32", "--synthetic_train", "32",
                           "--batch_size", "4", "--epochs", "1"],
                          capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=60)
     assert sub.returncode == 0, sub.stderr
     job = sub.stdout.strip().split(";")[0]
-    deadline, state = time.time() + 300, ""
+    deadline, state = time.time() + HANG, ""
     while time.time() < deadline:
         show = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, env=env).stdout
         state = re.search(r"JobState=(\w+)", show).group(1) if "JobState=" in show else ""

@@ -38,6 +38,14 @@ RUNTIME_DEFAULTS = {
 # when an elastic job re-forms its ring after a worker died (3 of 3 tries here; either
 # setting alone: 0 of 4). Its default threshold is the same 64 MB, so elastic runs drop it.
 ELASTIC_UNSAFE = ("HOROVOD_FUSION_THRESHOLD",)
+# Horovod's response cache (negotiation by cache bit instead of by tensor name) does not
+# stay consistent over an elastic reset: a worker that joins a running job starts with an
+# empty cache, the survivor's bits do not match it, and at the second step after the join the
+# ranks run different fused allreduces (Gloo: "op.preamble.length <= op.nbytes"). The new
+# worker aborts, is started again, and so on (a 2 -> 1 -> 2 run here: 15 joins, 14 ending at
+# their second step; with the cache off, one join that stays). Elastic runs turn it off: the
+# gradients go in one grouped allreduce, so that costs one negotiation per step.
+ELASTIC_SETTINGS = {"HOROVOD_CACHE_CAPACITY": "0"}
 
 LAUNCHER_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "HOROVOD_RANK")
 LAUNCHER_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "HOROVOD_SIZE")
@@ -139,6 +147,11 @@ def prepare_rank(num_threads: int, num_inter_threads: int, blocktime: int) -> Ra
             if os.environ.pop(k, None) is not None:
                 print(f"note: {k} ignored in an elastic run (Horovod 0.28.1 crashes re-forming the ring with it)",
                       file=sys.stderr)
+        for k, v in ELASTIC_SETTINGS.items():
+            if os.environ.get(k, v) != v:
+                print(f"note: {k}={os.environ[k]} replaced by {v} in an elastic run (a joining worker "
+                      f"crashes at its second step otherwise)", file=sys.stderr)
+            os.environ[k] = v
     host = socket.gethostname()
     cpus = frozenset(os.sched_getaffinity(0))
     comm = _mpi_comm()
