@@ -137,3 +137,15 @@ def test_flip_tta_is_the_mean_of_the_four_mirrored_predictions():
     want = (s * ramp + s * ramp[:, :, ::-1]) / 2
     assert np.allclose(pred.network_output(x, tta=True), want, atol=1e-6)
     assert np.allclose(pred.network_output(x, tta=False), s * ramp, atol=1e-6)
+
+
+@pytest.mark.parametrize("tool", ["unet.evaluate", "unet.predict"])
+def test_a_bad_post_processing_flag_is_one_line_before_any_work(tool, tmp_path, capsys):
+    import importlib
+    main = importlib.import_module(tool).main
+    argv = (["--model", str(tmp_path / "none"), "--data", str(tmp_path / "none.h5")] if tool == "unet.evaluate"
+            else ["--model", str(tmp_path / "none"), "--case", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert main(argv + ["--et_min_mm3", "-5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"{tool.replace('.', '-')}: error: --et_min_mm3 must be >= 0 (got -5.0)"]
+    assert not (tmp_path / "o").exists()
