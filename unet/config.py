@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "0.2 made the inference-mode network disagree with the trained one and validation "
                         "Dice fall between epochs, see docs/TRAINING.md)")
     g.add_argument("--loss", choices=("region_dice_bce", "dice", "dice_bce", "bce"), default="region_dice_bce",
-                   help="region_dice_bce: mean over the regions present in the batch of 1 - soft Dice "
+                   help="region_dice_bce: mean over the regions present in the batch of -log(soft Dice) "
                         "(each region pooled over batch and pixels) plus binary cross-entropy, so every "
                         "region learns; dice: -log((2*sum(y*p)+1)/(sum(y)+sum(p)+1)) pooled over the batch "
                         "and all regions (the seed's; the whole tumour dominates it, and at the seed's rate "

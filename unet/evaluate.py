@@ -20,8 +20,8 @@ import numpy as np
 
 from unet.data import labels as L
 from unet.data.layouts import LayoutError, detect_layout, find_cases
-from unet.metrics import score_regions, summarise
 from unet.distributed import launcher_rank
+from unet.metrics import score_regions, summarise
 from unet.postprocess import PostError, add_flags, options_from_args
 
 GEOMETRY_TOL = 1e-3

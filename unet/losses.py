@@ -5,7 +5,7 @@ The seed's Dice loss pools the whole batch: ``-log((2*sum(y*p) + s) /
 tumour (by far the largest region) dominates it and the tumour core and the
 enhancing tumour get almost no gradient. The default, ``region_dice_bce``, takes
 the soft Dice of each region separately (pooled over batch and pixels), averages
-``1 - Dice`` over the regions present in the batch, and adds binary
+``-log(Dice)`` over the regions present in the batch, and adds binary
 cross-entropy (docs/TRAINING.md, "Loss", for what was measured). Metrics are
 per region, from pooled sums, so ranks can add their sums and get exactly the
 single-process value. Inputs are cast to float32 first, so a bfloat16

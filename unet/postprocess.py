@@ -47,12 +47,6 @@ class PostOptions:
     et_min_mm3: float = DEFAULT_ET_MIN_MM3
     tta: bool = False
 
-    def describe(self) -> str:
-        wt = {"largest": "largest WT component", "all": "all WT components",
-              "volume": f"WT components >= {self.min_component_mm3:g} mm3"}[self.wt_components]
-        return (f"head mask {'on' if self.head_mask else 'off'}, threshold {self.threshold:g}, {wt}, "
-                f"ET < {self.et_min_mm3:g} mm3 -> necrosis, tta {'on' if self.tta else 'off'}")
-
 
 def add_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("post-processing (the same for unet-predict and unet-evaluate --model)")
