@@ -38,6 +38,30 @@ def test_upsampling_variant_and_multi_region_head():
     assert up.get_layer("conv6a").input.shape[-1] == 512 + 256
 
 
+@pytest.mark.parametrize("norm, groups", [("group", [8] * 18), ("instance", None)])
+def test_normalised_unet_puts_a_norm_between_each_3x3_conv_and_its_relu(norm, groups):
+    from unet.model import build_unet
+    m = build_unet(32, 32, 2, 3, norm=norm, dropout=0.0)
+    convs = [l for l in m.layers if type(l).__name__ == "Conv2D" and l.kernel_size == (3, 3)]
+    norms = [l for l in m.layers if type(l).__name__ == "GroupNormalization"]
+    assert len(convs) == len(norms) == 18
+    names = [l.name for l in m.layers]
+    for c, n in zip(convs, norms):
+        assert c.activation.__name__ == "linear"            # the ReLU comes after the normalisation
+        assert names.index(n.name) == names.index(c.name) + 1
+        assert names[names.index(n.name) + 1] == "relu" + c.name[4:]
+    assert [n.groups for n in norms] == (groups or [c.filters for c in convs])
+    # a scale and an offset per channel on top of the seed's 7,759,521 (1 channel, 1 region)
+    assert build_unet(128, 128, 1, 1, norm=norm).count_params() == 7_759_521 + 2 * sum(c.filters for c in convs)
+    # per-sample statistics: a slice's output does not depend on its batch, nor on training mode
+    x = np.random.default_rng(0).normal(size=(3, 32, 32, 2)).astype(np.float32)
+    full = np.asarray(m(x, training=False))
+    np.testing.assert_allclose(np.asarray(m(x[1:2], training=False)), full[1:2], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(m(x, training=True)), full, atol=1e-6)
+    with pytest.raises(ValueError, match="norm must be one of"):
+        build_unet(32, 32, 2, 3, norm="batch")
+
+
 def test_dice_loss_equals_hand_computation():
     import tensorflow as tf
     from unet.losses import dice_from_sums, dice_loss, dice_sums

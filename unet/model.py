@@ -14,6 +14,8 @@ sigmoid head in float32, so the output, losses and metrics stay float32.
 from __future__ import annotations
 
 FILTERS = (32, 64, 128, 256)
+NORMS = ("none", "group", "instance")  # --norm: what follows each 3x3 convolution before its ReLU
+GROUPS = 8  # --norm group: channels per group = filters / 8 (Wu & He, "Group Normalization", 2018)
 BOTTLENECK = 512
 DROPOUT_LEVELS = (3, 4)  # 1-based encoder levels with dropout, as in the seed
 PRECISIONS = {"fp32": "float32", "bf16": "mixed_bfloat16"}  # flag value -> Keras dtype policy
@@ -21,24 +23,38 @@ PRECISIONS = {"fp32": "float32", "bf16": "mixed_bfloat16"}  # flag value -> Kera
 
 def build_unet(height: int, width: int, channels: int, regions: int, *,
                use_upsampling: bool = False, dropout: float = 0.2,
-               precision: str = "fp32") -> keras.Model:
+               precision: str = "fp32", norm: str = "none") -> keras.Model:
     import keras  # here, so the constants above import without Keras (unet.flops)
     from keras import layers
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     dt = PRECISIONS[precision]
-    conv = dict(kernel_size=3, activation="relu", padding="same", kernel_initializer="he_uniform", dtype=dt)
+    kw = dict(kernel_size=3, padding="same", kernel_initializer="he_uniform", dtype=dt)
+
+    def conv(f, name):
+        """3x3 convolution + ReLU; with ``norm``, conv -> normalisation -> ReLU (the same statistics
+        in training and inference: nothing to drift between the two, nothing to synchronise)."""
+        def apply(x):
+            if norm == "none":
+                return layers.Conv2D(f, activation="relu", name=name, **kw)(x)
+            x = layers.Conv2D(f, name=name, **kw)(x)
+            x = layers.GroupNormalization(GROUPS if norm == "group" else f, name=f"norm{name[4:]}",
+                                          dtype=dt)(x)
+            return layers.Activation("relu", name=f"relu{name[4:]}", dtype=dt)(x)
+        return apply
     inputs = keras.Input((height, width, channels), name="images")
     x, skips = inputs, []
     for level, f in enumerate(FILTERS, start=1):
-        x = layers.Conv2D(f, name=f"conv{level}a", **conv)(x)
+        x = conv(f, f"conv{level}a")(x)
         if level in DROPOUT_LEVELS and dropout > 0:
             x = layers.Dropout(dropout, name=f"drop{level}", dtype=dt)(x)
-        x = layers.Conv2D(f, name=f"conv{level}b", **conv)(x)
+        x = conv(f, f"conv{level}b")(x)
         skips.append(x)
         x = layers.MaxPooling2D(2, name=f"pool{level}", dtype=dt)(x)
-    x = layers.Conv2D(BOTTLENECK, name="conv5a", **conv)(x)
-    x = layers.Conv2D(BOTTLENECK, name="conv5b", **conv)(x)
+    x = conv(BOTTLENECK, "conv5a")(x)
+    x = conv(BOTTLENECK, "conv5b")(x)
     for level, (f, skip) in enumerate(zip(reversed(FILTERS), reversed(skips)), start=6):
         if use_upsampling:
             up = layers.UpSampling2D(2, name=f"up{level}", dtype=dt)(x)
@@ -46,7 +62,7 @@ def build_unet(height: int, width: int, channels: int, regions: int, *,
             up = layers.Conv2DTranspose(f, 2, strides=2, padding="same",
                                         kernel_initializer="he_uniform", name=f"transConv{level}", dtype=dt)(x)
         x = layers.Concatenate(axis=-1, name=f"concat{level}", dtype=dt)([up, skip])
-        x = layers.Conv2D(f, name=f"conv{level}a", **conv)(x)
-        x = layers.Conv2D(f, name=f"conv{level}b", **conv)(x)
+        x = conv(f, f"conv{level}a")(x)
+        x = conv(f, f"conv{level}b")(x)
     outputs = layers.Conv2D(regions, 1, activation="sigmoid", name="mask", dtype="float32")(x)
     return keras.Model(inputs, outputs, name="unet")

@@ -73,7 +73,8 @@ def run(args, setup, hvd, train_src, val_src, info) -> int:
     rank, size = hvd.rank(), hvd.size()
     keras.utils.set_random_seed(args.seed + rank)  # dropout differs per rank; weights come from rank 0
     model = build_unet(info.height, info.width, info.channels, info.regions,
-                       use_upsampling=args.use_upsampling, dropout=args.dropout, precision=args.precision)
+                       use_upsampling=args.use_upsampling, dropout=args.dropout, precision=args.precision,
+                       norm=args.norm)
     optimizer = keras.optimizers.Adam(learning_rate=args.learningrate)
     optimizer.build(model.trainable_variables)  # create Adam's slots now, so they can be broadcast
     loss_fn = get_loss(args.loss)
@@ -147,7 +148,7 @@ def run(args, setup, hvd, train_src, val_src, info) -> int:
         return {"dice": dice_from_sums(total[:-2].reshape(2, -1)), "loss": total[-2] / max(total[-1], 1)}
 
     meta = {"data": info.to_json(), "model": {"use_upsampling": args.use_upsampling,
-            "dropout": args.dropout, "loss": args.loss}, "seed": args.seed}
+            "dropout": args.dropout, "norm": args.norm, "loss": args.loss}, "seed": args.seed}
     counters = {}
     if restored:
         counters = {"epoch": restored["epoch"], "step": restored["step"],
