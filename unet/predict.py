@@ -21,6 +21,7 @@ import sys
 
 import numpy as np
 
+from unet import engines as E
 from unet.data import labels as L
 from unet.data import preprocess as P
 from unet.data.nifti import DataError, Options, read_case
@@ -28,6 +29,7 @@ from unet.data.layouts import Case, LayoutError, case_from_files, find_cases
 from unet.postprocess import PostError, PostOptions, add_flags, options_from_args, postprocess
 
 LABEL_SETS = ("brats", "brats2023", "msd")
+FILE_ENGINE = {".keras": "tensorflow", ".xml": "openvino", ".onnx": "onnxruntime"}
 
 
 class ModelError(Exception):
@@ -35,11 +37,15 @@ class ModelError(Exception):
 
 
 class Predictor:
-    def __init__(self, model_path: str, batch_size: int = 16):
-        if os.path.isdir(model_path):
-            model_path = os.path.join(model_path, "model.keras")
-        meta_path = os.path.join(os.path.dirname(model_path), "model.json")
-        for p in (model_path, meta_path):
+    """A trained network behind one inference engine (``unet.engines``), with the preprocessing its
+    model.json records and the same pre- and post-processing whatever the engine."""
+
+    def __init__(self, model_path: str, batch_size: int = 16, engine: str | None = None, threads: int = 0):
+        folder = model_path if os.path.isdir(model_path) else os.path.dirname(model_path) or "."
+        # a file names its engine (model.xml -> openvino, ...) unless --engine says otherwise
+        named = None if os.path.isdir(model_path) else FILE_ENGINE.get(os.path.splitext(model_path)[1])
+        meta_path = os.path.join(folder, "model.json")
+        for p in ([] if os.path.isdir(model_path) else [model_path]) + [meta_path]:
             if not os.path.isfile(p):
                 raise ModelError(f"--model: {p}: no such file")
         try:
@@ -62,13 +68,17 @@ class Predictor:
                 raise ModelError(f"{meta_path}: data.attrs.{key} {attrs[key]!r} is not implemented "
                                  f"(known: {', '.join(map(repr, known))})")
         self.normalisation, self.inplane = attrs["normalisation"], attrs["inplane"]
-        self.model_path, self.batch_size, self._model = model_path, batch_size, None
+        self.engine = engine or named or E.default_engine(folder, self.meta)
+        # what is missing is said now, before any case is read
+        self.model_path = model_path if named == self.engine else E.check(self.engine, folder, self.meta)
+        self.folder, self.batch_size, self.threads, self._model = folder, batch_size, threads, None
 
     @property
     def model(self):
+        """The engine instance: called on a batch of slices, returns their probabilities."""
         if self._model is None:
-            import keras
-            self._model = keras.saving.load_model(self.model_path, compile=False)
+            from unet.distributed import inference_threads
+            self._model = E.CLASSES[self.engine](self.model_path, self.threads or inference_threads())
         return self._model
 
     def network_input(self, chans: np.ndarray) -> P.NetworkInput:
@@ -181,14 +191,24 @@ def main(argv=None) -> int:
                     help="a case folder, the modality files of one case (any layout, told apart by suffix; "
                          "a segmentation among them is drawn in --png), an MSD 4-D image, or a dataset root "
                          "(batch mode)")
-    ap.add_argument("--out", required=True, help="output .nii.gz for one case, or a folder for several")
+    ap.add_argument("--out", help="output .nii.gz for one case, or a folder for several (not with --benchmark)")
     ap.add_argument("--labels", choices=LABEL_SETS, default="brats",
                     help="label convention written: brats 1/2/4, brats2023 1/2/3, msd 2/1/3 (core/edema/enh.)")
     ap.add_argument("--png", default=None, help="folder for one overview picture per case")
+    E.add_flags(ap)
+    ap.add_argument("--benchmark", action="store_true",
+                    help="write nothing: run every engine that can run the model on the cases, interleaved, and "
+                         "print slices/s, per-case latency p50/p90, the ratio to TensorFlow and the share of "
+                         "the CPU's fp32 peak for each")
+    ap.add_argument("--repeats", type=int, default=3, help="--benchmark: rounds over the cases")
     add_flags(ap)
     a = ap.parse_args(argv)
     try:
         post = options_from_args(a)
+        bad = E.flag_error(a) or (None if a.benchmark or a.out else "--out is required (or --benchmark)") \
+            or (f"--repeats must be >= 1 (got {a.repeats})" if a.repeats < 1 else None)
+        if bad:
+            raise PostError(bad)
     except PostError as e:
         print(f"unet-predict: error: {e}", file=sys.stderr)
         return 2
@@ -196,10 +216,15 @@ def main(argv=None) -> int:
         cases = _cases(a.case)
         if not cases:
             raise LayoutError(f"--case {' '.join(a.case)}: no case found")
-        pred = Predictor(a.model)
-    except (LayoutError, ModelError) as e:
+        if a.benchmark:
+            from unet.inference_benchmark import run as benchmark
+            return benchmark(a.model, cases, post, threads=a.num_threads, repeats=a.repeats,
+                             engines=[a.engine] if a.engine else None)
+        pred = Predictor(a.model, engine=a.engine, threads=a.num_threads)
+    except (LayoutError, ModelError, E.EngineError, DataError) as e:
         print(f"unet-predict: error: {e}", file=sys.stderr)
         return 2
+    print(f"unet-predict: engine {pred.engine} ({pred.model_path})", flush=True)
     many = len(cases) > 1 or os.path.isdir(a.out) or not a.out.endswith((".nii", ".nii.gz"))
     os.makedirs(a.out if many else os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     if a.png:
