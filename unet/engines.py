@@ -23,6 +23,7 @@ import numpy as np
 ENGINES = ("openvino", "onnxruntime", "tensorflow")
 FORMAT = {"openvino": "openvino", "onnxruntime": "onnx", "tensorflow": "keras"}   # engine -> file format
 EXPORT_FORMATS = ("openvino", "onnx", "saved_model")                           # what unet-export writes
+EXPORT_NEEDS = {"openvino": ("openvino",), "onnx": ("tf2onnx", "onnx"), "saved_model": ()}  # beyond TensorFlow
 FILES = {"openvino": "model.xml", "onnx": "model.onnx", "keras": "model.keras", "saved_model": "saved_model"}
 MODULE = {"openvino": "openvino", "onnxruntime": "onnxruntime", "tensorflow": "tensorflow"}
 PACKAGE = {"openvino": "openvino", "onnxruntime": "onnxruntime", "tensorflow": "tensorflow-cpu"}
@@ -35,6 +36,13 @@ class EngineError(Exception):
 def installed(engine: str) -> bool:
     """Is the engine's Python package importable (without importing it)?"""
     return importlib.util.find_spec(MODULE[engine]) is not None
+
+
+def export_missing(fmt: str) -> str | None:
+    """Why Keras cannot export ``fmt`` here (packages not installed), or None."""
+    missing = [m for m in EXPORT_NEEDS[fmt] if importlib.util.find_spec(m) is None]
+    return (f"the {fmt} export needs the {' and '.join(missing)} package(s), not installed (scripts/setup.sh "
+            f"installs them, pinned in scripts/constraints.txt)") if missing else None
 
 
 def model_file(engine: str, folder: str, meta: dict) -> str:

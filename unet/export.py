@@ -14,20 +14,19 @@ The trainer calls ``add_exports`` on rank 0 at the end of training (``--export``
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
 import statistics
 import sys
 import time
+import warnings
 
 import numpy as np
 
 from unet import engines as E
 from unet.checkpoint import write_model_json
 
-NEEDS = {"openvino": ("openvino",), "onnx": ("tf2onnx", "onnx"), "saved_model": ()}   # beyond TensorFlow
 KERAS_FORMAT = {"openvino": "openvino", "onnx": "onnx", "saved_model": "tf_saved_model"}
 
 
@@ -35,18 +34,13 @@ class ExportError(Exception):
     """A format cannot be written, or the model cannot be read (one line)."""
 
 
-def missing_packages(fmt: str) -> list[str]:
-    return [m for m in NEEDS[fmt] if importlib.util.find_spec(m) is None]
-
-
 def check_formats(formats) -> None:
     for fmt in formats:
         if fmt not in E.EXPORT_FORMATS:
             raise ExportError(f"--format {fmt}: unknown (known: {', '.join(E.EXPORT_FORMATS)})")
-        missing = missing_packages(fmt)
-        if missing:
-            raise ExportError(f"--format {fmt} needs the {' and '.join(missing)} package(s), not installed "
-                              f"(scripts/setup.sh installs them, pinned in scripts/constraints.txt)")
+        why = E.export_missing(fmt)
+        if why:
+            raise ExportError(f"--format {fmt}: {why}")
 
 
 def float32_model(model):
@@ -70,7 +64,9 @@ def write_format(model, folder: str, fmt: str) -> dict:
     final = os.path.join(folder, name)
     stem, ext = os.path.splitext(name)
     tmp = os.path.join(folder, f".{stem}.tmp-{pid}{ext}")
-    model.export(tmp, format=KERAS_FORMAT[fmt], verbose=False)
+    with warnings.catch_warnings():   # Keras' own patch of tf2onnx for numpy 2 trips a FutureWarning
+        warnings.simplefilter("ignore", FutureWarning)
+        model.export(tmp, format=KERAS_FORMAT[fmt], verbose=False)
     record = {"file": name, "exporter": f"keras {keras.__version__} model.export(format={KERAS_FORMAT[fmt]!r})"}
     if fmt == "openvino":      # the IR is two files: the weights first, so the graph never names absent ones
         os.replace(tmp[:-len(ext)] + ".bin", os.path.join(folder, stem + ".bin"))
@@ -79,7 +75,7 @@ def write_format(model, folder: str, fmt: str) -> dict:
         shutil.rmtree(final)
     os.replace(tmp, final)
     runtime = [E.PACKAGE[e] for e, f in E.FORMAT.items() if f == fmt]     # the engine that reads it
-    record["versions"] = {p: _version(p) for p in (*NEEDS[fmt], *runtime)}
+    record["versions"] = {p: _version(p) for p in (*E.EXPORT_NEEDS[fmt], *runtime)}
     return record
 
 
@@ -191,6 +187,7 @@ def main(argv=None) -> int:
     except ExportError as e:
         print(f"unet-export: error: {e}", file=sys.stderr)
         return 2
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from unet.distributed import inference_threads
     threads = a.num_threads or inference_threads()
     E.set_tensorflow_threads(threads)

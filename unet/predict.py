@@ -203,6 +203,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="--benchmark: rounds over the cases")
     add_flags(ap)
     a = ap.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         post = options_from_args(a)
         bad = E.flag_error(a) or (None if a.benchmark or a.out else "--out is required (or --benchmark)") \
