@@ -97,16 +97,19 @@ def set_tensorflow_threads(threads: int) -> int:
 
 
 class TensorFlowEngine:
-    """model.keras through Keras, the forward pass traced once as a tf.function (no Python per layer)."""
+    """model.keras through Keras, the forward pass traced once as a tf.function (no Python per layer);
+    ``traced=False`` calls the Keras model eagerly, layer by layer, as unet-predict did before the
+    engines (kept as a reference row of the benchmark)."""
     name = "tensorflow"
 
-    def __init__(self, path: str, threads: int):
+    def __init__(self, path: str, threads: int, traced: bool = True):
         self.threads = set_tensorflow_threads(threads)
         import keras
         import tensorflow as tf
         self.model = keras.saving.load_model(path, compile=False)
         spec = tf.TensorSpec((None,) + tuple(self.model.input_shape[1:]), tf.float32)
-        self._fn = tf.function(lambda x: self.model(x, training=False), input_signature=[spec])
+        self._fn = tf.function(lambda x: self.model(x, training=False), input_signature=[spec]) if traced \
+            else (lambda x: self.model(x, training=False))
 
     def __call__(self, x: np.ndarray, training: bool = False) -> np.ndarray:
         return self._fn(np.asarray(x, np.float32)).numpy()

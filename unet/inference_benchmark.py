@@ -12,6 +12,9 @@ the output back on the case grid and post-processed. Per engine it prints
   (``unet.flops``: convolutions of the forward pass; peak = cores x clock x flop/cycle of its ISA);
 * the largest probability difference to TensorFlow on the first case.
 
+With ``eager`` a row ``tf-eager`` adds the Keras model called eagerly, layer by layer: how
+unet-predict ran TensorFlow before the engines (the TensorFlow engine traces it as a tf.function).
+
 Each engine gets the threads of the trainer's rule (the physical cores this process is bound to),
 or ``--num_threads``.
 """
@@ -52,7 +55,7 @@ def time_case(pred, chans, spacing, post) -> tuple[float, float, int, np.ndarray
     return t2 - t1, time.perf_counter() - t0, len(inp.slices) * (4 if post.tta else 1), probs
 
 
-def run(model: str, cases, post, *, threads: int = 0, repeats: int = 3, engines=None) -> int:
+def run(model: str, cases, post, *, threads: int = 0, repeats: int = 3, engines=None, eager: bool = False) -> int:
     from unet.distributed import inference_threads
     from unet.predict import Predictor, reference_image
     threads = threads or inference_threads()
@@ -64,6 +67,9 @@ def run(model: str, cases, post, *, threads: int = 0, repeats: int = 3, engines=
             skipped.append(str(e))
     if not preds:
         raise E.EngineError("; ".join(skipped))
+    if eager and "tensorflow" in preds:     # the same model.keras called eagerly: the path before the engines
+        preds["tf-eager"] = Predictor(model, engine="tensorflow", threads=threads)
+        preds["tf-eager"]._model = E.TensorFlowEngine(preds["tf-eager"].model_path, threads, traced=False)
     first = next(iter(preds.values()))
     data = []
     for case in cases:

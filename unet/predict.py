@@ -201,6 +201,8 @@ def main(argv=None) -> int:
                          "print slices/s, per-case latency p50/p90, the ratio to TensorFlow and the share of "
                          "the CPU's fp32 peak for each")
     ap.add_argument("--repeats", type=int, default=3, help="--benchmark: rounds over the cases")
+    ap.add_argument("--eager", action="store_true",
+                    help="--benchmark: add a row tf-eager, the Keras model called eagerly (no tf.function)")
     add_flags(ap)
     a = ap.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -220,7 +222,7 @@ def main(argv=None) -> int:
         if a.benchmark:
             from unet.inference_benchmark import run as benchmark
             return benchmark(a.model, cases, post, threads=a.num_threads, repeats=a.repeats,
-                             engines=[a.engine] if a.engine else None)
+                             engines=[a.engine] if a.engine else None, eager=a.eager)
         pred = Predictor(a.model, engine=a.engine, threads=a.num_threads)
     except (LayoutError, ModelError, E.EngineError, DataError) as e:
         print(f"unet-predict: error: {e}", file=sys.stderr)
