@@ -1,13 +1,14 @@
 """unet-evaluate: per-case, volume-level Dice / HD95 / sensitivity / specificity for WT, TC, ET.
 
     unet-evaluate --pred_dir P --ref_dir R [--labels brats|brats2023|msd] [--csv out.csv]
-    mpirun -np 2 unet-evaluate --model LOGDIR --data data.h5 [--csv out.csv] [--pred_dir OUT]
+    mpirun -np 2 unet-evaluate --model LOGDIR --data data.h5 [--engine E] [--csv out.csv] [--pred_dir OUT]
 
 The first form scores any segmentations: ``<case>.nii.gz`` in P against
 ``<case>.nii.gz`` in R, or against the reference dataset root R in any layout
 unet-convert reads. The second runs a trained model over the validation cases of
 the HDF5 file (read back from their original NIfTI, geometry intact); under mpirun
-the cases are shared among ranks and rank 0 gathers, prints and writes.
+the cases are shared among ranks, each rank runs its own inference engine (``unet.engines``) with
+its share of the cores, and rank 0 gathers, prints and writes.
 """
 from __future__ import annotations
 

@@ -3,6 +3,8 @@
     unet-predict --model LOGDIR_OR_MODEL.keras --case CASE_DIR --out seg.nii.gz
     unet-predict --model LOGDIR --case X_flair.nii.gz X_t1.nii.gz X_t1ce.nii.gz X_t2.nii.gz --out seg.nii.gz
     unet-predict --model LOGDIR --case DATASET_ROOT --out OUT_DIR      # every case found
+    unet-predict --model LOGDIR --engine openvino|onnxruntime|tensorflow --case ... --out ...
+    unet-predict --model LOGDIR --case DATASET_ROOT --benchmark        # every engine, timed
 
 The preprocessing (modalities and their order, z-score over brain voxels,
 in-plane size and crop/resize) is read from the model's ``model.json``, written
@@ -10,7 +12,8 @@ at training time from the data file's metadata; nothing is re-typed. Every axial
 slice is predicted (with ``--tta``, mirrored too), the in-plane step undone, and the
 probabilities post-processed (``unet.postprocess``: head mask, threshold, nesting,
 whole-tumour clean-up, the small-ET rule) into regions, then the dataset's labels
-(BraTS 1/2/4 by default) on the input's grid, spacing, origin and direction.
+(BraTS 1/2/4 by default) on the input's grid, spacing, origin and direction. The network
+runs in one of the inference engines (``unet.engines``); all the rest is the same for each.
 """
 from __future__ import annotations
 
