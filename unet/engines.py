@@ -117,14 +117,19 @@ class TensorFlowEngine:
 
 class OpenVINOEngine:
     """The OpenVINO IR (model.xml + model.bin) on OpenVINO Runtime's CPU plugin, in fp32: without
-    the precision hint it would run bf16 on CPUs that have it, which changes the probabilities."""
+    the precision hint it would run bf16 on CPUs that have it, which changes the probabilities.
+    One stream of ``threads`` threads, not pinned to cores: on a 2-core machine shared with other
+    jobs (load average 12) pinned threads ran 8.4 slices/s, unpinned 10.8, TensorFlow 7.0 (128x128x4,
+    batch 16, interleaved medians); two streams of one thread (THROUGHPUT hint) 9.8. Under mpirun the
+    rank's binding already keeps its threads on its cores."""
     name = "openvino"
 
     def __init__(self, path: str, threads: int):
         import openvino as ov
         self.threads = threads
         self._model = ov.Core().compile_model(path, "CPU", {
-            "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"})
+            "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
+            "ENABLE_CPU_PINNING": False})
 
     def __call__(self, x: np.ndarray, training: bool = False) -> np.ndarray:
         return np.asarray(self._model(np.ascontiguousarray(x, np.float32))[0])

@@ -101,7 +101,7 @@ def io_record(meta: dict) -> dict:
     }
 
 
-def measure_speeds(folder: str, meta: dict, threads: int, *, batch: int = 8, rounds: int = 3) -> dict:
+def measure_speeds(folder: str, meta: dict, threads: int, *, batch: int = 8, rounds: int = 5) -> dict:
     """slices/s of every engine that can run ``folder`` on one batch of random slices: one warm-up
     call each, then ``rounds`` rounds with the engines interleaved (a change of load on a shared
     machine hits all alike); the median round per engine."""
