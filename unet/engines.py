@@ -52,14 +52,15 @@ def model_file(engine: str, folder: str, meta: dict) -> str:
     return os.path.join(folder, rec.get("file", FILES[fmt]))
 
 
-def check(engine: str, folder: str, meta: dict) -> str:
-    """The engine's file, or EngineError saying what is missing and how to make it."""
+def check(engine: str, folder: str, meta: dict, path: str | None = None) -> str:
+    """The engine's file (``path``, else the one model.json names), or EngineError saying what is
+    missing and how to make it."""
     if engine not in ENGINES:
         raise EngineError(f"--engine {engine}: unknown (known: {', '.join(ENGINES)})")
     if not installed(engine):
         raise EngineError(f"--engine {engine}: the {PACKAGE[engine]} package is not installed "
                           f"(scripts/setup.sh installs it, pinned in scripts/constraints.txt)")
-    path = model_file(engine, folder, meta)
+    path = path or model_file(engine, folder, meta)
     if not os.path.exists(path):
         how = ("train again: the trainer writes model.keras" if engine == "tensorflow" else
                f"make it with: unet-export --model {folder} --format {FORMAT[engine]}")

@@ -73,7 +73,7 @@ class Predictor:
         self.normalisation, self.inplane = attrs["normalisation"], attrs["inplane"]
         self.engine = engine or named or E.default_engine(folder, self.meta)
         # what is missing is said now, before any case is read
-        self.model_path = model_path if named == self.engine else E.check(self.engine, folder, self.meta)
+        self.model_path = E.check(self.engine, folder, self.meta, model_path if named == self.engine else None)
         self.folder, self.batch_size, self.threads, self._model = folder, batch_size, threads, None
 
     @property
