@@ -49,7 +49,8 @@ def trained(tmp_path_factory):
            "--val_fraction", 0.5, "--no_progress")
     assert p.returncode == 0, p.stderr
     t = run_mpi(1, [os.path.join(ROOT, "train_hvd.py"), "--data", str(root / "d.h5"), "--logdir", str(root / "logs"),
-                    "--batch_size", "4", "--epochs", "1", "--steps_per_epoch", "2"])
+                    "--batch_size", "4", "--epochs", "1", "--steps_per_epoch", "2",
+                    "--export", "openvino"])   # the ONNX export (~6 s more) is tested in test_engines.py
     assert t.returncode == 0, t.stderr[-2000:]
     return root
 
@@ -146,11 +147,11 @@ def test_training_writes_the_engines_files_beside_model_keras(trained):
     logs = trained / "logs"
     with open(logs / "model.json") as f:
         ex = json.load(f)["exports"]
-    for fmt, name in (("keras", "model.keras"), ("openvino", "model.xml"), ("onnx", "model.onnx")):
+    for fmt, name in (("keras", "model.keras"), ("openvino", "model.xml")):
         assert ex[fmt]["file"] == name and (logs / name).stat().st_size > 0, fmt
     assert (logs / "model.bin").stat().st_size > 0
     assert ex["input"]["shape"] == [None, 64, 64, 4] and ex["input"]["preprocessing"]["inplane"] == "resize"
-    assert sorted(ex["benchmark"]["slices_per_s"]) == ["onnxruntime", "openvino", "tensorflow"]
+    assert sorted(ex["benchmark"]["slices_per_s"]) == ["openvino", "tensorflow"]
 
 
 def test_predictor_feeds_the_network_the_slices_it_was_trained_on(trained):
