@@ -108,7 +108,7 @@ def run(model: str, cases, post, *, threads: int = 0, repeats: int = 3, engines=
                           diff=float(np.abs(probs0[name] - probs0["tensorflow"]).max()) if "tensorflow" in probs0
                           else float("nan"))
     tf_rate = rows["tensorflow"]["rate"] if "tensorflow" in rows else float("nan")
-    print(f"benchmark: model {model}; {len(data)} case(s) x {repeats} round(s), {slices[name]} slices per engine"
+    print(f"benchmark: model {model}; {len(data)} case(s) x {repeats} round(s), {slices[order[0]]} slices per engine"
           f"{' (flip TTA: 4 passes each)' if post.tta else ''}; batch {first.batch_size}; threads {threads} per "
           f"engine; {fwd_flops / 1e9:.2f} GFLOP per slice; fp32 peak {peak / 1e9:.0f} GFLOP/s ({how}); "
           f"load average {load0:.2f} before, {load1:.2f} after")
