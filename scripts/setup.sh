@@ -22,7 +22,8 @@ Installs, in order, skipping what is already there:
      scripts/horovod_patch.py and built once; the wheel is cached under
      ${XDG_CACHE_HOME:-~/.cache}/unet-hvd/wheels/<key>/, key = Python, TF,
      Horovod, Open MPI versions, the build settings and the patch script's hash
-  5. this package (pip install -e .[test])
+  5. this package (pip install -e .[test]) and its pinned dependencies, among them
+     the inference engines openvino and onnxruntime and Keras' exporters' onnx, tf2onnx
   6. checks: horovodrun --check-build and a 2-rank mpirun allreduce
 
 Options:

@@ -1,10 +1,12 @@
 """Shared fixtures: a real ``mpirun`` launcher and the CI dependency gate.
 
-Under CI=true a missing TensorFlow, Horovod (with its TensorFlow ops) or MPI
-ends the run with an error; elsewhere the tests that need them are skipped.
+Under CI=true a missing TensorFlow, Horovod (with its TensorFlow ops) or MPI, or a
+missing inference engine or exporter (OpenVINO, ONNX Runtime, onnx, tf2onnx), ends the
+run with an error; elsewhere the tests that need them are skipped.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -29,11 +31,21 @@ def _missing_stack() -> list[str]:
 
 
 MISSING = _missing_stack()
+ENGINE_MODULES = ("openvino", "onnxruntime", "onnx", "tf2onnx")   # engines and Keras' exporters to them
+
+
+def _missing_engines() -> list[str]:
+    # installed or not, without importing them (tf2onnx would import TensorFlow): a package that is
+    # there but broken fails the tests that use it, it does not skip them
+    return [f"{mod} (not installed)" for mod in ENGINE_MODULES if importlib.util.find_spec(mod) is None]
+
+
+MISSING_ENGINES = _missing_engines()
 
 
 def pytest_sessionstart(session):
-    if IN_CI and MISSING:
-        pytest.exit("CI=true and the stack is incomplete: " + "; ".join(MISSING), returncode=3)
+    if IN_CI and (MISSING or MISSING_ENGINES):
+        pytest.exit("CI=true and the stack is incomplete: " + "; ".join(MISSING + MISSING_ENGINES), returncode=3)
 
 
 FIRST_MULTI_RANK = "test_mpi_collectives.py"
@@ -47,6 +59,11 @@ def pytest_collection_modifyitems(config, items):
         skip = pytest.mark.skip(reason="stack missing: " + "; ".join(MISSING))
         for item in items:
             if "mpi" in item.keywords or "needs_stack" in item.keywords:
+                item.add_marker(skip)
+    if MISSING_ENGINES:
+        skip = pytest.mark.skip(reason="inference engines missing: " + "; ".join(MISSING_ENGINES))
+        for item in items:
+            if "needs_engines" in item.keywords:
                 item.add_marker(skip)
 
 
@@ -79,10 +96,11 @@ def mpirun():
 
 
 def train_args(logdir: str, *extra: str) -> list[str]:
-    """Flags for a small, fast, deterministic training run."""
+    """Flags for a small, fast, deterministic training run (model.keras only: the exports to the
+    inference engines cost ~10 s a run and are tested in test_engines.py)."""
     return [os.path.join(ROOT, "train_hvd.py"), "--logdir", logdir, "--synthetic",
             "--synthetic_size", "32", "--synthetic_train", "32", "--synthetic_val", "8",
-            "--batch_size", "4", "--epochs", "1", *extra]
+            "--batch_size", "4", "--epochs", "1", "--export", "none", *extra]
 
 
 def rank_pid(marker: str, rank: int) -> int | None:

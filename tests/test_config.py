@@ -30,7 +30,14 @@ def test_data_defaults_to_data_brats_h5_unless_synthetic():
     (["--synthetic", "--learningrate", "-1"], "--learningrate"),
     (["--synthetic", "--synthetic_size", "100"], "--synthetic_size"),
     (["--synthetic", "--data", "x.h5"], "--data"),
+    (["--synthetic", "--export", "openvino,tflite"], "--export"),
 ])
 def test_bad_values_name_the_flag(argv, flag):
     with pytest.raises(UsageError, match=flag):
         parse_args(argv)
+
+
+def test_export_formats_default_to_openvino_and_onnx_and_none_means_model_keras_only():
+    assert parse_args(["--synthetic"]).export_formats == ["openvino", "onnx"]
+    assert parse_args(["--synthetic", "--export", "none"]).export_formats == []
+    assert parse_args(["--synthetic", "--export", "saved_model"]).export_formats == ["saved_model"]

@@ -15,7 +15,8 @@ pytestmark = pytest.mark.mpi
 # two host names for this machine, so the driver can drop one host without losing the other
 BOTH = "localhost slots=1\n127.0.0.1 slots=1\n"
 TRAIN = ["--synthetic", "--synthetic_size", "64", "--synthetic_train", "64", "--synthetic_val", "32",
-         "--batch_size", "4", "--epochs", "5", "--num_threads", "1", "--log_every", "1", "--seed", "5"]
+         "--batch_size", "4", "--epochs", "5", "--num_threads", "1", "--log_every", "1", "--seed", "5",
+         "--export", "none"]
 
 
 def worker_pid(hostname: str) -> int | None:

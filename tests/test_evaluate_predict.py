@@ -49,7 +49,8 @@ def trained(tmp_path_factory):
            "--val_fraction", 0.5, "--no_progress")
     assert p.returncode == 0, p.stderr
     t = run_mpi(1, [os.path.join(ROOT, "train_hvd.py"), "--data", str(root / "d.h5"), "--logdir", str(root / "logs"),
-                    "--batch_size", "4", "--epochs", "1", "--steps_per_epoch", "2"])
+                    "--batch_size", "4", "--epochs", "1", "--steps_per_epoch", "2",
+                    "--export", "openvino"])   # the ONNX export (~6 s more) is tested in test_engines.py
     assert t.returncode == 0, t.stderr[-2000:]
     return root
 
@@ -139,6 +140,18 @@ def test_predict_writes_labels_on_the_input_grid_and_scores_round_trip(trained, 
                              "sens_WT", "sens_TC", "sens_ET", "spec_WT", "spec_TC", "spec_ET"]
     assert all(0 <= float(r["dice_WT"]) <= 1 for r in rows)
     assert "dice_WT" in e.stdout and "median" in e.stdout
+
+
+@pytest.mark.needs_engines
+def test_training_writes_the_engines_files_beside_model_keras(trained):
+    logs = trained / "logs"
+    with open(logs / "model.json") as f:
+        ex = json.load(f)["exports"]
+    for fmt, name in (("keras", "model.keras"), ("openvino", "model.xml")):
+        assert ex[fmt]["file"] == name and (logs / name).stat().st_size > 0, fmt
+    assert (logs / "model.bin").stat().st_size > 0
+    assert ex["input"]["shape"] == [None, 64, 64, 4] and ex["input"]["preprocessing"]["inplane"] == "resize"
+    assert sorted(ex["benchmark"]["slices_per_s"]) == ["openvino", "tensorflow"]
 
 
 def test_predictor_feeds_the_network_the_slices_it_was_trained_on(trained):
@@ -359,6 +372,13 @@ def test_scoring_a_model_on_two_ranks(trained, tmp_path):
               re.findall(r"^rank (\d) scored (\d+) case\(s\): (.+)$", p.stdout, re.M)}
     assert sorted(shares) == [0, 1] and all(shares.values()), p.stdout
     assert shares[0].isdisjoint(shares[1]) and sorted(shares[0] | shares[1]) == val
+    # each rank ran its own engine, the default (fastest recorded), on its share of the cores
+    from unet.engines import default_engine
+    with open(trained / "logs" / "model.json") as f:
+        fastest = default_engine(str(trained / "logs"), json.load(f))
+    engines = re.findall(r"^rank (\d) engine (\w+) threads (\d+) ", p.stdout, re.M)
+    assert sorted(r for r, _, _ in engines) == ["0", "1"] and {e for _, e, _ in engines} == {fastest}, p.stdout
+    assert sum(int(t) for _, _, t in engines) <= len(os.sched_getaffinity(0))
     # rank 0's TensorBoard summary holds the CSV's means
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.util.tensor_util import make_ndarray

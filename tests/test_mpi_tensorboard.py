@@ -32,7 +32,7 @@ def test_rank0_tensorboard_scalars_images_histograms_and_nothing_from_rank1(tmp_
     wd0, wd1 = tmp_path / "rank0", tmp_path / "rank1"
     wd0.mkdir(); wd1.mkdir()
     train = [sys.executable, os.path.join(ROOT, "train_hvd.py"), "--data", data, "--logdir", "logs",
-             "--batch_size", "4", "--epochs", "2", "--log_every", "1", "--image_every", "2"]
+             "--batch_size", "4", "--epochs", "2", "--log_every", "1", "--image_every", "2", "--export", "none"]
     # MPMD launch: same program, each rank in its own working directory, so a
     # relative --logdir shows exactly what each rank wrote.
     cmd = ["mpirun", "--oversubscribe", "-np", "1", "-wdir", str(wd0), *train, ":",
@@ -102,7 +102,7 @@ def test_progress_bar_on_rank0_when_a_terminal(tmp_path):
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))   # a 120-column terminal
     cmd = [sys.executable, os.path.join(ROOT, "train_hvd.py"), "--synthetic", "--synthetic_size", "32",
            "--synthetic_train", "16", "--synthetic_val", "0", "--batch_size", "4", "--epochs", "1",
-           "--logdir", str(tmp_path / "logs")]
+           "--logdir", str(tmp_path / "logs"), "--export", "none"]
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=slave, env=mpi_env(), cwd=ROOT)
     os.close(slave)
     out = b""

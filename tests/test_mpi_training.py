@@ -131,7 +131,7 @@ def test_threads_follow_the_binding_of_plain_mpirun_map_by_socket(tmp_path):
     os.makedirs(tmp_path / "data")
     write_h5(str(tmp_path / "data" / "brats.h5"))
     one = run_mpi(1, [os.path.join(ROOT, "train_hvd.py"), "--batch_size", "4", "--epochs", "1",
-                      "--logdir", str(tmp_path / "a"), "--blocktime", "30"],
+                      "--logdir", str(tmp_path / "a"), "--blocktime", "30", "--export", "none"],
                   mpi_args=["-hostfile", hostfile, "--map-by", "socket"], cwd=str(tmp_path))
     assert one.returncode == 0, one.stderr[-2000:]
     assert "data: data/brats.h5" in one.stdout, one.stdout[-2000:]

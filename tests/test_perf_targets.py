@@ -60,3 +60,11 @@ def test_cpu_figures_from_proc_text():
 def test_child_peak_rss_is_its_own():
     c = perf.run_child([sys.executable, "-c", "b = bytearray(200 * 2**20); b[::4096] = b'x' * len(b[::4096])"])
     assert c.returncode == 0 and c.maxrss_mb > 200 and c.seconds > 0 and c.others_cores >= 0
+
+
+def test_fp32_flops_per_cycle_follow_the_widest_vectors_the_cpu_has():
+    from unet.flops import fp32_flops_per_cycle
+    assert fp32_flops_per_cycle("fpu sse2 avx avx2 fma avx512f avx512bw".split()) == 64
+    assert fp32_flops_per_cycle("fpu sse2 avx avx2 fma".split()) == 32     # the AMD EPYC (Zen 3) machines
+    assert fp32_flops_per_cycle("fpu sse2 avx".split()) == 16
+    assert fp32_flops_per_cycle("fpu sse2".split()) == 8

@@ -102,6 +102,11 @@ def export_model(folder: str, model, meta: dict) -> tuple[str, str]:
     tmp = os.path.join(folder, f".model.tmp-{os.getpid()}.keras")
     model.save(tmp)
     os.replace(tmp, keras_path)
+    return keras_path, write_model_json(folder, meta)
+
+
+def write_model_json(folder: str, meta: dict) -> str:
+    """``folder/model.json`` replaced whole (a reader never sees half of it); returns its path."""
     json_path = os.path.join(folder, "model.json")
     _atomic_write(json_path, lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
-    return keras_path, json_path
+    return json_path

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+from unet.engines import EXPORT_FORMATS, export_missing
+
 # Seed defaults (Intel's distributed U-Net, settings.py / settings_dist.py).
 SEED_LEARNINGRATE = 0.0005
 SEED_DECAY_STEPS = 150
@@ -124,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", default=None,
                    help="checkpoint to resume from; default: the latest under --logdir, if any")
     g.add_argument("--fresh", action="store_true", help="ignore checkpoints under --logdir, start from scratch")
+    g.add_argument("--export", default="openvino,onnx",
+                   help="formats written beside model.keras at the end, comma-separated: openvino (model.xml + "
+                        "model.bin), onnx (model.onnx), saved_model; 'none' for model.keras only "
+                        "(unet-export writes them later)")
     return p
 
 
@@ -151,6 +157,11 @@ def validate(a: argparse.Namespace) -> argparse.Namespace:
     need(not (a.resume and a.fresh), "give at most one of --resume and --fresh")
     need(a.log_every >= 1, f"--log_every must be >= 1 (got {a.log_every})")
     need(a.image_every >= 1, f"--image_every must be >= 1 (got {a.image_every})")
+    a.export_formats = [] if a.export == "none" else [f for f in a.export.split(",") if f]
+    for f in a.export_formats:
+        need(f in EXPORT_FORMATS, f"--export {a.export}: unknown format {f!r} "
+                                  f"(known: {', '.join(EXPORT_FORMATS)}, or none)")
+        need(not export_missing(f), f"--export {a.export}: {export_missing(f)}; or --export none")
     if a.benchmark:
         need(not a.data, "--benchmark uses in-memory synthetic data; drop --data")
         need(a.bench_steps >= 3, f"--bench_steps must be >= 3 (got {a.bench_steps})")

@@ -107,6 +107,15 @@ def threads_for_rank(host: str, cpus: frozenset, peers: list[tuple[str, frozense
     return max(1, (len(cpus) if cores is None else cores) // sharing)
 
 
+def inference_threads(comm=None) -> int:
+    """Intra-op threads for an inference process (unet-predict, a rank of unet-evaluate): the
+    physical cores it is bound to, divided among the ranks of ``comm`` on its host that share
+    them, as the trainer does. Collective when ``comm`` is given."""
+    host, cpus = socket.gethostname(), frozenset(os.sched_getaffinity(0))
+    peers = comm.allgather((host, cpus)) if comm is not None else [(host, cpus)]
+    return threads_for_rank(host, cpus, peers, physical_cores(cpus))
+
+
 @dataclass
 class RankSetup:
     rank: int

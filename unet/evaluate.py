@@ -1,13 +1,14 @@
 """unet-evaluate: per-case, volume-level Dice / HD95 / sensitivity / specificity for WT, TC, ET.
 
     unet-evaluate --pred_dir P --ref_dir R [--labels brats|brats2023|msd] [--csv out.csv]
-    mpirun -np 2 unet-evaluate --model LOGDIR --data data.h5 [--csv out.csv] [--pred_dir OUT]
+    mpirun -np 2 unet-evaluate --model LOGDIR --data data.h5 [--engine E] [--csv out.csv] [--pred_dir OUT]
 
 The first form scores any segmentations: ``<case>.nii.gz`` in P against
 ``<case>.nii.gz`` in R, or against the reference dataset root R in any layout
 unet-convert reads. The second runs a trained model over the validation cases of
 the HDF5 file (read back from their original NIfTI, geometry intact); under mpirun
-the cases are shared among ranks and rank 0 gathers, prints and writes.
+the cases are shared among ranks, each rank runs its own inference engine (``unet.engines``) with
+its share of the cores, and rank 0 gathers, prints and writes.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ import numpy as np
 from unet.data import labels as L
 from unet.data.layouts import LayoutError, detect_layout, find_cases
 from unet.distributed import launcher_rank
+from unet.engines import add_flags as add_engine_flags
+from unet.engines import flag_error as engine_flag_error
 from unet.metrics import score_regions, summarise
 from unet.postprocess import PostError, add_flags, options_from_args
 
@@ -151,17 +154,22 @@ def _validation_cases(data: str) -> list:
 def evaluate_model(a, post) -> int:
     """Predict the validation cases of --data with --model and score them (sharded over MPI ranks)."""
     from unet.data.nifti import DataError
-    from unet.distributed import under_mpirun
+    from unet.distributed import inference_threads, under_mpirun
+    from unet.engines import EngineError
     from unet.predict import ModelError, Predictor, reference_image, write_labels
     comm = None
     if under_mpirun():
         from mpi4py import MPI
         comm = MPI.COMM_WORLD
     rank, size = (comm.Get_rank(), comm.Get_size()) if comm else (0, 1)
+    # each rank its own engine, with its share of the cores (collective: before anything can fail)
+    threads = a.num_threads or inference_threads(comm)
     rows, error = [], None
     try:  # every rank gets here, so errors are agreed on below instead of leaving a rank waiting
         cases = _validation_cases(a.data)
-        pred = Predictor(a.model)
+        pred = Predictor(a.model, engine=a.engine, threads=threads)
+        sys.stdout.write(f"rank {rank} engine {pred.engine} threads {threads} ({pred.model_path})\n")
+        sys.stdout.flush()
         for case in cases[rank::size]:
             chans, seg, _ = pred.read(case)
             img = reference_image(case)
@@ -173,7 +181,7 @@ def evaluate_model(a, post) -> int:
                 os.makedirs(a.pred_dir, exist_ok=True)
                 write_labels(pred.label_map(masks, a.labels), img,
                              os.path.join(a.pred_dir, f"{case.case_id}.nii.gz"))
-    except (EvalError, LayoutError, ModelError, DataError) as e:
+    except (EvalError, LayoutError, ModelError, DataError, EngineError) as e:
         error = str(e)
     if comm:
         error = next((e for e in comm.allgather(error) if e), None)
@@ -221,6 +229,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", help="training logdir or model.keras: score it on --data's validation cases")
     ap.add_argument("--data", help="HDF5 file from unet-convert (its validation cases and source folder)")
     ap.add_argument("--csv", help="write one row per case here")
+    add_engine_flags(ap)
     add_flags(ap)
     a = ap.parse_args(argv)
     try:
@@ -229,6 +238,8 @@ def main(argv=None) -> int:
                 raise EvalError("--model and --data go together")
             try:   # every rank finds the same bad value; rank 0 says so
                 post = options_from_args(a)
+                if engine_flag_error(a):
+                    raise PostError(engine_flag_error(a))
             except PostError as e:
                 if launcher_rank() != 0:
                     return 2

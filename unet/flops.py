@@ -58,3 +58,14 @@ def training_flops(height: int, width: int, channels: int, regions: int, **kw) -
 def peak_flops(cores: int, ghz: float, flops_per_cycle: int) -> float:
     """cores x clock x flops per cycle and core, in flop/s."""
     return cores * ghz * 1e9 * flops_per_cycle
+
+
+def fp32_flops_per_cycle(cpu_flags) -> int:
+    """fp32 flop per cycle and core from the CPU's flags (/proc/cpuinfo): two FMA units of the widest
+    vectors it has, 2 flops per lane: AVX-512 64, AVX2 + FMA 32, AVX 16, else (SSE) 8."""
+    flags = set(cpu_flags)
+    if "avx512f" in flags:
+        return 64
+    if {"avx2", "fma"} <= flags:
+        return 32
+    return 16 if "avx" in flags else 8

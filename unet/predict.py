@@ -3,6 +3,8 @@
     unet-predict --model LOGDIR_OR_MODEL.keras --case CASE_DIR --out seg.nii.gz
     unet-predict --model LOGDIR --case X_flair.nii.gz X_t1.nii.gz X_t1ce.nii.gz X_t2.nii.gz --out seg.nii.gz
     unet-predict --model LOGDIR --case DATASET_ROOT --out OUT_DIR      # every case found
+    unet-predict --model LOGDIR --engine openvino|onnxruntime|tensorflow --case ... --out ...
+    unet-predict --model LOGDIR --case DATASET_ROOT --benchmark        # every engine, timed
 
 The preprocessing (modalities and their order, z-score over brain voxels,
 in-plane size and crop/resize) is read from the model's ``model.json``, written
@@ -10,7 +12,8 @@ at training time from the data file's metadata; nothing is re-typed. Every axial
 slice is predicted (with ``--tta``, mirrored too), the in-plane step undone, and the
 probabilities post-processed (``unet.postprocess``: head mask, threshold, nesting,
 whole-tumour clean-up, the small-ET rule) into regions, then the dataset's labels
-(BraTS 1/2/4 by default) on the input's grid, spacing, origin and direction.
+(BraTS 1/2/4 by default) on the input's grid, spacing, origin and direction. The network
+runs in one of the inference engines (``unet.engines``); all the rest is the same for each.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import sys
 
 import numpy as np
 
+from unet import engines as E
 from unet.data import labels as L
 from unet.data import preprocess as P
 from unet.data.nifti import DataError, Options, read_case
@@ -28,6 +32,7 @@ from unet.data.layouts import Case, LayoutError, case_from_files, find_cases
 from unet.postprocess import PostError, PostOptions, add_flags, options_from_args, postprocess
 
 LABEL_SETS = ("brats", "brats2023", "msd")
+FILE_ENGINE = {".keras": "tensorflow", ".xml": "openvino", ".onnx": "onnxruntime"}
 
 
 class ModelError(Exception):
@@ -35,11 +40,15 @@ class ModelError(Exception):
 
 
 class Predictor:
-    def __init__(self, model_path: str, batch_size: int = 16):
-        if os.path.isdir(model_path):
-            model_path = os.path.join(model_path, "model.keras")
-        meta_path = os.path.join(os.path.dirname(model_path), "model.json")
-        for p in (model_path, meta_path):
+    """A trained network behind one inference engine (``unet.engines``), with the preprocessing its
+    model.json records and the same pre- and post-processing whatever the engine."""
+
+    def __init__(self, model_path: str, batch_size: int = 16, engine: str | None = None, threads: int = 0):
+        folder = model_path if os.path.isdir(model_path) else os.path.dirname(model_path) or "."
+        # a file names its engine (model.xml -> openvino, ...) unless --engine says otherwise
+        named = None if os.path.isdir(model_path) else FILE_ENGINE.get(os.path.splitext(model_path)[1])
+        meta_path = os.path.join(folder, "model.json")
+        for p in ([] if os.path.isdir(model_path) else [model_path]) + [meta_path]:
             if not os.path.isfile(p):
                 raise ModelError(f"--model: {p}: no such file")
         try:
@@ -62,13 +71,17 @@ class Predictor:
                 raise ModelError(f"{meta_path}: data.attrs.{key} {attrs[key]!r} is not implemented "
                                  f"(known: {', '.join(map(repr, known))})")
         self.normalisation, self.inplane = attrs["normalisation"], attrs["inplane"]
-        self.model_path, self.batch_size, self._model = model_path, batch_size, None
+        self.engine = engine or named or E.default_engine(folder, self.meta)
+        # what is missing is said now, before any case is read
+        self.model_path = E.check(self.engine, folder, self.meta, model_path if named == self.engine else None)
+        self.folder, self.batch_size, self.threads, self._model = folder, batch_size, threads, None
 
     @property
     def model(self):
+        """The engine instance: called on a batch of slices, returns their probabilities."""
         if self._model is None:
-            import keras
-            self._model = keras.saving.load_model(self.model_path, compile=False)
+            from unet.distributed import inference_threads
+            self._model = E.CLASSES[self.engine](self.model_path, self.threads or inference_threads())
         return self._model
 
     def network_input(self, chans: np.ndarray) -> P.NetworkInput:
@@ -181,14 +194,27 @@ def main(argv=None) -> int:
                     help="a case folder, the modality files of one case (any layout, told apart by suffix; "
                          "a segmentation among them is drawn in --png), an MSD 4-D image, or a dataset root "
                          "(batch mode)")
-    ap.add_argument("--out", required=True, help="output .nii.gz for one case, or a folder for several")
+    ap.add_argument("--out", help="output .nii.gz for one case, or a folder for several (not with --benchmark)")
     ap.add_argument("--labels", choices=LABEL_SETS, default="brats",
                     help="label convention written: brats 1/2/4, brats2023 1/2/3, msd 2/1/3 (core/edema/enh.)")
     ap.add_argument("--png", default=None, help="folder for one overview picture per case")
+    E.add_flags(ap)
+    ap.add_argument("--benchmark", action="store_true",
+                    help="write nothing: run every engine that can run the model on the cases, interleaved, and "
+                         "print slices/s, per-case latency p50/p90, the ratio to TensorFlow and the share of "
+                         "the CPU's fp32 peak for each")
+    ap.add_argument("--repeats", type=int, default=3, help="--benchmark: rounds over the cases")
+    ap.add_argument("--eager", action="store_true",
+                    help="--benchmark: add a row tf-eager, the Keras model called eagerly (no tf.function)")
     add_flags(ap)
     a = ap.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         post = options_from_args(a)
+        bad = E.flag_error(a) or (None if a.benchmark or a.out else "--out is required (or --benchmark)") \
+            or (f"--repeats must be >= 1 (got {a.repeats})" if a.repeats < 1 else None)
+        if bad:
+            raise PostError(bad)
     except PostError as e:
         print(f"unet-predict: error: {e}", file=sys.stderr)
         return 2
@@ -196,10 +222,15 @@ def main(argv=None) -> int:
         cases = _cases(a.case)
         if not cases:
             raise LayoutError(f"--case {' '.join(a.case)}: no case found")
-        pred = Predictor(a.model)
-    except (LayoutError, ModelError) as e:
+        if a.benchmark:
+            from unet.inference_benchmark import run as benchmark
+            return benchmark(a.model, cases, post, threads=a.num_threads, repeats=a.repeats,
+                             engines=[a.engine] if a.engine else None, eager=a.eager)
+        pred = Predictor(a.model, engine=a.engine, threads=a.num_threads)
+    except (LayoutError, ModelError, E.EngineError, DataError) as e:
         print(f"unet-predict: error: {e}", file=sys.stderr)
         return 2
+    print(f"unet-predict: engine {pred.engine} ({pred.model_path})", flush=True)
     many = len(cases) > 1 or os.path.isdir(a.out) or not a.out.endswith((".nii", ".nii.gz"))
     os.makedirs(a.out if many else os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     if a.png:

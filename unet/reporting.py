@@ -177,6 +177,15 @@ class Rank0Reporter:
         self.val_writer.close()
         self.log.close()
         print(f"model: {keras_path} (metadata {json_path})", flush=True)
+        if self.args.export_formats:   # the same weights for the inference engines (unet/export.py)
+            from unet import engines, export
+            from unet.distributed import inference_threads
+            meta = export.add_exports(self.logdir, model, meta, self.args.export_formats,
+                                      threads=inference_threads())
+            for fmt in self.args.export_formats:
+                print(f"exported {fmt}: {os.path.join(self.logdir, engines.FILES[fmt])}", flush=True)
+            print(f"engines: {export.speeds_line(meta)}; default engine: "
+                  f"{engines.default_engine(self.logdir, meta)}", flush=True)
         print(f"tensorboard: tensorboard --logdir {self.logdir} --host 127.0.0.1", flush=True)
         if val:
             dices = " ".join(f"{n}={float(d):.4f}" for n, d in zip(self.regions, val["dice"]))
