@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from unet.data.labels import regions_from_labels
-from unet.data.preprocess import (apply_inplane, inplane_plan, network_input, select_slices, to_case_grid,
+from unet.data.preprocess import (NetworkInput, apply_inplane, inplane_plan, network_input, select_slices,
+                                  to_case_grid,
                                   undo_inplane, zscore)
 from unet.data.synth import MODALITIES, make_case
 from unet.metrics import dice
@@ -100,3 +101,17 @@ def test_resized_masks_stay_aligned_with_the_resized_images():
     agreement = [dice(as_mask[..., k], as_image[..., k]) for k in range(3)]
     print("mask/image agreement WT/TC/ET: " + "/".join(f"{a:.3f}" for a in agreement))
     assert min(agreement) > 0.93, agreement
+
+
+def test_case_grid_keeps_a_one_pixel_rim_and_stays_a_probability():
+    # a rim one network pixel wide (1.875 case pixels at 240 -> 128) at probability 0.7, beside a
+    # saturated block whose edges bicubic interpolation overshoots
+    plan = inplane_plan((240, 240), 128, "resize")
+    out = np.zeros((1, 128, 128, 1), np.float32)
+    out[0, :, 64] = 0.7
+    out[0, :, 30:40] = 1.0
+    grid = to_case_grid(out, NetworkInput(None, plan, None))[0, 100, :, 0]
+    assert (grid[100:140] > 0.5).sum() == 2         # linear interpolation leaves 1 pixel of the 2
+    assert grid.min() == 0.0 and grid.max() == 1.0  # clipped: the raw bicubic values leave [0, 1]
+    raw = undo_inplane(out[0], plan, is_mask=False)
+    assert raw.max() > 1.0 and raw.min() < 0.0
