@@ -1,7 +1,7 @@
 """Shared fixtures: a real ``mpirun`` launcher and the CI dependency gate.
 
-Under CI=true a missing TensorFlow, Horovod (with its TensorFlow ops) or MPI
-ends the run with an error; elsewhere the tests that need them are skipped.
+Under CI=true a missing TensorFlow, Horovod (with its TensorFlow ops), MPI, panoptica or the
+official brats-evaluation ends the run with an error; elsewhere the tests that need them are skipped.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ IN_CI = os.environ.get("CI", "").lower() == "true"
 
 def _missing_stack() -> list[str]:
     missing = []
-    for mod in ("tensorflow", "horovod.tensorflow", "mpi4py"):
+    for mod in ("tensorflow", "horovod.tensorflow", "mpi4py", "panoptica", "brats_evaluation"):
         r = subprocess.run([sys.executable, "-c", f"import {mod}"], capture_output=True, text=True,
                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
         if r.returncode:
