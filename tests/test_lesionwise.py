@@ -225,3 +225,22 @@ def test_one_full_size_case_scores_in_seconds():
     assert (s["all_instance_tp_wt"], s["all_instance_fp_wt"], s["all_instance_fn_wt"]) == (3, 1, 1)
     print(f"lesion-wise scoring of one 240x240x155 case (5 regions, 4+4 lesions): {seconds:.1f} s")
     assert seconds < 60, f"{seconds:.1f} s: minutes, not seconds"
+
+
+# -- bad input ------------------------------------------------------------------------------------
+
+def test_bad_input_under_lesionwise_is_one_line_naming_the_case_and_writes_nothing(tmp_path, capsys):
+    from unet.evaluate import main as evaluate
+    ref_dir, pred_dir = tmp_path / "ref", tmp_path / "pred"
+    ref_dir.mkdir(); pred_dir.mkdir()
+    good = cubes((20, 40, 40), [(2, 2, 2)])
+    for case in ("A", "B"):
+        sitk.WriteImage(sitk.GetImageFromArray(good), str(ref_dir / f"{case}.nii.gz"))
+        sitk.WriteImage(sitk.GetImageFromArray(good), str(pred_dir / f"{case}.nii.gz"))
+    sitk.WriteImage(sitk.GetImageFromArray(good * 2), str(pred_dir / "B.nii.gz"))     # label 6
+    out = tmp_path / "s.csv"
+    assert evaluate(["--pred_dir", str(pred_dir), "--ref_dir", str(ref_dir), "--labels", "brats2023",
+                     "--metrics", "lesionwise", "--csv", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("unet-evaluate: error: case B: ") and "label values [6]" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists() and not os.path.exists(f"{out}.tmp")
