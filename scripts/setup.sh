@@ -96,7 +96,8 @@ PIP=("$PY" -m pip install -q --disable-pip-version-check -c "$CONSTRAINTS")
 # venv in ~5 s where pip takes ~25 s. pip stays for bootstrapping and the Horovod build.
 # --compile-bytecode as pip does: without .pyc files every process (and the test suite
 # starts hundreds) compiles TensorFlow's Python from source on import.
-UV=(env VIRTUAL_ENV="$VENV" "$VENV/bin/uv" pip install -q --compile-bytecode -c "$CONSTRAINTS")
+# -b: the same file pins what builds a source-only dependency (panoptica's poetry backend).
+UV=(env VIRTUAL_ENV="$VENV" "$VENV/bin/uv" pip install -q --compile-bytecode -c "$CONSTRAINTS" -b "$CONSTRAINTS")
 
 # Stamp of everything that decides the environment: when it matches, steps 3-5
 # have nothing to do.
@@ -104,7 +105,9 @@ stamp_now() {
   cat "$ROOT/setup.cfg" "$CONSTRAINTS" "$ROOT/scripts/horovod_patch.py" "$ROOT/scripts/setup.sh" | sha256sum | cut -c1-16
 }
 STAMP_FILE="$VENV/.unet-hvd-stamp"
-# The wheel cache key: everything that decides the Horovod binary.
+# The wheel cache key: everything that decides the Horovod binary. numpy is not in it: Horovod's
+# compiled ops use TensorFlow's C++ API only (no numpy symbol in its libraries), so a numpy change
+# needs no rebuild.
 if [[ -x "$PY" ]]; then KEY_PY="$PY"; else KEY_PY="$PY_BASE"; fi
 PY_VER=$("$KEY_PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 MPI_VER=$( (mpirun --version 2>/dev/null || echo none) | head -1 | tr -dc '0-9.')

@@ -1,8 +1,8 @@
 """Shared fixtures: a real ``mpirun`` launcher and the CI dependency gate.
 
-Under CI=true a missing TensorFlow, Horovod (with its TensorFlow ops) or MPI, or a
-missing inference engine or exporter (OpenVINO, ONNX Runtime, onnx, tf2onnx), ends the
-run with an error; elsewhere the tests that need them are skipped.
+Under CI=true a missing TensorFlow, Horovod (with its TensorFlow ops), MPI, panoptica, the
+official brats-evaluation, or an inference engine or exporter (OpenVINO, ONNX Runtime, onnx,
+tf2onnx) ends the run with an error; elsewhere the tests that need them are skipped.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ IN_CI = os.environ.get("CI", "").lower() == "true"
 
 def _missing_stack() -> list[str]:
     missing = []
-    for mod in ("tensorflow", "horovod.tensorflow", "mpi4py"):
+    for mod in ("tensorflow", "horovod.tensorflow", "mpi4py", "panoptica", "brats_evaluation"):
         r = subprocess.run([sys.executable, "-c", f"import {mod}"], capture_output=True, text=True,
                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
         if r.returncode:

@@ -136,10 +136,12 @@ def test_predict_writes_labels_on_the_input_grid_and_scores_round_trip(trained, 
     assert e.returncode == 0, e.stderr
     rows = read_csv(tmp_path / "s.csv")
     assert [r["case"] for r in rows] == [f"BraTS20_Training_00{i}" for i in (1, 2, 3)]
+    from unet.lesionwise import columns as lesionwise_columns
     assert list(rows[0]) == ["case", "dice_WT", "dice_TC", "dice_ET", "hd95_WT", "hd95_TC", "hd95_ET",
-                             "sens_WT", "sens_TC", "sens_ET", "spec_WT", "spec_TC", "spec_ET"]
+                             "sens_WT", "sens_TC", "sens_ET", "spec_WT", "spec_TC", "spec_ET",
+                             *lesionwise_columns()]       # --metrics all, the default: both kinds
     assert all(0 <= float(r["dice_WT"]) <= 1 for r in rows)
-    assert "dice_WT" in e.stdout and "median" in e.stdout
+    assert "dice_WT" in e.stdout and "median" in e.stdout and "lesionwise_dsc_mean" in e.stdout
 
 
 @pytest.mark.needs_engines
@@ -262,9 +264,9 @@ def test_flat_folders_with_anisotropic_voxels(tmp_path, capsys):
     for d in (pred, ref):
         write_labels(d / "B.nii.gz", plane(2), (1.0, 1.0, 3.0))
     write_labels(ref / "C.nii.gz", plane(2))
-    assert evaluate("--pred_dir", pred, "--ref_dir", ref, "--csv", tmp_path / "s.csv") == 0
+    assert evaluate("--pred_dir", pred, "--ref_dir", ref, "--csv", tmp_path / "s.csv", "--metrics", "legacy") == 0
     rows = {r["case"]: r for r in read_csv(tmp_path / "s.csv")}
-    assert sorted(rows) == ["A", "B"]
+    assert sorted(rows) == ["A", "B"] and len(rows["A"]) == 13     # case + the 12 legacy columns
     for reg in ("WT", "TC", "ET"):
         assert float(rows["A"][f"dice_{reg}"]) == 0.0 and float(rows["A"][f"hd95_{reg}"]) == 9.0
         assert float(rows["B"][f"dice_{reg}"]) == 1.0 and float(rows["B"][f"hd95_{reg}"]) == 0.0
@@ -365,8 +367,11 @@ def test_scoring_a_model_on_two_ranks(trained, tmp_path):
     rows = read_csv(tmp_path / "m.csv")
     assert [r["case"] for r in rows] == val
     assert sorted(os.listdir(tmp_path / "p")) == [f"{c}.nii.gz" for c in val]
-    assert p.stdout.count("volume-level scores over") == 1
-    assert p.stdout.strip().splitlines()[-1].startswith("spec_ET ")          # the summary is printed last
+    assert p.stdout.count("volume-level scores over") == 1 and p.stdout.count("lesion-wise scores over") == 1
+    lines = p.stdout.strip().splitlines()
+    assert lines[-1].startswith("all_instance_f1 ")                     # the summaries are printed last,
+    assert lines[-10].split() == ["metric", "WT", "TC", "ET", "NETC", "SNFH"]   # the lesion-wise one at the end
+    assert lines[-9].startswith("lesionwise_dsc_mean ") and lines[-8].startswith("lesionwise_hd95_mean ")
     # each rank scored its own share: disjoint, non-empty, together the validation cases
     shares = {int(r): set(c.split(", ")) for r, n, c in
               re.findall(r"^rank (\d) scored (\d+) case\(s\): (.+)$", p.stdout, re.M)}
@@ -384,12 +389,17 @@ def test_scoring_a_model_on_two_ranks(trained, tmp_path):
     from tensorboard.util.tensor_util import make_ndarray
     acc = EventAccumulator(str(trained / "logs" / "evaluation"), size_guidance={"tensors": 0})
     acc.Reload()
-    cols = [c for c in rows[0] if c != "case"]
-    assert sorted(acc.Tags()["tensors"]) == sorted(f"volume_{c}" for c in cols)
-    for c in cols:
-        (event,) = acc.Tensors(f"volume_{c}")
-        assert float(make_ndarray(event.tensor_proto)) == pytest.approx(np.mean([float(r[c]) for r in rows]),
-                                                                          abs=1e-5), c
+    from unet.lesionwise import SUMMARY
+    legacy = [c for c in rows[0] if c != "case"][:12]
+    # lesion-wise: the summary's metrics of each region some case has (NaN where neither side has it)
+    lesionwise = [c for c in rows[0] if c.rsplit("_", 1)[0] in SUMMARY
+                  and not all(np.isnan(float(r[c])) for r in rows)]
+    assert "lesionwise_dsc_mean_wt" in lesionwise and "all_instance_f1_wt" in lesionwise
+    assert sorted(acc.Tags()["tensors"]) == sorted([f"volume_{c}" for c in legacy] + lesionwise)
+    for tag, c in [(f"volume_{c}", c) for c in legacy] + [(c, c) for c in lesionwise]:
+        (event,) = acc.Tensors(tag)
+        values = [float(r[c]) for r in rows if not np.isnan(float(r[c]))]
+        assert float(make_ndarray(event.tensor_proto)) == pytest.approx(np.mean(values), abs=1e-5), c
 
 
 def test_a_bad_case_under_model_is_one_line(trained, tmp_path, capsys):

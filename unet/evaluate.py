@@ -1,7 +1,12 @@
-"""unet-evaluate: per-case, volume-level Dice / HD95 / sensitivity / specificity for WT, TC, ET.
+"""unet-evaluate: per-case BraTS scores: volume-level (legacy) and lesion-wise (leaderboard) metrics.
 
     unet-evaluate --pred_dir P --ref_dir R [--labels brats|brats2023|msd] [--csv out.csv]
     mpirun -np 2 unet-evaluate --model LOGDIR --data data.h5 [--engine E] [--csv out.csv] [--pred_dir OUT]
+
+``--metrics legacy``: the BraTS 2017-22 figures, Dice / HD95 / sensitivity / specificity of WT,
+TC and ET (``unet.metrics``); ``lesionwise``: the figures of the official brats-evaluation
+package (lesion detection, lesion-wise and global Dice / HD95 / NSD of WT, TC, ET, NETC and
+SNFH, ``unet.lesionwise``); ``all`` (the default): both.
 
 The first form scores any segmentations: ``<case>.nii.gz`` in P against
 ``<case>.nii.gz`` in R, or against the reference dataset root R in any layout
@@ -24,6 +29,10 @@ from unet.data.layouts import LayoutError, detect_layout, find_cases
 from unet.distributed import launcher_rank
 from unet.engines import add_flags as add_engine_flags
 from unet.engines import flag_error as engine_flag_error
+from unet.lesionwise import REGIONS as LW_REGIONS
+from unet.lesionwise import SUMMARY as LW_SUMMARY
+from unet.lesionwise import columns as lw_columns
+from unet.lesionwise import region_means, score_lesionwise
 from unet.metrics import score_regions, summarise
 from unet.postprocess import PostError, add_flags, options_from_args
 
@@ -34,8 +43,31 @@ class EvalError(Exception):
     pass
 
 
+METRICS = ("legacy", "lesionwise", "all")
+
+
 def columns(regions=L.REGIONS) -> list[str]:
+    """The legacy (volume-level) columns."""
     return [f"{m}_{r}" for m in ("dice", "hd95", "sens", "spec") for r in regions]
+
+
+def csv_columns(metrics: str) -> list[str]:
+    return (columns() if metrics != "lesionwise" else []) + (lw_columns() if metrics != "legacy" else [])
+
+
+def score_case(case: str, pred_masks, ref_masks, spacing, layout: str, metrics: str) -> dict:
+    """(..., 3) WT/TC/ET masks of one case, array axes in the order of ``spacing`` (mm); the
+    lesion-wise metrics see them as label maps of convention ``layout``."""
+    row = dict(case=case)
+    if metrics != "lesionwise":
+        row.update(score_regions(pred_masks, ref_masks, spacing, L.REGIONS))
+    if metrics != "legacy":
+        try:
+            row.update(score_lesionwise(L.labels_from_regions(pred_masks, layout),
+                                        L.labels_from_regions(ref_masks, layout), spacing, layout))
+        except ValueError as e:   # panoptica's refusal of an input
+            raise EvalError(f"case {case}: lesion-wise scoring failed: {e}") from None
+    return row
 
 
 def _read(path):
@@ -56,7 +88,8 @@ def same_geometry(a, b) -> str | None:
     return None
 
 
-def score_files(case: str, pred_path: str, ref_path: str, pred_labels: str, ref_labels: str) -> dict:
+def score_files(case: str, pred_path: str, ref_path: str, pred_labels: str, ref_labels: str,
+                metrics: str = "all") -> dict:
     pimg, parr = _read(pred_path)
     rimg, rarr = _read(ref_path)
     why = same_geometry(pimg, rimg)
@@ -69,9 +102,8 @@ def score_files(case: str, pred_path: str, ref_path: str, pred_labels: str, ref_
             raise EvalError(f"case {case}: {path} has label values {bad} outside {what} "
                             f"({', '.join(map(str, L.VALID_LABELS[labels]))})")
     spacing = rimg.GetSpacing()[::-1]          # array axes are (z, y, x)
-    pred = L.regions_from_labels(parr, pred_labels)
-    ref = L.regions_from_labels(rarr, ref_labels)
-    return dict(case=case, **score_regions(pred, ref, spacing, L.REGIONS))
+    return score_case(case, L.regions_from_labels(parr, pred_labels), L.regions_from_labels(rarr, ref_labels),
+                      spacing, ref_labels, metrics)
 
 
 def _nifti_by_case(folder: str) -> dict:
@@ -94,27 +126,40 @@ def references(ref_dir: str, labels: str) -> tuple[dict, str]:
         return _nifti_by_case(ref_dir), labels
 
 
-def report(rows: list[dict], csv_path: str | None, only_pred=(), only_ref=()) -> None:
-    cols = columns()
+def _cell(v):
+    return f"{v:.6f}" if isinstance(v, float) else v
+
+
+def report(rows: list[dict], csv_path: str | None, only_pred=(), only_ref=(), metrics: str = "all") -> None:
+    cols = csv_columns(metrics)
     if csv_path:
         tmp = csv_path + ".tmp"
         with open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=["case"] + cols)
             w.writeheader()
             for r in rows:
-                w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
+                w.writerow({k: _cell(r[k]) for k in ["case"] + cols})
         os.replace(tmp, csv_path)
         print(f"per-case scores: {csv_path}")
     for name, missing in (("predictions only", only_pred), ("reference only", only_ref)):
         if missing:
             print(f"not scored, in {name}: {', '.join(sorted(missing))}")
-    print(f"volume-level scores over {len(rows)} case(s):")   # the summary comes last
-    if rows:
-        s = summarise(rows, cols)
-        print(f"{'metric':<10}{'mean':>10}{'std':>10}{'median':>10}{'p25':>10}{'p75':>10}")
-        for c in cols:
-            v = s[c]
-            print(f"{c:<10}{v['mean']:>10.4f}{v['std']:>10.4f}{v['median']:>10.4f}{v['p25']:>10.4f}{v['p75']:>10.4f}")
+    # the summaries come last, the lesion-wise one (the leaderboard's) at the very end
+    if metrics != "lesionwise":
+        print(f"volume-level scores over {len(rows)} case(s):")
+        if rows:
+            s = summarise(rows, columns())
+            print(f"{'metric':<10}{'mean':>10}{'std':>10}{'median':>10}{'p25':>10}{'p75':>10}")
+            for c in columns():
+                v = s[c]
+                print(f"{c:<10}{v['mean']:>10.4f}{v['std']:>10.4f}{v['median']:>10.4f}{v['p25']:>10.4f}{v['p75']:>10.4f}")
+    if metrics != "legacy":
+        print(f"lesion-wise scores over {len(rows)} case(s) (brats-evaluation's definitions; mean over "
+              f"cases, leaving out NaN: a region in neither volume):")
+        if rows:
+            print(f"{'metric':<22}" + "".join(f"{r:>10}" for r in LW_REGIONS))
+            for m in LW_SUMMARY:
+                print(f"{m:<22}" + "".join(f"{v:>10.4f}" for v in region_means(rows, m)))
 
 
 def evaluate_folders(a) -> int:
@@ -125,8 +170,8 @@ def evaluate_folders(a) -> int:
     preds = _nifti_by_case(a.pred_dir)
     refs, ref_labels = references(a.ref_dir, a.labels)
     both = sorted(set(preds) & set(refs))
-    rows = [score_files(c, preds[c], refs[c], a.labels, ref_labels) for c in both]
-    report(rows, a.csv, set(preds) - set(refs), set(refs) - set(preds))
+    rows = [score_files(c, preds[c], refs[c], a.labels, ref_labels, a.metrics) for c in both]
+    report(rows, a.csv, set(preds) - set(refs), set(refs) - set(preds), a.metrics)
     return 0
 
 
@@ -175,8 +220,8 @@ def evaluate_model(a, post) -> int:
             img = reference_image(case)
             masks = pred.regions_mask(chans, img.GetSpacing()[::-1], post)
             ref = L.regions_from_labels(seg, case.layout, pred.regions)
-            rows.append(dict(case=case.case_id, **score_regions(
-                _full(masks, pred.regions), _full(ref, pred.regions), img.GetSpacing()[::-1], L.REGIONS)))
+            rows.append(score_case(case.case_id, _full(masks, pred.regions), _full(ref, pred.regions),
+                                   img.GetSpacing()[::-1], case.layout, a.metrics))
             if a.pred_dir:
                 os.makedirs(a.pred_dir, exist_ok=True)
                 write_labels(pred.label_map(masks, a.labels), img,
@@ -197,8 +242,8 @@ def evaluate_model(a, post) -> int:
         rows = sum(comm.gather(rows, root=0) or [], [])
     if rank == 0:
         rows.sort(key=lambda r: r["case"])
-        report(rows, a.csv)
-        _tensorboard(a.model, rows)
+        report(rows, a.csv, metrics=a.metrics)
+        _tensorboard(a.model, rows, a.metrics)
     return 0
 
 
@@ -211,12 +256,18 @@ def _full(masks: np.ndarray, regions) -> np.ndarray:
     return out
 
 
-def _tensorboard(model: str, rows: list[dict]) -> None:
+def _tensorboard(model: str, rows: list[dict], metrics: str = "all") -> None:
     logdir = model if os.path.isdir(model) else os.path.dirname(model)
     import tensorflow as tf
     with tf.summary.create_file_writer(os.path.join(logdir, "evaluation")).as_default(step=0):
-        for c in columns():
-            tf.summary.scalar(f"volume_{c}", float(np.mean([r[c] for r in rows])) if rows else 0.0)
+        if metrics != "lesionwise":
+            for c in columns():
+                tf.summary.scalar(f"volume_{c}", float(np.mean([r[c] for r in rows])) if rows else 0.0)
+        if metrics != "legacy" and rows:
+            for m in LW_SUMMARY:
+                for region, v in zip(LW_REGIONS, region_means(rows, m)):
+                    if not np.isnan(v):     # a region no case has: nothing to plot
+                        tf.summary.scalar(f"{m}_{region.lower()}", v)
 
 
 def main(argv=None) -> int:
@@ -230,6 +281,10 @@ def main(argv=None) -> int:
     ap.add_argument("--data", help="HDF5 file from unet-convert (its validation cases and source folder)")
     ap.add_argument("--csv", help="write one row per case here")
     add_engine_flags(ap)
+    ap.add_argument("--metrics", choices=METRICS, default="all",
+                    help="legacy: volume-level Dice/HD95/sensitivity/specificity (BraTS 2017-22); lesionwise: "
+                         "the official brats-evaluation figures (lesion detection, lesion-wise and global "
+                         "Dice/HD95/NSD; seconds per 240x240x155 case: 8.6 s with four tumours); all: both")
     add_flags(ap)
     a = ap.parse_args(argv)
     try:
