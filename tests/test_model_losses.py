@@ -62,6 +62,19 @@ def test_normalised_unet_puts_a_norm_between_each_3x3_conv_and_its_relu(norm, gr
         build_unet(32, 32, 2, 3, norm="batch")
 
 
+@pytest.mark.parametrize("norm", ["none", "group", "instance"])
+def test_bf16_model_is_rebuilt_in_float32_for_export_with_its_normalisation(norm):
+    from unet.export import float32_model
+    from unet.model import build_unet
+    m = build_unet(32, 32, 2, 3, precision="bf16", norm=norm, dropout=0.0)
+    f = float32_model(m)
+    assert f is not m and all(layer.dtype_policy.name == "float32" for layer in f.layers)
+    assert [type(layer).__name__ for layer in f.layers] == [type(layer).__name__ for layer in m.layers]
+    assert [l.groups for l in f.layers if hasattr(l, "groups")] == [l.groups for l in m.layers if hasattr(l, "groups")]
+    for a, b in zip(f.get_weights(), m.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_dice_loss_equals_hand_computation():
     import tensorflow as tf
     from unet.losses import dice_from_sums, dice_loss, dice_sums

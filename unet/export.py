@@ -50,7 +50,10 @@ def float32_model(model):
         return model
     from unet.model import build_unet
     _, h, w, c = model.input_shape
-    clone = build_unet(h, w, c, model.output_shape[-1], dropout=0.0,
+    norms = [layer for layer in model.layers if type(layer).__name__ == "GroupNormalization"]
+    norm = "none" if not norms else \
+        "instance" if norms[0].groups == model.get_layer("conv1a").filters else "group"
+    clone = build_unet(h, w, c, model.output_shape[-1], dropout=0.0, norm=norm,
                        use_upsampling=any(layer.name.startswith("up") for layer in model.layers))
     clone.set_weights(model.get_weights())
     return clone
