@@ -31,7 +31,7 @@ def _missing_stack() -> list[str]:
 
 
 MISSING = _missing_stack()
-ENGINE_MODULES = ("openvino", "onnxruntime", "onnx", "tf2onnx")   # engines and Keras' exporters to them
+ENGINE_MODULES = ("openvino", "onnxruntime", "onnx", "tf2onnx", "nncf")   # engines, exporters, int8
 
 
 def _missing_engines() -> list[str]:

@@ -7,6 +7,10 @@ the same whatever the engine. The files each engine reads are those ``unet.expor
 and recorded in ``model.json`` (``exports``); the default engine is the fastest one there
 that is installed, by the speeds measured at export time (``exports.benchmark``).
 
+int8: ``unet-export --int8`` (``unet.quantize``) writes ``model_int8.xml`` + ``.bin``, the OpenVINO IR
+quantised by NNCF, recorded as ``exports.openvino_int8`` with the Dice it costs. It runs on the
+OpenVINO engine and only when asked for (``--int8``); the default engine never picks it.
+
 Threads: each engine gets ``threads`` intra-op threads, by default the physical cores this
 process is bound to divided among the ranks that share them (``unet.distributed.inference_threads``),
 as the trainer sizes its own thread pools.
@@ -22,9 +26,12 @@ import numpy as np
 # decides between engines that have no speed recorded in model.json
 ENGINES = ("openvino", "onnxruntime", "tensorflow")
 FORMAT = {"openvino": "openvino", "onnxruntime": "onnx", "tensorflow": "keras"}   # engine -> file format
+INT8 = "openvino_int8"                                                          # its key in model.json exports
 EXPORT_FORMATS = ("openvino", "onnx", "saved_model")                           # what unet-export writes
-EXPORT_NEEDS = {"openvino": ("openvino",), "onnx": ("tf2onnx", "onnx"), "saved_model": ()}  # beyond TensorFlow
-FILES = {"openvino": "model.xml", "onnx": "model.onnx", "keras": "model.keras", "saved_model": "saved_model"}
+EXPORT_NEEDS = {"openvino": ("openvino",), "onnx": ("tf2onnx", "onnx"), "saved_model": (),  # beyond TensorFlow
+                INT8: ("openvino", "nncf")}
+FILES = {"openvino": "model.xml", "onnx": "model.onnx", "keras": "model.keras", "saved_model": "saved_model",
+         INT8: "model_int8.xml"}
 MODULE = {"openvino": "openvino", "onnxruntime": "onnxruntime", "tensorflow": "tensorflow"}
 PACKAGE = {"openvino": "openvino", "onnxruntime": "onnxruntime", "tensorflow": "tensorflow-cpu"}
 
@@ -45,26 +52,29 @@ def export_missing(fmt: str) -> str | None:
             f"installs them, pinned in scripts/constraints.txt)") if missing else None
 
 
-def model_file(engine: str, folder: str, meta: dict) -> str:
+def model_file(engine: str, folder: str, meta: dict, int8: bool = False) -> str:
     """The file ``engine`` reads: as recorded in model.json, else its default name in ``folder``."""
-    fmt = FORMAT[engine]
+    fmt = INT8 if int8 else FORMAT[engine]
     rec = (meta.get("exports") or {}).get(fmt) or {}
     return os.path.join(folder, rec.get("file", FILES[fmt]))
 
 
-def check(engine: str, folder: str, meta: dict, path: str | None = None) -> str:
-    """The engine's file (``path``, else the one model.json names), or EngineError saying what is
-    missing and how to make it."""
+def check(engine: str, folder: str, meta: dict, path: str | None = None, int8: bool = False) -> str:
+    """The engine's file (``path``, else the one model.json names; with ``int8`` the quantised IR),
+    or EngineError saying what is missing and how to make it."""
     if engine not in ENGINES:
         raise EngineError(f"--engine {engine}: unknown (known: {', '.join(ENGINES)})")
+    if int8 and engine != "openvino":
+        raise EngineError(f"--int8 runs the quantised OpenVINO IR on the openvino engine, not --engine {engine}")
     if not installed(engine):
         raise EngineError(f"--engine {engine}: the {PACKAGE[engine]} package is not installed "
                           f"(scripts/setup.sh installs it, pinned in scripts/constraints.txt)")
-    path = path or model_file(engine, folder, meta)
+    path = path or model_file(engine, folder, meta, int8)
     if not os.path.exists(path):
         how = ("train again: the trainer writes model.keras" if engine == "tensorflow" else
+               f"make it with: unet-export --model {folder} --int8" if int8 else
                f"make it with: unet-export --model {folder} --format {FORMAT[engine]}")
-        raise EngineError(f"--engine {engine}: {path}: no such file ({how})")
+        raise EngineError(f"{'--int8' if int8 else '--engine ' + engine}: {path}: no such file ({how})")
     return path
 
 
@@ -156,9 +166,24 @@ class OnnxRuntimeEngine:
 CLASSES = {"openvino": OpenVINOEngine, "onnxruntime": OnnxRuntimeEngine, "tensorflow": TensorFlowEngine}
 
 
-def open_engine(engine: str, folder: str, meta: dict, threads: int):
+def open_engine(engine: str, folder: str, meta: dict, threads: int, int8: bool = False):
     """A ready engine instance (callable on a batch); EngineError if it cannot run."""
-    return CLASSES[engine](check(engine, folder, meta), threads)
+    return CLASSES[engine](check(engine, folder, meta, int8=int8), threads)
+
+
+def int8_cost_line(meta: dict) -> str:
+    """What the int8 IR costs and gains, as unet-export --int8 measured it (one line)."""
+    rec = (meta.get("exports") or {}).get(INT8) or {}
+    val, speed = rec.get("validation"), rec.get("benchmark")
+    if not val:
+        return "int8: Dice cost not measured (unet-export --int8 measures it on the validation cases)"
+    each = ", ".join(f"{r} {val['dice_fp32'][r]:.4f} -> {val['dice_int8'][r]:.4f} ({val['change'][r]:+.4f})"
+                     for r in val["dice_fp32"])
+    fast = (f"; speed {speed['slices_per_s']['int8']:.1f} vs {speed['slices_per_s']['fp32']:.1f} slices/s "
+            f"({speed['slices_per_s']['int8'] / speed['slices_per_s']['fp32']:.2f}x fp32)") if speed else ""
+    tta = " (flip TTA)" if (val.get("post") or {}).get("tta") else ""
+    return (f"int8: volume Dice fp32 -> int8 on {len(val['cases'])} validation case(s){tta}: {each}{fast} "
+            f"(unet-export --int8, {rec.get('measured', '?')})")
 
 
 def add_flags(ap) -> None:
@@ -166,10 +191,17 @@ def add_flags(ap) -> None:
     ap.add_argument("--engine", choices=ENGINES, default=None,
                     help="inference engine; default: the fastest one that is installed and whose file is "
                          "exported, by the speeds measured at export and recorded in model.json")
+    ap.add_argument("--int8", action="store_true",
+                    help="run the int8 OpenVINO IR (unet-export --int8 makes it, and records the Dice it costs "
+                         "on the validation cases, printed when it runs); never the default")
     ap.add_argument("--num_threads", type=int, default=0,
                     help="threads of the engine (per rank under mpirun); 0 = the physical cores this process "
                          "is bound to, shared among the ranks bound to the same ones")
 
 
 def flag_error(a) -> str | None:
-    return f"--num_threads must be >= 0 (got {a.num_threads})" if a.num_threads < 0 else None
+    if a.num_threads < 0:
+        return f"--num_threads must be >= 0 (got {a.num_threads})"
+    if a.int8 and a.engine not in (None, "openvino"):
+        return f"--int8 runs the quantised OpenVINO IR on the openvino engine, not --engine {a.engine}"
+    return None

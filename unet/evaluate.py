@@ -29,6 +29,7 @@ from unet.data.layouts import LayoutError, detect_layout, find_cases
 from unet.distributed import launcher_rank
 from unet.engines import add_flags as add_engine_flags
 from unet.engines import flag_error as engine_flag_error
+from unet.engines import int8_cost_line
 from unet.lesionwise import REGIONS as LW_REGIONS
 from unet.lesionwise import SUMMARY as LW_SUMMARY
 from unet.lesionwise import columns as lw_columns
@@ -175,7 +176,7 @@ def evaluate_folders(a) -> int:
     return 0
 
 
-def _validation_cases(data: str) -> list:
+def validation_cases(data: str) -> list:
     """The validation cases of a unet-convert HDF5 file, found again in its source folder."""
     import h5py
     if not os.path.isfile(data):
@@ -211,9 +212,12 @@ def evaluate_model(a, post) -> int:
     threads = a.num_threads or inference_threads(comm)
     rows, error = [], None
     try:  # every rank gets here, so errors are agreed on below instead of leaving a rank waiting
-        cases = _validation_cases(a.data)
-        pred = Predictor(a.model, engine=a.engine, threads=threads)
-        sys.stdout.write(f"rank {rank} engine {pred.engine} threads {threads} ({pred.model_path})\n")
+        cases = validation_cases(a.data)
+        pred = Predictor(a.model, engine=a.engine, threads=threads, int8=a.int8)
+        sys.stdout.write(f"rank {rank} engine {pred.engine}{' int8' if a.int8 else ''} threads {threads} "
+                         f"({pred.model_path})\n")
+        if a.int8 and rank == 0:
+            sys.stdout.write(f"{int8_cost_line(pred.meta)}\n")
         sys.stdout.flush()
         for case in cases[rank::size]:
             chans, seg, _ = pred.read(case)

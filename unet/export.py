@@ -1,6 +1,7 @@
 """unet-export: the trained network in the formats inference engines read, by Keras' own exporters.
 
     unet-export --model LOGDIR_OR_MODEL.keras [--format openvino onnx saved_model] [--out DIR]
+    unet-export --model LOGDIR --int8 [--data TRAIN.h5] [--calibration_slices N]
 
 Writes, beside ``model.keras`` (or into ``--out`` with a copy of it), ``model.xml`` + ``model.bin``
 (OpenVINO IR, ``model.export(format="openvino")``), ``model.onnx`` (``format="onnx"``, through
@@ -10,6 +11,9 @@ engines interleaved, median slices/s) and records in ``model.json`` under ``expo
 the exporter, the input the files expect (shape, layout, channels and the training data's
 preprocessing) and the output, and the measured speeds that pick ``unet-predict``'s default engine.
 The trainer calls ``add_exports`` on rank 0 at the end of training (``--export``).
+
+``--int8`` adds ``model_int8.xml`` + ``.bin``: the OpenVINO IR quantised by NNCF on training slices,
+with the volume Dice it costs on the validation cases measured and recorded (``unet.quantize``).
 """
 from __future__ import annotations
 
@@ -26,6 +30,8 @@ import numpy as np
 
 from unet import engines as E
 from unet.checkpoint import write_model_json
+from unet.postprocess import PostError, options_from_args
+from unet.postprocess import add_flags as add_post_flags
 
 KERAS_FORMAT = {"openvino": "openvino", "onnx": "onnx", "saved_model": "tf_saved_model"}
 
@@ -139,6 +145,8 @@ def add_exports(folder: str, model, meta: dict, formats, *, threads: int, measur
         exports["keras"] = {"file": E.FILES["keras"]}
     for fmt in formats:
         exports[fmt] = write_format(net, folder, fmt)
+        if fmt == "openvino":          # an int8 IR of the previous fp32 one would no longer match it
+            drop_int8(folder, exports)
     exports.update(io_record(meta))
     exports.pop("benchmark", None)        # speeds of other files are no guide to these
     meta = dict(meta, exports=exports)
@@ -146,6 +154,16 @@ def add_exports(folder: str, model, meta: dict, formats, *, threads: int, measur
         exports["benchmark"] = measure_speeds(folder, meta, threads)
     write_model_json(folder, meta)
     return meta
+
+
+def drop_int8(folder: str, exports: dict) -> None:
+    """Remove the int8 IR (both files) and its record."""
+    rec = exports.pop(E.INT8, None) or {}
+    for name in (rec.get("file", E.FILES[E.INT8]), rec.get("weights", "model_int8.bin")):
+        try:
+            os.remove(os.path.join(folder, name))
+        except FileNotFoundError:
+            pass
 
 
 def speeds_line(meta: dict) -> str:
@@ -161,8 +179,23 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="unet-export", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--model", required=True, help="training logdir or its model.keras (model.json beside it)")
-    ap.add_argument("--format", nargs="+", default=["openvino", "onnx"], choices=E.EXPORT_FORMATS,
-                    help="formats to write")
+    ap.add_argument("--format", nargs="+", default=None, choices=E.EXPORT_FORMATS,
+                    help="formats to write (default: openvino onnx; with --int8 only what it needs: "
+                         "openvino if model.xml is missing)")
+    ap.add_argument("--int8", action="store_true",
+                    help="also write model_int8.xml/.bin: the OpenVINO IR quantised by NNCF on training slices "
+                         "of --data, and measure (and record in model.json) its volume Dice against fp32 on "
+                         "--data's validation cases, and the speed of both")
+    ap.add_argument("--data", default=None,
+                    help="--int8: the unet-convert HDF5 file the model was trained on (default: the one "
+                         "model.json names)")
+    ap.add_argument("--calibration_slices", type=int, default=300,
+                    help="--int8: training slices NNCF calibrates the activation ranges on")
+    ap.add_argument("--max_dice_drop", type=float, default=None,
+                    help="--int8: NNCF's accuracy control: convolutions go back to fp32, the most costly first, "
+                         "until the mean Dice of the calibration slices is within this of the fp32 model's "
+                         "(slower to make, minutes; slower to run)")
+    add_post_flags(ap)
     ap.add_argument("--out", default=None,
                     help="folder to write into (default: the model's own); another folder gets a copy of "
                          "model.keras and its own model.json, so it can be deployed alone")
@@ -173,6 +206,14 @@ def main(argv=None) -> int:
                     help="do not time the engines (unet-predict then picks by a fixed order)")
     a = ap.parse_args(argv)
     try:
+        if a.calibration_slices < 1:
+            raise ExportError(f"--calibration_slices must be >= 1 (got {a.calibration_slices})")
+        if a.max_dice_drop is not None and not 0 < a.max_dice_drop < 1:
+            raise ExportError(f"--max_dice_drop must be in (0, 1) (got {a.max_dice_drop})")
+        try:
+            post = options_from_args(a)
+        except PostError as e:
+            raise ExportError(str(e)) from None
         folder, keras_path = (a.model, os.path.join(a.model, E.FILES["keras"])) if os.path.isdir(a.model) \
             else (os.path.dirname(a.model) or ".", a.model)
         meta_path = os.path.join(folder, "model.json")
@@ -186,24 +227,48 @@ def main(argv=None) -> int:
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ExportError(f"{meta_path}: not a model description from train_hvd.py "
                               f"({type(e).__name__}: {e})") from None
+        if a.format is None:   # --int8 alone: the fp32 IR it quantises, unless the model's folder has it
+            has_ir = not a.out and os.path.isfile(E.model_file("openvino", folder, meta))
+            a.format = ([] if has_ir else ["openvino"]) if a.int8 else ["openvino", "onnx"]
         check_formats(a.format)
+        if a.int8:
+            from unet.quantize import QuantizeError, data_file
+            why = E.export_missing(E.INT8)
+            if why:
+                raise ExportError(f"--int8: {why}")
+            try:
+                data_file(meta, a.data)
+            except QuantizeError as e:
+                raise ExportError(str(e)) from None
     except ExportError as e:
         print(f"unet-export: error: {e}", file=sys.stderr)
         return 2
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from unet.distributed import inference_threads
     threads = a.num_threads or inference_threads()
-    E.set_tensorflow_threads(threads)
-    import keras
-    model = keras.saving.load_model(keras_path, compile=False)
     out = a.out or folder
     os.makedirs(out, exist_ok=True)
     if os.path.abspath(out) != os.path.abspath(folder):
         shutil.copy2(keras_path, os.path.join(out, E.FILES["keras"]))
-    meta = add_exports(out, model, meta, a.format, threads=threads, measure=not a.no_measure)
+    if a.format:
+        E.set_tensorflow_threads(threads)
+        import keras
+        model = keras.saving.load_model(keras_path, compile=False)
+        meta = add_exports(out, model, meta, a.format, threads=threads, measure=not a.no_measure)
     for fmt in a.format:
         print(f"unet-export: {fmt} -> {os.path.join(out, E.FILES[fmt])}")
     print(f"unet-export: {speeds_line(meta)}; default engine: {E.default_engine(out, meta)}")
+    if a.int8:
+        from unet.data.nifti import DataError
+        from unet.quantize import QuantizeError, add_int8
+        try:
+            meta = add_int8(out, meta, data=a.data, slices=a.calibration_slices, threads=threads,
+                            max_drop=a.max_dice_drop, post=post)
+        except (QuantizeError, DataError) as e:
+            print(f"unet-export: error: {e}", file=sys.stderr)
+            return 2
+        print(f"unet-export: int8 -> {os.path.join(out, E.FILES[E.INT8])}")
+        print(f"unet-export: {E.int8_cost_line(meta)}")
     return 0
 
 

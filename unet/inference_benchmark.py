@@ -9,8 +9,13 @@ the output back on the case grid and post-processed. Per engine it prints
 * per-case latency p50/p90: input preparation + forward pass + post-processing of one case
   (reading and writing files excluded), over cases and rounds;
 * the ratio of slices/s to TensorFlow's, and GFLOP/s as a share of the CPU's fp32 peak
-  (``unet.flops``: convolutions of the forward pass; peak = cores x clock x flop/cycle of its ISA);
+  (``unet.flops``: convolutions of the forward pass; the peak measured by ``unet.peak`` on as
+  many cores as the engines use, else cores x clock x flop/cycle of its ISA); for the int8 row
+  it is the rate of the same fp32 flops, so it can exceed 100 %;
 * the largest probability difference to TensorFlow on the first case.
+
+With ``int8`` a row ``openvino-int8`` adds the NNCF-quantised IR (``unet-export --int8``), and the
+Dice it costs, as measured when it was made, is printed under the table.
 
 With ``eager`` a row ``tf-eager`` adds the Keras model called eagerly, layer by layer: how
 unet-predict ran TensorFlow before the engines (the TensorFlow engine traces it as a tf.function).
@@ -31,16 +36,27 @@ from unet import flops
 from unet.data import preprocess as P
 from unet.postprocess import postprocess
 
+INT8_ROW = "openvino-int8"
+
 
 def cpu_peak(cores: int) -> tuple[float, str]:
-    """fp32 peak flop/s of ``cores`` cores of this CPU, and how it was reckoned."""
+    """fp32 peak flop/s of ``cores`` cores of this CPU, and how it was found: measured
+    (``unet.peak``: FMA chains on every core at once), else reckoned from /proc/cpuinfo's clock
+    and the flop/cycle of the CPU's vector units (no C compiler to build the measurement)."""
     from unet.perf import cpu_mhz
+    from unet.peak import measured_peak
     with open("/proc/cpuinfo") as f:
         info = f.read()
     mhz = cpu_mhz(info)
     line = next((l for l in info.splitlines() if l.startswith("flags")), "")
     fpc = flops.fp32_flops_per_cycle(line.split(":", 1)[-1].split())
-    return flops.peak_flops(cores, mhz / 1e3, fpc), f"{cores} core(s) x {mhz:.0f} MHz x {fpc} flop/cycle"
+    nominal = flops.peak_flops(cores, mhz / 1e3, fpc)
+    reckoned = f"{cores} core(s) x {mhz:.0f} MHz x {fpc} flop/cycle = {nominal / 1e9:.0f} GFLOP/s"
+    measured = measured_peak(cores)
+    if measured is None:
+        return nominal, f"nominal: {reckoned}; no C compiler to measure it"
+    return measured, (f"measured: FMA chains on {cores} core(s), {measured / 1e9 / cores / fpc:.2f} GHz "
+                      f"effective; /proc/cpuinfo's clock gives {reckoned}")
 
 
 def time_case(pred, chans, spacing, post) -> tuple[float, float, int, np.ndarray]:
@@ -55,7 +71,8 @@ def time_case(pred, chans, spacing, post) -> tuple[float, float, int, np.ndarray
     return t2 - t1, time.perf_counter() - t0, len(inp.slices) * (4 if post.tta else 1), probs
 
 
-def run(model: str, cases, post, *, threads: int = 0, repeats: int = 3, engines=None, eager: bool = False) -> int:
+def run(model: str, cases, post, *, threads: int = 0, repeats: int = 3, engines=None, eager: bool = False,
+        int8: bool = False) -> int:
     from unet.distributed import inference_threads
     from unet.predict import Predictor, reference_image
     threads = threads or inference_threads()
@@ -65,6 +82,8 @@ def run(model: str, cases, post, *, threads: int = 0, repeats: int = 3, engines=
             preds[name] = Predictor(model, engine=name, threads=threads)
         except E.EngineError as e:
             skipped.append(str(e))
+    if int8:       # the quantised IR, one more row (an error if it is missing: it was asked for)
+        preds[INT8_ROW] = Predictor(model, engine="openvino", threads=threads, int8=True)
     if not preds:
         raise E.EngineError("; ".join(skipped))
     if eager and "tensorflow" in preds:     # the same model.keras called eagerly: the path before the engines
@@ -75,6 +94,8 @@ def run(model: str, cases, post, *, threads: int = 0, repeats: int = 3, engines=
     for case in cases:
         chans, _, _ = first.read(case)
         data.append((case.case_id, chans, reference_image(case).GetSpacing()[::-1]))
+    # the peak first, on the cores the engines will use, under the same load
+    peak, how = cpu_peak(min(threads, len(os.sched_getaffinity(0))))
     load0 = os.getloadavg()[0]
     for name, pred in preds.items():           # warm-up: engine start, compilation, tracing
         pred.network_output(pred.network_input(data[0][1]).slices[:pred.batch_size])
@@ -98,7 +119,6 @@ def run(model: str, cases, post, *, threads: int = 0, repeats: int = 3, engines=
     d = meta["data"]
     fwd_flops = flops.forward_flops(d["height"], d["width"], d["channels"], d["regions"],
                                     use_upsampling=bool((meta.get("model") or {}).get("use_upsampling")))
-    peak, how = cpu_peak(min(threads, len(os.sched_getaffinity(0))))
     rows = {}
     for name in preds:
         rate = slices[name] / forward[name]
@@ -114,14 +134,16 @@ def run(model: str, cases, post, *, threads: int = 0, repeats: int = 3, engines=
           f"load average {load0:.2f} before, {load1:.2f} after")
     for line in skipped:
         print(f"benchmark: skipped: {line}")
-    print(f"{'engine':<12}{'slices/s':>10}{'vs TF':>8}{'case p50 s':>12}{'case p90 s':>12}{'GFLOP/s':>10}"
+    print(f"{'engine':<14}{'slices/s':>10}{'vs TF':>8}{'case p50 s':>12}{'case p90 s':>12}{'GFLOP/s':>10}"
           f"{'% peak':>8}{'max |dp| vs TF':>16}")
     for name, w in rows.items():
-        print(f"{name:<12}{w['rate']:>10.2f}{w['rate'] / tf_rate:>8.2f}{w['p50']:>12.2f}{w['p90']:>12.2f}"
+        print(f"{name:<14}{w['rate']:>10.2f}{w['rate'] / tf_rate:>8.2f}{w['p50']:>12.2f}{w['p90']:>12.2f}"
               f"{w['gflops']:>10.1f}{100 * w['share']:>8.1f}{w['diff']:>16.2e}")
     for name, w in rows.items():   # one parseable line per engine
         print(f"benchmark: engine={name} slices_per_s={w['rate']:.3f} ratio_vs_tensorflow={w['rate'] / tf_rate:.3f} "
               f"latency_p50_s={w['p50']:.3f} latency_p90_s={w['p90']:.3f} peak_share={w['share']:.3f} "
               f"max_abs_diff_vs_tensorflow={w['diff']:.3g} threads={w['threads']}")
+    if int8:
+        print(f"benchmark: {E.int8_cost_line(preds[INT8_ROW].meta)}")
     sys.stdout.flush()
     return 0

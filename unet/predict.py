@@ -4,6 +4,7 @@
     unet-predict --model LOGDIR --case X_flair.nii.gz X_t1.nii.gz X_t1ce.nii.gz X_t2.nii.gz --out seg.nii.gz
     unet-predict --model LOGDIR --case DATASET_ROOT --out OUT_DIR      # every case found
     unet-predict --model LOGDIR --engine openvino|onnxruntime|tensorflow --case ... --out ...
+    unet-predict --model LOGDIR --int8 --case ... --out ...            # the NNCF-quantised OpenVINO IR
     unet-predict --model LOGDIR --case DATASET_ROOT --benchmark        # every engine, timed
 
 The preprocessing (modalities and their order, z-score over brain voxels,
@@ -43,7 +44,8 @@ class Predictor:
     """A trained network behind one inference engine (``unet.engines``), with the preprocessing its
     model.json records and the same pre- and post-processing whatever the engine."""
 
-    def __init__(self, model_path: str, batch_size: int = 16, engine: str | None = None, threads: int = 0):
+    def __init__(self, model_path: str, batch_size: int = 16, engine: str | None = None, threads: int = 0,
+                 int8: bool = False):
         folder = model_path if os.path.isdir(model_path) else os.path.dirname(model_path) or "."
         # a file names its engine (model.xml -> openvino, ...) unless --engine says otherwise
         named = None if os.path.isdir(model_path) else FILE_ENGINE.get(os.path.splitext(model_path)[1])
@@ -71,9 +73,12 @@ class Predictor:
                 raise ModelError(f"{meta_path}: data.attrs.{key} {attrs[key]!r} is not implemented "
                                  f"(known: {', '.join(map(repr, known))})")
         self.normalisation, self.inplane = attrs["normalisation"], attrs["inplane"]
-        self.engine = engine or named or E.default_engine(folder, self.meta)
+        # the int8 IR (the folder's, whatever file --model names) only when asked for: it runs on OpenVINO
+        self.engine = engine or ("openvino" if int8 else named or E.default_engine(folder, self.meta))
         # what is missing is said now, before any case is read
-        self.model_path = E.check(self.engine, folder, self.meta, model_path if named == self.engine else None)
+        given = model_path if named == self.engine and not int8 else None
+        self.model_path = E.check(self.engine, folder, self.meta, given, int8=int8)
+        self.int8 = int8
         self.folder, self.batch_size, self.threads, self._model = folder, batch_size, threads, None
 
     @property
@@ -202,7 +207,7 @@ def main(argv=None) -> int:
     ap.add_argument("--benchmark", action="store_true",
                     help="write nothing: run every engine that can run the model on the cases, interleaved, and "
                          "print slices/s, per-case latency p50/p90, the ratio to TensorFlow and the share of "
-                         "the CPU's fp32 peak for each")
+                         "the CPU's fp32 peak for each (with --int8 the int8 IR as one more row)")
     ap.add_argument("--repeats", type=int, default=3, help="--benchmark: rounds over the cases")
     ap.add_argument("--eager", action="store_true",
                     help="--benchmark: add a row tf-eager, the Keras model called eagerly (no tf.function)")
@@ -225,12 +230,14 @@ def main(argv=None) -> int:
         if a.benchmark:
             from unet.inference_benchmark import run as benchmark
             return benchmark(a.model, cases, post, threads=a.num_threads, repeats=a.repeats,
-                             engines=[a.engine] if a.engine else None, eager=a.eager)
-        pred = Predictor(a.model, engine=a.engine, threads=a.num_threads)
+                             engines=[a.engine] if a.engine else None, eager=a.eager, int8=a.int8)
+        pred = Predictor(a.model, engine=a.engine, threads=a.num_threads, int8=a.int8)
     except (LayoutError, ModelError, E.EngineError, DataError) as e:
         print(f"unet-predict: error: {e}", file=sys.stderr)
         return 2
-    print(f"unet-predict: engine {pred.engine} ({pred.model_path})", flush=True)
+    print(f"unet-predict: engine {pred.engine}{' int8' if pred.int8 else ''} ({pred.model_path})", flush=True)
+    if pred.int8:
+        print(f"unet-predict: {E.int8_cost_line(pred.meta)}", flush=True)
     many = len(cases) > 1 or os.path.isdir(a.out) or not a.out.endswith((".nii", ".nii.gz"))
     os.makedirs(a.out if many else os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     if a.png:

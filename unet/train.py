@@ -147,7 +147,8 @@ def run(args, setup, hvd, train_src, val_src, info) -> int:
         total = hvd.allreduce(np.concatenate([sums.ravel(), [loss_sum, count]]), op=hvd.Sum).numpy()
         return {"dice": dice_from_sums(total[:-2].reshape(2, -1)), "loss": total[-2] / max(total[-1], 1)}
 
-    meta = {"data": info.to_json(), "model": {"use_upsampling": args.use_upsampling,
+    data = dict(info.to_json(), **({"file": os.path.abspath(args.data)} if args.data else {}))   # unet-export --int8's
+    meta = {"data": data, "model": {"use_upsampling": args.use_upsampling,
             "dropout": args.dropout, "norm": args.norm, "loss": args.loss}, "seed": args.seed}
     counters = {}
     if restored:

@@ -1,0 +1,97 @@
+"""The CPU's fp32 peak, measured: fused multiply-adds that never wait for memory or for each other.
+
+A clock read from /proc/cpuinfo is not the clock a core runs at (under KVM it is the host's
+nominal clock; turbo raises it), so a peak reckoned from it can be lower than what an engine
+reaches. Here the peak is timed instead: a loop of ``CHAINS`` independent FMA chains on vector
+registers (enough chains to hide the FMA latency on both FMA ports of a core), compiled for
+this CPU (``-march=native``: the widest vectors it has) and run on each of ``cores`` threads at
+once. flop/s = threads x iterations x CHAINS x lanes x 2 / seconds: the rate of the CPU's
+arithmetic alone, which no convolution can exceed.
+
+The kernel is compiled once per process with the system C compiler (``cc``, which
+scripts/setup.sh installs for the Horovod build); without one, ``measured_peak`` returns None
+and callers fall back to the nominal peak.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+
+CHAINS = 12
+SOURCE = r"""
+#if defined(__AVX512F__)
+#define BYTES 64
+#else
+#define BYTES 32
+#endif
+typedef float vec __attribute__((vector_size(BYTES)));
+int lanes(void) { return BYTES / 4; }
+/* n iterations of CHAINS independent a = a * b + c; returns a sum so nothing is optimised away */
+float fma_chains(long n) {
+    vec a[CHAINS], b, c;
+    for (int k = 0; k < BYTES / 4; k++) { b[k] = 0.999999f; c[k] = 1e-6f; }
+    for (int j = 0; j < CHAINS; j++) for (int k = 0; k < BYTES / 4; k++) a[j][k] = 1.0f + j + k;
+    for (long i = 0; i < n; i++) {
+#pragma GCC unroll 16
+        for (int j = 0; j < CHAINS; j++) a[j] = a[j] * b + c;
+    }
+    float s = 0;
+    for (int j = 0; j < CHAINS; j++) for (int k = 0; k < BYTES / 4; k++) s += a[j][k];
+    return s;
+}
+"""
+
+_lib = None
+
+
+def _kernel():
+    """The compiled kernel (ctypes library), or None without a C compiler."""
+    global _lib
+    if _lib is None:
+        cc = shutil.which("cc") or shutil.which("gcc")
+        if cc is None:
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            src, lib = os.path.join(tmp, "peak.c"), os.path.join(tmp, "peak.so")
+            with open(src, "w") as f:
+                f.write(SOURCE)
+            done = subprocess.run([cc, "-O2", "-march=native", "-ffp-contract=fast", f"-DCHAINS={CHAINS}",
+                                   "-shared", "-fPIC", src, "-o", lib], capture_output=True)
+            if done.returncode != 0:
+                return None
+            _lib = ctypes.CDLL(lib)          # loaded: the file may go
+        _lib.fma_chains.argtypes, _lib.fma_chains.restype = [ctypes.c_long], ctypes.c_float
+    return _lib
+
+
+def measured_peak(cores: int, seconds: float = 0.3) -> float | None:
+    """fp32 flop/s of ``cores`` threads of FMA chains (ctypes drops the GIL, so they run at once),
+    the best of 3 runs of about ``seconds`` each; None without a C compiler."""
+    lib = _kernel()
+    if lib is None:
+        return None
+    per_iter = CHAINS * lib.lanes() * 2
+    n = 1_000_000
+    while True:                            # size the run to the clock: about ``seconds``
+        t = time.perf_counter()
+        lib.fma_chains(n)
+        dt = time.perf_counter() - t
+        if dt > seconds / 4:
+            n = int(n * seconds / dt)
+            break
+        n *= 4
+    best = 0.0
+    for _ in range(3):
+        threads = [threading.Thread(target=lib.fma_chains, args=(n,)) for _ in range(cores)]
+        t = time.perf_counter()
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        best = max(best, cores * n * per_iter / (time.perf_counter() - t))
+    return best
