@@ -25,7 +25,7 @@ Dice runs: the demo's 2 ranks), at the same batch and threads:
   --skip_dice also the slice-pooled validation Dice after the demo's budget
   (8 cases, 2 ranks x batch 8, 2 epochs, rate 1e-4) for both precisions;
 * FLOP/s: img/s x training flops per image (``unet.flops``: convolutions, forward
-  + both gradients) against cores x clock x flops/cycle (assumption printed).
+  + both gradients) against the fp32 peak measured by unet/peak.py (how, printed).
 """
 from __future__ import annotations
 
@@ -40,15 +40,13 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from unet import flops, perf  # noqa: E402  (pure modules: no TensorFlow in this process)
+from unet import flops, peak, perf  # noqa: E402  (pure modules: no TensorFlow in this process)
 
 PY = sys.executable
 BENCH = re.compile(r"^benchmark: (.*)$", re.M)
 PIPE = re.compile(r"^pipeline: (.*)$", re.M)
 INTRA = re.compile(r"^rank 0/\d+ .* intra (\d+) ", re.M)
 DICE = re.compile(r"^validation Dice of the exported model .*: (.*)$", re.M)
-FP32_FLOPS_PER_CYCLE = 64   # 2 AVX-512 FMA units x 16 fp32 lanes x 2 flops
-BF16_FLOPS_PER_CYCLE = 128  # AVX512_BF16 VDPBF16PS: twice the fp32 rate on the same units
 NOISY_CORES = 0.25          # other processes busier than this during a measurement: say so
 
 
@@ -177,7 +175,8 @@ def p50_rate(b: dict) -> float:
     return float(b["global_batch"]) * 1e3 / float(b["p50_ms"])
 
 
-def figures(shape, b32: list[dict], b16: dict, tr: dict, tr10: dict, pipe: float, mhz: float, cores: int) -> dict:
+def figures(shape, b32: list[dict], b16: dict, tr: dict, tr10: dict, pipe: float, mhz: float, cores: int,
+            peak32: float, bf16_factor: int) -> dict:
     """The ratios, flops and peaks of one run (pure). fp32 benchmark: the median of the runs
     interleaved with the trainer's, so a drifting load on the machine hits both sides alike."""
     import statistics
@@ -190,8 +189,7 @@ def figures(shape, b32: list[dict], b16: dict, tr: dict, tr10: dict, pipe: float
         t1_median=tr["median"] / p50_32, p50_32=p50_32, t4=pipe / tr["rate"], t5=tr10["maxrss_mb"] / tr["maxrss_mb"],
         t7=rb16 / rb32, fwd=flops.forward_flops(h, w, c, r), train=train,
         seed_fwd=flops.forward_flops(128, 128, 1, 1), mhz=mhz, cores=cores,
-        peak32=flops.peak_flops(cores, mhz / 1e3, FP32_FLOPS_PER_CYCLE),
-        peak16=flops.peak_flops(cores, mhz / 1e3, BF16_FLOPS_PER_CYCLE))
+        peak32=peak32, peak16=peak32 * bf16_factor)
 
 
 def summary_lines(f: dict, shape, a, b32: list[dict], tr: dict, tr10: dict, pipe: float, dice: dict | None,
@@ -214,8 +212,8 @@ def summary_lines(f: dict, shape, a, b32: list[dict], tr: dict, tr10: dict, pipe
         converter_line(conv),
         f"target 7: benchmark bf16 {f['rb16']:.2f} img/s, fp32 {f['rb32']:.2f} img/s: ratio {f['t7']:.3f}",
         f"flops: forward {f['fwd'] / 1e9:.2f} GFLOP/image at {h}x{w}x{c}->{r} (seed 128x128x1: "
-        f"{f['seed_fwd'] / 1e9:.2f}), training {f['train'] / 1e9:.2f} GFLOP/image; peak {f['cores']} cores x "
-        f"{f['mhz']:.0f} MHz x {FP32_FLOPS_PER_CYCLE} flop/cycle = {f['peak32'] / 1e9:.0f} GFLOP/s fp32 "
+        f"{f['seed_fwd'] / 1e9:.2f}), training {f['train'] / 1e9:.2f} GFLOP/image; peak "
+        f"{f['peak32'] / 1e9:.0f} GFLOP/s fp32 ({f['peak_how']}) "
         f"({f['peak16'] / 1e9:.0f} bf16); achieved: benchmark fp32 {g(f['rb32']):.0f} GFLOP/s "
         f"({100e9 * g(f['rb32']) / f['peak32']:.0f} %), bf16 {g(f['rb16']):.0f} GFLOP/s "
         f"({100e9 * g(f['rb16']) / f['peak16']:.0f} % of bf16 peak), trainer {g(tr['rate']):.0f} GFLOP/s "
@@ -260,9 +258,10 @@ def markdown(f: dict, shape, a, tr: dict, tr10: dict, pipe: float, dice: dict | 
         md.append(f"| 7: validation Dice after the demo budget, {p} | {dd} | – | – | – | "
                   f"{dice[p]['seconds']:.0f} s, median {dice[p]['median']:.2f} img/s (2 ranks) |")
     md += ["", f"Data {h}x{w}x{c} -> {r} regions. Training flops per image {f['train'] / 1e9:.2f} G (forward "
-           f"{f['fwd'] / 1e9:.2f} G; the seed's 128x128x1: {f['seed_fwd'] / 1e9:.2f} G). Peak assumes "
-           f"{f['cores']} cores at {f['mhz']:.0f} MHz (/proc/cpuinfo), 2 AVX-512 FMA units per core: "
-           f"{FP32_FLOPS_PER_CYCLE} fp32 / {BF16_FLOPS_PER_CYCLE} bf16 flop per cycle; one vCPU = one core.",
+           f"{f['fwd'] / 1e9:.2f} G; the seed's 128x128x1: {f['seed_fwd'] / 1e9:.2f} G). fp32 peak "
+           f"{f['peak32'] / 1e9:.0f} GFLOP/s, {f['peak_how']} (unet/peak.py); bf16 peak {f['peak16'] / 1e9:.0f} "
+           f"GFLOP/s ({'bf16 dot products: twice fp32' if f['peak16'] > f['peak32'] else 'no bf16 units: as fp32'}"
+           f"); one vCPU = one core.",
            f"Trainer rate: images / time over the training.log windows after the first "
            f"({tr['windows']} windows of {a.log_every} steps), the median of "
            f"{', '.join(f'{x:.2f}' for x in tr.get('rates_each', [tr['rate']]))} img/s; benchmark: median of the "
@@ -321,7 +320,10 @@ def main(argv=None) -> int:
     total = time.perf_counter() - t0
     with open("/proc/cpuinfo") as fh:
         mhz = perf.cpu_mhz(fh.read())
-    f = figures(shape, b32, b16, tr, tr10, pipe, mhz, len(os.sched_getaffinity(0)))
+    cores = len(os.sched_getaffinity(0))
+    peak32, peak_how = peak.fp32_peak(cores)      # measured after the runs, on an idle machine again
+    f = figures(shape, b32, b16, tr, tr10, pipe, mhz, cores, peak32, peak.bf16_factor())
+    f["peak_how"] = peak_how
     busiest = max((e for e in log if e[3] is not None), key=lambda e: e[3])
     text = markdown(f, shape, a, tr, tr10, pipe, dice, busiest, log, total, conv)
     print("\n".join(summary_lines(f, shape, a, b32, tr, tr10, pipe, dice, busiest, conv)) + "\n\n" + text,

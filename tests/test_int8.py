@@ -82,6 +82,7 @@ def test_the_int8_ir_is_quantised_and_recorded_with_its_calibration(quantised):
     assert types.count("FakeQuantize") >= 20, "the convolutions' inputs are quantised"
     assert "FakeQuantize" not in [op.get_type_name() for op in
                                   ov.Core().read_model(str(folder / "model.xml")).get_ordered_ops()]
+    assert rec["quantiser"]["kept_fp32"] == []          # every convolution quantised, unless asked otherwise
     cal = rec["calibration"]
     assert (cal["file"], cal["split"], cal["slices"]) == (str(root / "d.h5"), "train", 16)
     assert rec["validation"]["cases"] == [val_case]
@@ -176,3 +177,36 @@ def test_a_new_fp32_ir_removes_the_int8_ir_made_from_the_old_one(quantised, tmp_
     assert export("--model", m, "--format", "openvino", "--no_measure") == 0
     assert "openvino_int8" not in meta_of(m)["exports"]
     assert not (m / "model_int8.xml").exists() and not (m / "model_int8.bin").exists()
+
+
+def test_max_dice_drop_records_its_budget_and_the_fp32_convolutions_the_file_holds(quantised, tmp_path):
+    """Which convolutions NNCF's accuracy control puts back is its business (on the demo's model:
+    conv2a, conv3a, conv8a, conv9a at 0.01, docs/PERFORMANCE.md); here: it runs with our metric and
+    the record says what the written file holds."""
+    import openvino as ov
+
+    from unet import flops
+    from unet.quantize import fp32_convolutions
+    root, _ = quantised
+    m = tmp_path / "m"
+    shutil.copytree(root / "model", m)
+    assert export("--model", m, "--int8", "--calibration_slices", 16, "--max_dice_drop", 0.001) == 0
+    rec = meta_of(m)["exports"]["openvino_int8"]
+    assert rec["quantiser"]["accuracy_control"]["max_drop"] == 0.001
+    kept = rec["quantiser"]["kept_fp32"]
+    layers = [n for n, _ in flops.unet_convs(32, 32, 4, 3)]
+    assert set(kept) <= set(layers) and len(kept) < len(layers)
+    # what is recorded is what the file holds
+    assert fp32_convolutions(ov.Core().read_model(str(m / "model_int8.xml")), layers) == kept
+
+
+def test_the_accuracy_control_metric_by_hand():
+    from unet.quantize import mean_dice
+    probs = np.zeros((2, 2, 2, 3), np.float32)
+    masks = np.zeros_like(probs)
+    probs[0, 0, :, 0] = 0.9          # WT: 2 predicted, 3 true, 1 shared -> 2*1/5
+    masks[0, 0, 0, 0] = masks[1, 1, :, 0] = 1
+    probs[1, :, :, 1] = 0.7          # TC: 4 predicted, 2 true, both shared -> 2*2/6
+    masks[1, 0, :, 1] = 1
+    # ET: absent from both -> 1
+    assert mean_dice(probs, masks) == pytest.approx((2 / 5 + 4 / 6 + 1) / 3)

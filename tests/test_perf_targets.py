@@ -68,3 +68,30 @@ def test_fp32_flops_per_cycle_follow_the_widest_vectors_the_cpu_has():
     assert fp32_flops_per_cycle("fpu sse2 avx avx2 fma".split()) == 32     # the AMD EPYC (Zen 3) machines
     assert fp32_flops_per_cycle("fpu sse2 avx".split()) == 16
     assert fp32_flops_per_cycle("fpu sse2".split()) == 8
+
+
+def test_measured_peak_is_above_what_sgemm_reaches_and_below_any_clock():
+    """unet/peak.py times FMA chains; a matrix product cannot beat the CPU's arithmetic, so on the same
+    core (measurements interleaved, best of 3 each, so a change of load hits both) OpenBLAS's sgemm
+    must stay under it; 10 % margin for the timer. A wrong flop count or an unvectorised kernel
+    (8x or 16x less) fails one of the two bounds."""
+    import time
+
+    import numpy as np
+    from threadpoolctl import threadpool_limits
+
+    from unet import peak
+    fpc = flops.fp32_flops_per_cycle(peak.cpu_flags())
+    a, b = np.random.default_rng(0).random((2, 1024, 1024), np.float32)
+    fma, gemm = 0.0, 0.0
+    with threadpool_limits(1):
+        a @ b
+        for _ in range(3):
+            fma = max(fma, peak.measured_peak(1, seconds=0.1))
+            t = time.perf_counter()
+            for _ in range(4):
+                a @ b
+            gemm = max(gemm, 4 * 2 * 1024 ** 3 / (time.perf_counter() - t))
+    print(f"one core: FMA chains {fma / 1e9:.1f} GFLOP/s, sgemm {gemm / 1e9:.1f} GFLOP/s, {fpc} flop/cycle")
+    assert gemm <= 1.1 * fma
+    assert fma <= fpc * 6.0e9          # no core runs at 6 GHz

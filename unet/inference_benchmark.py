@@ -34,29 +34,10 @@ import numpy as np
 from unet import engines as E
 from unet import flops
 from unet.data import preprocess as P
+from unet.peak import fp32_peak
 from unet.postprocess import postprocess
 
 INT8_ROW = "openvino-int8"
-
-
-def cpu_peak(cores: int) -> tuple[float, str]:
-    """fp32 peak flop/s of ``cores`` cores of this CPU, and how it was found: measured
-    (``unet.peak``: FMA chains on every core at once), else reckoned from /proc/cpuinfo's clock
-    and the flop/cycle of the CPU's vector units (no C compiler to build the measurement)."""
-    from unet.perf import cpu_mhz
-    from unet.peak import measured_peak
-    with open("/proc/cpuinfo") as f:
-        info = f.read()
-    mhz = cpu_mhz(info)
-    line = next((l for l in info.splitlines() if l.startswith("flags")), "")
-    fpc = flops.fp32_flops_per_cycle(line.split(":", 1)[-1].split())
-    nominal = flops.peak_flops(cores, mhz / 1e3, fpc)
-    reckoned = f"{cores} core(s) x {mhz:.0f} MHz x {fpc} flop/cycle = {nominal / 1e9:.0f} GFLOP/s"
-    measured = measured_peak(cores)
-    if measured is None:
-        return nominal, f"nominal: {reckoned}; no C compiler to measure it"
-    return measured, (f"measured: FMA chains on {cores} core(s), {measured / 1e9 / cores / fpc:.2f} GHz "
-                      f"effective; /proc/cpuinfo's clock gives {reckoned}")
 
 
 def time_case(pred, chans, spacing, post) -> tuple[float, float, int, np.ndarray]:
@@ -95,7 +76,7 @@ def run(model: str, cases, post, *, threads: int = 0, repeats: int = 3, engines=
         chans, _, _ = first.read(case)
         data.append((case.case_id, chans, reference_image(case).GetSpacing()[::-1]))
     # the peak first, on the cores the engines will use, under the same load
-    peak, how = cpu_peak(min(threads, len(os.sched_getaffinity(0))))
+    peak, how = fp32_peak(min(threads, len(os.sched_getaffinity(0))))
     load0 = os.getloadavg()[0]
     for name, pred in preds.items():           # warm-up: engine start, compilation, tracing
         pred.network_output(pred.network_input(data[0][1]).slices[:pred.batch_size])

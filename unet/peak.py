@@ -10,7 +10,8 @@ arithmetic alone, which no convolution can exceed.
 
 The kernel is compiled once per process with the system C compiler (``cc``, which
 scripts/setup.sh installs for the Horovod build); without one, ``measured_peak`` returns None
-and callers fall back to the nominal peak.
+and ``fp32_peak`` falls back to the nominal peak: cores x /proc/cpuinfo's clock x the flop/cycle of
+the CPU's vector units (``unet.flops``).
 """
 from __future__ import annotations
 
@@ -95,3 +96,31 @@ def measured_peak(cores: int, seconds: float = 0.3) -> float | None:
             th.join()
         best = max(best, cores * n * per_iter / (time.perf_counter() - t))
     return best
+
+
+def cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as f:
+        line = next((l for l in f if l.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+def fp32_peak(cores: int) -> tuple[float, str]:
+    """fp32 peak flop/s of ``cores`` cores, and how it was found: measured, else nominal."""
+    from unet import flops
+    from unet.perf import cpu_mhz
+    with open("/proc/cpuinfo") as f:
+        mhz = cpu_mhz(f.read())
+    fpc = flops.fp32_flops_per_cycle(cpu_flags())
+    nominal = flops.peak_flops(cores, mhz / 1e3, fpc)
+    reckoned = f"{cores} core(s) x {mhz:.0f} MHz x {fpc} flop/cycle = {nominal / 1e9:.0f} GFLOP/s"
+    measured = measured_peak(cores)
+    if measured is None:
+        return nominal, f"nominal: {reckoned}; no C compiler to measure it"
+    return measured, (f"measured: FMA chains on {cores} core(s), {measured / 1e9 / cores / fpc:.2f} GHz "
+                      f"effective; /proc/cpuinfo's clock gives {reckoned}")
+
+
+def bf16_factor() -> int:
+    """bf16 flop/cycle over fp32's: 2 with bf16 dot-product instructions (AVX512_BF16, AMX), else 1
+    (bf16 then computes on the fp32 units)."""
+    return 2 if cpu_flags() & {"avx512_bf16", "amx_bf16"} else 1

@@ -27,6 +27,7 @@ import time
 import numpy as np
 
 from unet import engines as E
+from unet import flops
 from unet.checkpoint import write_model_json
 
 
@@ -68,13 +69,15 @@ def mean_dice(probs: np.ndarray, masks: np.ndarray) -> float:
     return float(np.mean(np.where(total > 0, 2 * inter / np.maximum(total, 1), 1.0)))
 
 
-def quantize_ir(src: str, dst: str, slices: np.ndarray, masks: np.ndarray, max_drop: float | None = None) -> dict:
+def quantize_ir(src: str, dst: str, slices: np.ndarray, masks: np.ndarray, max_drop: float | None = None,
+                names=None) -> dict:
     """NNCF post-training quantisation of the IR ``src`` calibrated on ``slices`` (one per sample),
     activation ranges from histograms (on the demo's model the best of NNCF's estimators: slice Dice
     ET 0.665 against 0.626 with its default, fp32 0.731; docs/PERFORMANCE.md). With ``max_drop``
     NNCF's accuracy control puts layers back to fp32 until the mean Dice of those training slices
     lies within ``max_drop`` of the fp32 IR's. Written to ``dst`` (.xml + .bin) under temporary
-    names, then renamed weights first. Returns how it was made, for model.json."""
+    names, then renamed weights first. Returns how it was made, for model.json, with the
+    convolutions left in fp32 (by ``names``, the Keras layers in graph order)."""
     import nncf
     import openvino as ov
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
@@ -100,10 +103,8 @@ def quantize_ir(src: str, dst: str, slices: np.ndarray, masks: np.ndarray, max_d
             model, calibration, validation, score, max_drop=max_drop, drop_type=nncf.DropType.ABSOLUTE,
             subset_size=len(slices), target_device=nncf.TargetDevice.CPU, advanced_quantization_parameters=advanced)
         how["accuracy_control"] = {"max_drop": max_drop, "metric": "mean over regions of slice-pooled Dice on "
-                                   "the calibration slices", "kept_fp32": sorted(
-                                       op.get_friendly_name() for op in quantised.get_ordered_ops()
-                                       if op.get_type_name() in ("Convolution", "ConvolutionBackpropData")
-                                       and not _quantised_input(op))}
+                                   "the calibration slices"}
+    how["kept_fp32"] = fp32_convolutions(quantised, names)
     stem = dst[:-len(".xml")]
     tmp = f"{os.path.dirname(dst)}/.{os.path.basename(stem)}.tmp-{os.getpid()}"
     ov.save_model(quantised, tmp + ".xml", compress_to_fp16=False)
@@ -112,9 +113,14 @@ def quantize_ir(src: str, dst: str, slices: np.ndarray, masks: np.ndarray, max_d
     return how
 
 
-def _quantised_input(op) -> bool:
-    """Does a FakeQuantize feed this convolution's activations?"""
-    return op.input_value(0).get_node().get_type_name() == "FakeQuantize"
+def fp32_convolutions(model, names=None) -> list[str]:
+    """The convolutions of an OpenVINO model whose weights are plain fp32 constants (not quantised),
+    by ``names`` (the Keras layers, in graph order) when there is one per convolution."""
+    convs = [op for op in model.get_ordered_ops() if op.get_type_name() in ("Convolution", "ConvolutionBackpropData")]
+    names = names if names and len(names) == len(convs) else [op.get_friendly_name() for op in convs]
+    return [n for n, op in zip(names, convs)
+            if op.input_value(1).get_node().get_type_name() == "Constant"
+            and op.input_value(1).get_element_type().get_type_name() == "f32"]
 
 
 def measure_cost(folder: str, meta: dict, data: str, threads: int, post=None) -> tuple[dict, dict]:
@@ -180,7 +186,10 @@ def add_int8(folder: str, meta: dict, *, data: str | None, slices: int, threads:
     calib, masks = calibration_slices(path, slices)
     t = time.perf_counter()
     dst = os.path.join(folder, E.FILES[E.INT8])
-    how = quantize_ir(src, dst, calib, masks, max_drop)
+    d = meta["data"]
+    layers = [n for n, _ in flops.unet_convs(d["height"], d["width"], d["channels"], d["regions"],
+                                              use_upsampling=bool((meta.get("model") or {}).get("use_upsampling")))]
+    how = quantize_ir(src, dst, calib, masks, max_drop, layers)
     from importlib.metadata import version
     record = {"file": E.FILES[E.INT8], "weights": E.FILES[E.INT8][:-len(".xml")] + ".bin",
               "from": os.path.basename(src), "quantiser": dict(how, tool=f"nncf {version('nncf')}"), "versions": {"nncf": version("nncf"), "openvino": version("openvino")},
