@@ -7,4 +7,4 @@ case "${1:-}" in --help|-h) sed -n '2,4p' "$0"; exit 0 ;; esac
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$ROOT/scripts/setup.sh"
 cd "$ROOT"
-exec "$ROOT/.venv/bin/python" -m pytest -q -rs "$@" tests
+exec "$ROOT/.venv/bin/python" -m pytest -q -rs --durations=15 "$@" tests

@@ -135,8 +135,8 @@ def test_benchmark_prints_every_engine_with_rate_latency_ratio_and_peak_share(ex
         assert rate > 0 and float(f["ratio_vs_tensorflow"]) == pytest.approx(
             rate / float(lines["tensorflow"]["slices_per_s"]), rel=2e-3)
         assert 0 < float(f["latency_p50_s"]) <= float(f["latency_p90_s"])
-        # share of the nominal peak (the clock /proc/cpuinfo reports): no upper bound, since under KVM
-        # the cores can run faster than it says (OpenVINO measured 1.20 of it on an idle 2-core AVX2 VM)
+        # share of the measured peak (unet/peak.py, test_perf_targets.py): no upper bound, since the
+        # peak is timed before the engines and a load that comes or goes in between moves the share
         assert float(f["peak_share"]) > 0
         assert float(f["max_abs_diff_vs_tensorflow"]) <= 1e-4
         if engine != "tensorflow":   # TensorFlow's pools were sized by whoever started it in this process

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import HANG, ROOT, mpirun, run_mpi   # noqa: F401  (HANG, ROOT for the subprocess helper)
 from test_engines import dice, without
 
 pytestmark = [pytest.mark.needs_stack, pytest.mark.needs_engines]

@@ -259,12 +259,14 @@ def main(argv=None) -> int:
         print(f"unet-export: {fmt} -> {os.path.join(out, E.FILES[fmt])}")
     print(f"unet-export: {speeds_line(meta)}; default engine: {E.default_engine(out, meta)}")
     if a.int8:
+        from unet.data.layouts import LayoutError
         from unet.data.nifti import DataError
+        from unet.predict import ModelError
         from unet.quantize import QuantizeError, add_int8
-        try:
+        try:     # nothing is left of the int8 IR when this fails
             meta = add_int8(out, meta, data=a.data, slices=a.calibration_slices, threads=threads,
                             max_drop=a.max_dice_drop, post=post)
-        except (QuantizeError, DataError) as e:
+        except (QuantizeError, DataError, LayoutError, ModelError, E.EngineError) as e:
             print(f"unet-export: error: {e}", file=sys.stderr)
             return 2
         print(f"unet-export: int8 -> {os.path.join(out, E.FILES[E.INT8])}")

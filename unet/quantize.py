@@ -107,9 +107,14 @@ def quantize_ir(src: str, dst: str, slices: np.ndarray, masks: np.ndarray, max_d
     how["kept_fp32"] = fp32_convolutions(quantised, names)
     stem = dst[:-len(".xml")]
     tmp = f"{os.path.dirname(dst)}/.{os.path.basename(stem)}.tmp-{os.getpid()}"
-    ov.save_model(quantised, tmp + ".xml", compress_to_fp16=False)
-    os.replace(tmp + ".bin", stem + ".bin")
-    os.replace(tmp + ".xml", dst)
+    try:
+        ov.save_model(quantised, tmp + ".xml", compress_to_fp16=False)
+        os.replace(tmp + ".bin", stem + ".bin")
+        os.replace(tmp + ".xml", dst)
+    finally:
+        for leftover in (tmp + ".xml", tmp + ".bin"):
+            if os.path.exists(leftover):
+                os.remove(leftover)
     return how
 
 
@@ -192,7 +197,8 @@ def add_int8(folder: str, meta: dict, *, data: str | None, slices: int, threads:
     how = quantize_ir(src, dst, calib, masks, max_drop, layers)
     from importlib.metadata import version
     record = {"file": E.FILES[E.INT8], "weights": E.FILES[E.INT8][:-len(".xml")] + ".bin",
-              "from": os.path.basename(src), "quantiser": dict(how, tool=f"nncf {version('nncf')}"), "versions": {"nncf": version("nncf"), "openvino": version("openvino")},
+              "from": os.path.basename(src), "quantiser": dict(how, tool=f"nncf {version('nncf')}"),
+              "versions": {"nncf": version("nncf"), "openvino": version("openvino")},
               "calibration": {"file": os.path.abspath(path), "split": "train", "slices": len(calib),
                               "chosen": "evenly spaced over the split"},
               "seconds": round(time.perf_counter() - t, 1)}
