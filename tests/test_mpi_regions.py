@@ -13,10 +13,10 @@ from conftest import HANG, ROOT, run_mpi
 pytestmark = pytest.mark.mpi
 
 # Measured on this data (docs/TRAINING.md, "The regions test"): the default loss's exported epoch
-# reached WT 0.835, TC 0.384, ET 0.279; 43-72 % of that is required, a margin for other
+# reached WT 0.835, TC 0.384, ET 0.279; 43-72 % of that is required (TC 0.416 at the epoch before), a margin for other
 # CPUs' rounding taking training down another path. The seed's region-pooled Dice + BCE reached
 # TC 0.0010, ET 0.0018 on the same run.
-MIN_DICE = {"WT": 0.60, "TC": 0.25, "ET": 0.12}
+MIN_DICE = {"WT": 0.60, "TC": 0.20, "ET": 0.12}
 
 
 @pytest.fixture(scope="module")

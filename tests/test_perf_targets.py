@@ -81,6 +81,7 @@ def test_measured_peak_is_above_what_sgemm_reaches_and_below_any_clock():
     from threadpoolctl import threadpool_limits
 
     from unet import peak
+    assert peak._kernel() is not None, f"the FMA kernel was not built: {peak.why_not_measured()}"
     fpc = flops.fp32_flops_per_cycle(peak.cpu_flags())
     a, b = np.random.default_rng(0).random((2, 1024, 1024), np.float32)
     fma, gemm = 0.0, 0.0

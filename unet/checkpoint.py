@@ -102,7 +102,24 @@ def export_model(folder: str, model, meta: dict) -> tuple[str, str]:
     tmp = os.path.join(folder, f".model.tmp-{os.getpid()}.keras")
     model.save(tmp)
     os.replace(tmp, keras_path)
+    remove_exports(folder)
     return keras_path, write_model_json(folder, meta)
+
+
+# what unet-export writes beside model.keras (unet.engines.FILES): made from a model that is now replaced
+EXPORTED = ("model.xml", "model.bin", "model.onnx", "model_int8.xml", "model_int8.bin", "saved_model")
+
+
+def remove_exports(folder: str) -> None:
+    """Remove the exported files of an earlier model.keras from ``folder``: an engine must never run
+    another network than the one model.json describes."""
+    import shutil
+    for name in EXPORTED:
+        path = os.path.join(folder, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
 
 
 def write_model_json(folder: str, meta: dict) -> str:

@@ -70,6 +70,9 @@ def check(engine: str, folder: str, meta: dict, path: str | None = None, int8: b
         raise EngineError(f"--engine {engine}: the {PACKAGE[engine]} package is not installed "
                           f"(scripts/setup.sh installs it, pinned in scripts/constraints.txt)")
     path = path or model_file(engine, folder, meta, int8)
+    if int8 and os.path.exists(path) and not (meta.get("exports") or {}).get(INT8):
+        raise EngineError(f"--int8: {path}: model.json has no record of it (no measured Dice cost); make it "
+                          f"again with: unet-export --model {folder} --int8")
     if not os.path.exists(path):
         how = ("train again: the trainer writes model.keras" if engine == "tensorflow" else
                f"make it with: unet-export --model {folder} --int8" if int8 else
@@ -177,6 +180,13 @@ def int8_cost_line(meta: dict) -> str:
     val, speed = rec.get("validation"), rec.get("benchmark")
     if not val:
         return "int8: Dice cost not measured (unet-export --int8 measures it on the validation cases)"
+    try:
+        return _cost_line(rec, val, speed)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return "int8: the Dice cost recorded in model.json is unreadable (unet-export --int8 measures it again)"
+
+
+def _cost_line(rec: dict, val: dict, speed: dict | None) -> str:
     each = ", ".join(f"{r} {val['dice_fp32'][r]:.4f} -> {val['dice_int8'][r]:.4f} ({val['change'][r]:+.4f})"
                      for r in val["dice_fp32"])
     fast = (f"; speed {speed['slices_per_s']['int8']:.1f} vs {speed['slices_per_s']['fp32']:.1f} slices/s "

@@ -210,6 +210,8 @@ def main(argv=None) -> int:
             raise ExportError(f"--calibration_slices must be >= 1 (got {a.calibration_slices})")
         if a.max_dice_drop is not None and not 0 < a.max_dice_drop < 1:
             raise ExportError(f"--max_dice_drop must be in (0, 1) (got {a.max_dice_drop})")
+        if not a.int8 and (a.max_dice_drop is not None or a.data):
+            raise ExportError(f"{'--max_dice_drop' if a.max_dice_drop is not None else '--data'} goes with --int8")
         try:
             post = options_from_args(a)
         except PostError as e:
@@ -228,7 +230,8 @@ def main(argv=None) -> int:
             raise ExportError(f"{meta_path}: not a model description from train_hvd.py "
                               f"({type(e).__name__}: {e})") from None
         if a.format is None:   # --int8 alone: the fp32 IR it quantises, unless the model's folder has it
-            has_ir = not a.out and os.path.isfile(E.model_file("openvino", folder, meta))
+            has_ir = not a.out and "openvino" in (meta.get("exports") or {}) and \
+                os.path.isfile(E.model_file("openvino", folder, meta))
             a.format = ([] if has_ir else ["openvino"]) if a.int8 else ["openvino", "onnx"]
         check_formats(a.format)
         if a.int8:
@@ -250,6 +253,9 @@ def main(argv=None) -> int:
     os.makedirs(out, exist_ok=True)
     if os.path.abspath(out) != os.path.abspath(folder):
         shutil.copy2(keras_path, os.path.join(out, E.FILES["keras"]))
+        # records of files that stay behind in the model's folder are not the new folder's
+        meta = dict(meta, exports={k: v for k, v in (meta.get("exports") or {}).items()
+                                   if not isinstance(v, dict) or "file" not in v or k == "keras"})
     if a.format:
         E.set_tensorflow_threads(threads)
         import keras

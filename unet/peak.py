@@ -9,7 +9,8 @@ once. flop/s = threads x iterations x CHAINS x lanes x 2 / seconds: the rate of 
 arithmetic alone, which no convolution can exceed.
 
 The kernel is compiled once per process with the system C compiler (``cc``, which
-scripts/setup.sh installs for the Horovod build); without one, ``measured_peak`` returns None
+scripts/setup.sh installs for the Horovod build); where it cannot be built or loaded (no compiler,
+a /tmp mounted noexec), ``measured_peak`` returns None, ``why_not_measured`` says why,
 and ``fp32_peak`` falls back to the nominal peak: cores x /proc/cpuinfo's clock x the flop/cycle of
 the CPU's vector units (``unet.flops``).
 """
@@ -34,8 +35,7 @@ typedef float vec __attribute__((vector_size(BYTES)));
 int lanes(void) { return BYTES / 4; }
 /* n iterations of CHAINS independent a = a * b + c; returns a sum so nothing is optimised away */
 float fma_chains(long n) {
-    vec a[CHAINS], b, c;
-    for (int k = 0; k < BYTES / 4; k++) { b[k] = 0.999999f; c[k] = 1e-6f; }
+    vec a[CHAINS], b = (vec){} + 0.999999f, c = (vec){} + 1e-6f;   /* broadcasts: kept in registers */
     for (int j = 0; j < CHAINS; j++) for (int k = 0; k < BYTES / 4; k++) a[j][k] = 1.0f + j + k;
     for (long i = 0; i < n; i++) {
 #pragma GCC unroll 16
@@ -48,26 +48,43 @@ float fma_chains(long n) {
 """
 
 _lib = None
+_failed = None            # why the kernel could not be built (once: not retried on every call)
+_lock = threading.Lock()
 
 
 def _kernel():
-    """The compiled kernel (ctypes library), or None without a C compiler."""
-    global _lib
-    if _lib is None:
-        cc = shutil.which("cc") or shutil.which("gcc")
-        if cc is None:
-            return None
-        with tempfile.TemporaryDirectory() as tmp:
-            src, lib = os.path.join(tmp, "peak.c"), os.path.join(tmp, "peak.so")
-            with open(src, "w") as f:
-                f.write(SOURCE)
-            done = subprocess.run([cc, "-O2", "-march=native", "-ffp-contract=fast", f"-DCHAINS={CHAINS}",
-                                   "-shared", "-fPIC", src, "-o", lib], capture_output=True)
-            if done.returncode != 0:
-                return None
-            _lib = ctypes.CDLL(lib)          # loaded: the file may go
-        _lib.fma_chains.argtypes, _lib.fma_chains.restype = [ctypes.c_long], ctypes.c_float
-    return _lib
+    """The compiled kernel (ctypes library), or None when it cannot be built or loaded here."""
+    global _lib, _failed
+    with _lock:
+        if _lib is None and _failed is None:
+            try:
+                _lib = _build()
+            except (OSError, subprocess.SubprocessError, RuntimeError) as e:
+                _failed = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return _lib
+
+
+def _build():
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler (cc, gcc)")
+    with tempfile.TemporaryDirectory() as tmp:
+        src, so = os.path.join(tmp, "peak.c"), os.path.join(tmp, "peak.so")
+        with open(src, "w") as f:
+            f.write(SOURCE)
+        done = subprocess.run([cc, "-O2", "-march=native", "-ffp-contract=fast", f"-DCHAINS={CHAINS}",
+                               "-shared", "-fPIC", src, "-o", so], capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"{cc} -march=native failed: {done.stderr.strip()[:200]}")
+        lib = ctypes.CDLL(so)          # loaded: the file may go
+    lib.fma_chains.argtypes, lib.fma_chains.restype = [ctypes.c_long], ctypes.c_float
+    lib.lanes.argtypes, lib.lanes.restype = [], ctypes.c_int
+    return lib
+
+
+def why_not_measured() -> str | None:
+    """Why the kernel could not be built, once it was tried (None: it was, or was not tried)."""
+    return _failed
 
 
 def measured_peak(cores: int, seconds: float = 0.3) -> float | None:
@@ -115,9 +132,9 @@ def fp32_peak(cores: int) -> tuple[float, str]:
     reckoned = f"{cores} core(s) x {mhz:.0f} MHz x {fpc} flop/cycle = {nominal / 1e9:.0f} GFLOP/s"
     measured = measured_peak(cores)
     if measured is None:
-        return nominal, f"nominal: {reckoned}; no C compiler to measure it"
-    return measured, (f"measured: FMA chains on {cores} core(s), {measured / 1e9 / cores / fpc:.2f} GHz "
-                      f"effective; /proc/cpuinfo's clock gives {reckoned}")
+        return nominal, f"nominal: {reckoned}; not measured: {why_not_measured()}"
+    return measured, (f"measured: FMA chains on {cores} core(s), i.e. {fpc} flop/cycle at "
+                      f"{measured / 1e9 / cores / fpc:.2f} GHz; /proc/cpuinfo's clock gives {reckoned}")
 
 
 def bf16_factor() -> int:

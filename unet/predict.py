@@ -73,6 +73,9 @@ class Predictor:
                 raise ModelError(f"{meta_path}: data.attrs.{key} {attrs[key]!r} is not implemented "
                                  f"(known: {', '.join(map(repr, known))})")
         self.normalisation, self.inplane = attrs["normalisation"], attrs["inplane"]
+        # --model naming the int8 IR itself is --int8
+        int8 = int8 or (named == "openvino" and os.path.abspath(model_path) ==
+                        os.path.abspath(E.model_file("openvino", folder, self.meta, int8=True)))
         # the int8 IR (the folder's, whatever file --model names) only when asked for: it runs on OpenVINO
         self.engine = engine or ("openvino" if int8 else named or E.default_engine(folder, self.meta))
         # what is missing is said now, before any case is read

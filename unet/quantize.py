@@ -41,9 +41,33 @@ def data_file(meta: dict, data: str | None) -> str:
     if not path:
         raise QuantizeError("--int8 needs --data: the unet-convert HDF5 file the model was trained on (its "
                             "training slices calibrate, its validation cases measure the Dice change)")
+    named = f"--data {path}" if data else f"model.json data.file {path}"
     if not os.path.isfile(path):
-        raise QuantizeError(f"--data {path}: " + ("not an HDF5 file" if os.path.exists(path) else "no such file"))
+        raise QuantizeError(f"{named}: " + ("not an HDF5 file" if os.path.exists(path) else "no such file") +
+                            ("" if data else " (give --data)"))
     return path
+
+
+def check_data(path: str, meta: dict) -> None:
+    """The file's slices are what the model takes, and both splits have some (QuantizeError if not)."""
+    import h5py
+    d = meta["data"]
+    want = (d["height"], d["width"], d["channels"])
+    try:
+        with h5py.File(path, "r") as f:
+            for split in ("train", "val"):
+                shape = f[split]["images"].shape
+                if tuple(shape[1:]) != want:
+                    raise QuantizeError(f"--data {path}: {split} slices are {'x'.join(map(str, shape[1:]))}, the "
+                                        f"model takes {'x'.join(map(str, want))}")
+                if shape[0] == 0:
+                    what = "training slices" if split == "train" else "validation cases"
+                    raise QuantizeError(f"--data {path}: no {what} (int8 calibrates on training slices and "
+                                        f"measures its Dice on validation cases)")
+    except OSError:
+        raise QuantizeError(f"--data {path}: not an HDF5 file") from None
+    except KeyError as e:
+        raise QuantizeError(f"--data {path}: not written by unet-convert (no {e.args[0]!r})") from None
 
 
 def calibration_slices(path: str, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -183,6 +207,7 @@ def add_int8(folder: str, meta: dict, *, data: str | None, slices: int, threads:
     if not os.path.isfile(src):
         raise QuantizeError(f"--int8: {src}: no such file (the fp32 IR is quantised: unet-export --format openvino)")
     path = data_file(meta, data)
+    check_data(path, meta)
     from unet.evaluate import EvalError, validation_cases
     try:     # the cases the cost is measured on must be there before anything is written
         validation_cases(path)
@@ -202,13 +227,15 @@ def add_int8(folder: str, meta: dict, *, data: str | None, slices: int, threads:
               "calibration": {"file": os.path.abspath(path), "split": "train", "slices": len(calib),
                               "chosen": "evenly spaced over the split"},
               "seconds": round(time.perf_counter() - t, 1)}
-    exports = dict(meta.get("exports") or {}, **{E.INT8: record})
-    meta = dict(meta, exports=exports)
+    before = {k: v for k, v in (meta.get("exports") or {}).items() if k != E.INT8}
+    meta = dict(meta, exports=dict(before, **{E.INT8: record}))
+    write_model_json(folder, meta)       # the engine runs only a recorded int8 IR
     try:
         record["validation"], record["benchmark"] = measure_cost(folder, meta, path, threads, post)
     except BaseException:     # no int8 IR without its measured cost
         for name in (record["file"], record["weights"]):
             os.remove(os.path.join(folder, name))
+        write_model_json(folder, dict(meta, exports=before))
         raise
     record["measured"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     write_model_json(folder, meta)
