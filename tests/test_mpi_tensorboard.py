@@ -7,6 +7,7 @@ import sys
 import time
 import urllib.request
 
+import numpy as np
 import pytest
 
 from conftest import HANG, ROOT, mpi_env
@@ -86,7 +87,13 @@ def test_rank0_tensorboard_scalars_images_histograms_and_nothing_from_rank1(tmp_
         images = get_json(f"{base}/data/plugin/images/tags")
         assert {"input", "ground_truth", "prediction"} <= set(images["train"])
         hist = get_json(f"{base}/data/plugin/histograms/tags")
-        assert any("conv1a" in t for t in hist["train"])
+        kernel = next(t for t in hist["train"] if "conv1a" in t and "kernel" in t)
+        epochs = get_json(f"{base}/data/plugin/histograms/histograms?run=train&tag={kernel}")
+        # every weight of conv1a (3x3, 2 channels in, 32 out) counted once per epoch, buckets in order
+        assert [e[1] for e in epochs] == [3, 6]                  # the step at each epoch's end
+        for _, _, buckets in epochs:
+            assert sum(b[2] for b in buckets) == 3 * 3 * 2 * 32
+            assert all(b[0] < b[1] for b in buckets) and all(a[1] == b[0] for a, b in zip(buckets, buckets[1:]))
     finally:
         tb.terminate()
         tb.wait(timeout=30)
@@ -118,3 +125,11 @@ def test_progress_bar_on_rank0_when_a_terminal(tmp_path):
     os.close(master)
     text = out.decode(errors="replace")
     assert "epoch 1/1" in text and "step" in text and "4/4" in text, text[-2000:]
+
+
+def test_histogram_buckets_by_hand():
+    from unet.reporting import histogram_buckets
+    b = histogram_buckets(np.array([[0.0, 1.0], [1.0, 3.0]]), bins=3)   # edges 0, 1, 2, 3
+    assert b.tolist() == [[0.0, 1.0, 1.0], [1.0, 2.0, 2.0], [2.0, 3.0, 1.0]]   # the last edge is inclusive
+    assert histogram_buckets(np.zeros(5)).tolist() == [[0.0, 0.0, 5.0]]        # a zero-initialised bias
+    assert histogram_buckets(np.zeros(0)).shape == (0, 3)
