@@ -106,15 +106,15 @@ def export_model(folder: str, model, meta: dict) -> tuple[str, str]:
     return keras_path, write_model_json(folder, meta)
 
 
-# what unet-export writes beside model.keras (unet.engines.FILES): made from a model that is now replaced
-EXPORTED = ("model.xml", "model.bin", "model.onnx", "model_int8.xml", "model_int8.bin", "saved_model")
-
-
 def remove_exports(folder: str) -> None:
-    """Remove the exported files of an earlier model.keras from ``folder``: an engine must never run
-    another network than the one model.json describes."""
+    """Remove the exported files of an earlier model.keras from ``folder`` (what unet-export writes,
+    ``unet.engines.FILES``, and the weights beside each .xml): an engine must never run another
+    network than the one model.json describes."""
     import shutil
-    for name in EXPORTED:
+
+    from unet.engines import FILES
+    names = [n for fmt, n in FILES.items() if fmt != "keras"]
+    for name in names + [n[:-len(".xml")] + ".bin" for n in names if n.endswith(".xml")]:
         path = os.path.join(folder, name)
         if os.path.isdir(path):
             shutil.rmtree(path)

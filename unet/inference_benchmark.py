@@ -40,16 +40,17 @@ from unet.postprocess import postprocess
 INT8_ROW = "openvino-int8"
 
 
-def time_case(pred, chans, spacing, post) -> tuple[float, float, int, np.ndarray]:
-    """(seconds of the forward passes, seconds of the whole case, slices, probabilities on the case grid)."""
+def time_case(pred, chans, spacing, post) -> tuple[float, float, int, np.ndarray, np.ndarray]:
+    """(seconds of the forward passes, seconds of the whole case, slices, probabilities on the case
+    grid, post-processed region masks)."""
     t0 = time.perf_counter()
     inp = pred.network_input(chans)
     t1 = time.perf_counter()
     out = pred.network_output(inp.slices, post.tta)
     t2 = time.perf_counter()
     probs = P.to_case_grid(out, inp)
-    postprocess(probs, inp.brain, pred.regions, spacing, post)
-    return t2 - t1, time.perf_counter() - t0, len(inp.slices) * (4 if post.tta else 1), probs
+    masks = postprocess(probs, inp.brain, pred.regions, spacing, post)
+    return t2 - t1, time.perf_counter() - t0, len(inp.slices) * (4 if post.tta else 1), probs, masks
 
 
 def run(model: str, cases, post, *, threads: int = 0, repeats: int = 3, engines=None, eager: bool = False,
@@ -89,7 +90,7 @@ def run(model: str, cases, post, *, threads: int = 0, repeats: int = 3, engines=
         for k, (cid, chans, spacing) in enumerate(data):
             shift = (r * len(data) + k) % len(order)
             for name in order[shift:] + order[:shift]:
-                fwd, total, n, probs = time_case(preds[name], chans, spacing, post)
+                fwd, total, n, probs, _ = time_case(preds[name], chans, spacing, post)
                 forward[name] += fwd
                 slices[name] += n
                 latency[name].append(total)

@@ -160,8 +160,8 @@ def measure_cost(folder: str, meta: dict, data: str, threads: int, post=None) ->
     from unet.evaluate import validation_cases
     from unet.metrics import dice
     from unet.data import labels as L
-    from unet.data import preprocess as P
-    from unet.postprocess import PostOptions, postprocess
+    from unet.inference_benchmark import time_case
+    from unet.postprocess import PostOptions
     from unet.predict import Predictor, reference_image
     cases = validation_cases(data)
     preds = {"fp32": Predictor(folder, engine="openvino", threads=threads),
@@ -174,16 +174,13 @@ def measure_cost(folder: str, meta: dict, data: str, threads: int, post=None) ->
         chans, seg, _ = preds["fp32"].read(case)
         spacing = reference_image(case).GetSpacing()[::-1]
         ref = L.regions_from_labels(seg, case.layout, regions)
-        inp = preds["fp32"].network_input(chans)
         for name in (("fp32", "int8") if i % 2 == 0 else ("int8", "fp32")):
             pred = preds[name]
-            if i == 0:
-                pred.network_output(inp.slices[:pred.batch_size])      # warm-up: compilation
-            t = time.perf_counter()
-            out = pred.network_output(inp.slices, post.tta)
-            seconds[name] += time.perf_counter() - t
-            slices[name] += len(inp.slices) * (4 if post.tta else 1)
-            masks = postprocess(P.to_case_grid(out, inp), inp.brain, regions, spacing, post)
+            if i == 0:                                                   # warm-up: compilation
+                pred.network_output(pred.network_input(chans).slices[:pred.batch_size])
+            fwd, _, n, _, masks = time_case(pred, chans, spacing, post)
+            seconds[name] += fwd
+            slices[name] += n
             per_case[name][case.case_id] = {r: round(dice(masks[..., k], ref[..., k]), 6)
                                             for k, r in enumerate(regions)}
     mean = {k: {r: round(float(np.mean([d[r] for d in v.values()])), 6) for r in regions}
