@@ -32,7 +32,7 @@ TRAIN=(mpirun -np 2 --oversubscribe "$PY" "$ROOT/train_hvd.py" --data "$OUT/brat
        --epochs "$EPOCHS" --log_every 10 --logdir "$OUT/logs" "${EXTRA[@]}")
 # --tta: mirrored slices too (4x the inference; TC Dice 0.61 -> 0.70 on the demo, docs/TRAINING.md);
 # --metrics all: the BraTS 2017-22 volume-level figures and the lesion-wise ones of brats-evaluation
-EVAL=(mpirun -np 2 --oversubscribe "$PY" -m unet.evaluate --model "$OUT/logs" --data "$OUT/brats.h5"
+EVAL=(mpirun -np 2 --oversubscribe "$PY" -m unet.evaluation.evaluate --model "$OUT/logs" --data "$OUT/brats.h5"
       --csv "$OUT/scores.csv" --pred_dir "$OUT/predictions" --tta --metrics all)
 if ((DRY)); then
   for c in SYNTH CONVERT TRAIN EVAL; do declare -n cmd=$c; printf '%q ' "${cmd[@]}"; echo; done

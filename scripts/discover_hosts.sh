@@ -5,4 +5,4 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 : "${UNET_DISCOVERY_HOSTFILE:?set UNET_DISCOVERY_HOSTFILE to the hostfile to watch}"
-exec "$ROOT/.venv/bin/python" -m unet.hostfile --discover "$UNET_DISCOVERY_HOSTFILE"
+exec "$ROOT/.venv/bin/python" -m unet.launch.hostfile --discover "$UNET_DISCOVERY_HOSTFILE"

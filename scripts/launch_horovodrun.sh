@@ -4,4 +4,4 @@
 # Example: scripts/launch_horovodrun.sh --hostfile hostfiles/skylake-4node --np 8 --profile skylake -- --data brats.h5
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-exec "$ROOT/.venv/bin/python" -m unet.launch horovodrun "$@"
+exec "$ROOT/.venv/bin/python" -m unet.launch.commands horovodrun "$@"

@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from unet.data.labels import REGION_LABELS  # noqa: E402
-from unet.lesionwise import evaluator, score_lesionwise  # noqa: E402
+from unet.evaluation.lesionwise import evaluator, score_lesionwise  # noqa: E402
 from unet.metrics import dice, hd95  # noqa: E402
 
 

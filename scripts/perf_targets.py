@@ -24,8 +24,8 @@ Dice runs: the demo's 2 ranks), at the same batch and threads:
 * target 7: ``--benchmark --precision bf16`` against fp32; without --quick and
   --skip_dice also the slice-pooled validation Dice after the demo's budget
   (8 cases, 2 ranks x batch 8, 2 epochs, rate 1e-4) for both precisions;
-* FLOP/s: img/s x training flops per image (``unet.flops``: convolutions, forward
-  + both gradients) against the fp32 peak measured by unet/peak.py (how, printed).
+* FLOP/s: img/s x training flops per image (``unet.perf.flops``: convolutions, forward
+  + both gradients) against the fp32 peak measured by unet/perf/peak.py (how, printed).
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from unet import flops, peak, perf  # noqa: E402  (pure modules: no TensorFlow in this process)
+from unet.perf import flops, peak, measure as perf  # noqa: E402  (pure modules: no TensorFlow in this process)
 
 PY = sys.executable
 BENCH = re.compile(r"^benchmark: (.*)$", re.M)
@@ -137,7 +137,7 @@ def trainer(data: str, name: str, a, log: list) -> dict:
 
 
 def pipeline(data: str, a, log: list) -> float:
-    out = run("pipeline alone", [PY, "-m", "unet.perf", "pipeline", "--data", data,
+    out = run("pipeline alone", [PY, "-m", "unet.perf.measure", "pipeline", "--data", data,
                                  "--batch_size", str(a.batch_size), "--batches", str(a.pipeline_batches)], log)
     m = PIPE.findall(out.stdout)
     if not m:
@@ -259,7 +259,7 @@ def markdown(f: dict, shape, a, tr: dict, tr10: dict, pipe: float, dice: dict | 
                   f"{dice[p]['seconds']:.0f} s, median {dice[p]['median']:.2f} img/s (2 ranks) |")
     md += ["", f"Data {h}x{w}x{c} -> {r} regions. Training flops per image {f['train'] / 1e9:.2f} G (forward "
            f"{f['fwd'] / 1e9:.2f} G; the seed's 128x128x1: {f['seed_fwd'] / 1e9:.2f} G). fp32 peak "
-           f"{f['peak32'] / 1e9:.0f} GFLOP/s, {f['peak_how']} (unet/peak.py); bf16 peak {f['peak16'] / 1e9:.0f} "
+           f"{f['peak32'] / 1e9:.0f} GFLOP/s, {f['peak_how']} (unet/perf/peak.py); bf16 peak {f['peak16'] / 1e9:.0f} "
            f"GFLOP/s ({'bf16 dot products: twice fp32' if f['peak16'] > f['peak32'] else 'no bf16 units: as fp32'}"
            f"); one vCPU = one core.",
            f"Trainer rate: images / time over the training.log windows after the first "

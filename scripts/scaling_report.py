@@ -40,7 +40,7 @@ def configs(g: int, ncpu: int, steps: int, size: int):
     yield (f"2 ranks x 1 thread, batch {g}/rank (same per-rank batch)",
            mpi + ["-np", "2", py, *bench, "--batch_size", str(g)], {})
     yield (f"MultiWorkerMirroredStrategy, 2 workers x 1 thread, batch {g // 2}/worker",
-           [py, "-m", "unet.bench_mwms", "--workers", "2", "--batch_size", str(g // 2), "--steps", str(steps),
+           [py, "-m", "unet.perf.mwms", "--workers", "2", "--batch_size", str(g // 2), "--steps", str(steps),
             "--size", str(size)], {})
 
 

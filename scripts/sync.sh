@@ -27,7 +27,7 @@ done
 [[ -n "$HOSTFILE" ]] || { echo "sync.sh: --hostfile is required" >&2; exit 2; }
 if [[ -n "$DATA" && ! -f "$DATA" ]]; then echo "sync.sh: --data $DATA: no such file" >&2; exit 2; fi
 PY="$ROOT/.venv/bin/python"; [[ -x "$PY" ]] || PY=python3
-mapfile -t HOSTS < <(PYTHONPATH="$ROOT" "$PY" -m unet.hostfile "$HOSTFILE") || exit 2
+mapfile -t HOSTS < <(PYTHONPATH="$ROOT" "$PY" -m unet.launch.hostfile "$HOSTFILE") || exit 2
 [[ ${#HOSTS[@]} -gt 0 ]] || exit 2
 run() { if ((DRY)); then printf '%q ' "$@"; echo; else "$@"; fi; }
 for h in "${HOSTS[@]}"; do

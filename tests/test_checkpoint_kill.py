@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 from conftest import HANG, ROOT
-from unet.checkpoint import list_checkpoints
+from unet.training.checkpoint import list_checkpoints
 
 
 def test_latest_checkpoint_always_loads_after_sigkill(tmp_path):

@@ -1,6 +1,6 @@
 import pytest
 
-from unet.config import UsageError, build_parser, parse_args
+from unet.training.config import UsageError, build_parser, parse_args
 
 SEED_FLAGS = ["--use_upsampling", "--num_threads", "--num_inter_threads", "--batch_size", "--blocktime",
               "--epochs", "--learningrate", "--const_learningrate", "--decay_steps", "--lr_fraction"]

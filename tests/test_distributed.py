@@ -3,7 +3,7 @@ import os
 import pytest
 
 from conftest import HANG
-from unet.distributed import physical_cores, threads_for_rank
+from unet.distributed.ranks import physical_cores, threads_for_rank
 
 
 def test_rank_bound_to_a_socket_gets_its_cores():
@@ -72,7 +72,7 @@ def _run_py(code: str, **env):
 def test_rank_setup_exports_threads_before_tensorflow_and_sizes_its_pools():
     code = """
 import json, os
-from unet.distributed import prepare_rank, init_horovod
+from unet.distributed.ranks import prepare_rank, init_horovod
 s = prepare_rank(num_threads=0, num_inter_threads=3, blocktime=30)
 env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "KMP_BLOCKTIME", "KMP_AFFINITY", "HOROVOD_CYCLE_TIME")}
 hvd = init_horovod(s)
@@ -89,7 +89,7 @@ print(json.dumps(dict(env, line=s.line(), intra=tf.config.threading.get_intra_op
     assert d["KMP_BLOCKTIME"] == "30" and d["KMP_AFFINITY"] == "granularity=fine,compact,1,0"
     assert d["HOROVOD_CYCLE_TIME"] == "7"          # the user's setting wins over the trainer's default
     assert d["line"].startswith("rank 0/1 host ") and f"cores {cores} intra {cores} inter 3 KMP_BLOCKTIME 30" in d["line"]
-    late = _run_py("import tensorflow\nfrom unet.distributed import prepare_rank\nprepare_rank(0, 2, 0)")
+    late = _run_py("import tensorflow\nfrom unet.distributed.ranks import prepare_rank\nprepare_rank(0, 2, 0)")
     assert late.returncode != 0 and "prepare_rank must run before TensorFlow is imported" in late.stderr
 
 
@@ -98,7 +98,7 @@ def test_elastic_rank_turns_off_what_breaks_a_reformed_ring():
     with it on), the fusion threshold dropped; plain mpirun ranks keep the user's settings."""
     code = """
 import json, os
-from unet.distributed import prepare_rank
+from unet.distributed.ranks import prepare_rank
 prepare_rank(num_threads=1, num_inter_threads=1, blocktime=0)
 print(json.dumps({k: os.environ.get(k) for k in ("HOROVOD_CACHE_CAPACITY", "HOROVOD_FUSION_THRESHOLD")}))
 """

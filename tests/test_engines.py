@@ -24,7 +24,7 @@ CASE = "BraTS20_Training_001"
 
 
 def predict(*args):
-    from unet.predict import main
+    from unet.inference.predict import main
     return main([str(a) for a in args])
 
 
@@ -33,10 +33,10 @@ def exported(tmp_path_factory):
     """model.keras + model.json as the trainer writes them, then ``unet-export --format openvino onnx``."""
     import keras
 
-    from unet.checkpoint import export_model
+    from unet.training.checkpoint import export_model
     from unet.data import preprocess as P
     from unet.data.synth import main as synth
-    from unet.export import main as export
+    from unet.inference.export import main as export
     from unet.model import build_unet
     root = tmp_path_factory.mktemp("engines")
     assert synth(["--out", str(root / "cases"), "--cases", "1", "--shape", "24,40,40", "--seed", "3"]) == 0
@@ -60,7 +60,7 @@ def meta_of(folder):
 
 
 def test_export_records_the_files_and_the_preprocessing_they_expect(exported):
-    from unet.engines import default_engine
+    from unet.inference.engines import default_engine
     folder = exported / "model"
     ex = meta_of(folder)["exports"]
     assert (ex["openvino"]["file"], ex["openvino"]["weights"], ex["onnx"]["file"], ex["keras"]["file"]) == \
@@ -78,7 +78,7 @@ def test_export_records_the_files_and_the_preprocessing_they_expect(exported):
 
 
 def test_export_into_another_folder_makes_a_folder_that_deploys_alone(exported, capsys):
-    from unet.export import main as export
+    from unet.inference.export import main as export
     out = exported / "deploy"
     assert export(["--model", str(exported / "model" / "model.keras"), "--format", "saved_model",
                    "--out", str(out), "--no_measure"]) == 0
@@ -95,7 +95,7 @@ def dice(a, b):
 def test_every_engine_writes_the_same_segmentation(exported, capsys):
     from unet.data import labels as L
     from unet.data.layouts import find_cases
-    from unet.predict import Predictor
+    from unet.inference.predict import Predictor
     case = find_cases(str(exported / "cases"))[0]
     probs, labels = {}, {}
     for engine in ENGINES:
@@ -120,7 +120,7 @@ def test_every_engine_writes_the_same_segmentation(exported, capsys):
 
 
 def test_benchmark_prints_every_engine_with_rate_latency_ratio_and_peak_share(exported, capsys):
-    from unet.distributed import inference_threads
+    from unet.distributed.ranks import inference_threads
     assert predict("--model", exported / "model", "--case", exported / "cases" / CASE, "--benchmark",
                    "--repeats", "2") == 0
     lines = {}
@@ -135,7 +135,7 @@ def test_benchmark_prints_every_engine_with_rate_latency_ratio_and_peak_share(ex
         assert rate > 0 and float(f["ratio_vs_tensorflow"]) == pytest.approx(
             rate / float(lines["tensorflow"]["slices_per_s"]), rel=2e-3)
         assert 0 < float(f["latency_p50_s"]) <= float(f["latency_p90_s"])
-        # share of the measured peak (unet/peak.py, test_perf_targets.py): no upper bound, since the
+        # share of the measured peak (unet/perf/peak.py, test_perf_targets.py): no upper bound, since the
         # peak is timed before the engines and a load that comes or goes in between moves the share
         assert float(f["peak_share"]) > 0
         assert float(f["max_abs_diff_vs_tensorflow"]) <= 1e-4
@@ -170,12 +170,12 @@ def without(packages, *argv):
 
 
 def test_an_engine_or_exporter_that_is_not_installed_is_one_line(exported, tmp_path):
-    p = without("openvino", "unet.predict", "--model", exported / "model", "--engine", "openvino",
+    p = without("openvino", "unet.inference.predict", "--model", exported / "model", "--engine", "openvino",
                 "--case", exported / "cases" / CASE, "--out", tmp_path / "x.nii.gz")
     assert (p.returncode, p.stderr) == (2, "unet-predict: error: --engine openvino: the openvino package is not "
                                            "installed (scripts/setup.sh installs it, pinned in "
                                            "scripts/constraints.txt)\n")
-    p = without("tf2onnx", "unet.export", "--model", exported / "model", "--format", "onnx")
+    p = without("tf2onnx", "unet.inference.export", "--model", exported / "model", "--format", "onnx")
     assert (p.returncode, p.stderr) == (2, "unet-export: error: --format onnx: the onnx export needs the tf2onnx "
                                            "package(s), not installed (scripts/setup.sh installs them, pinned in "
                                            "scripts/constraints.txt)\n")

@@ -31,12 +31,12 @@ def py(module, *args, timeout=HANG):
 
 
 def predict(*args):
-    from unet.predict import main
+    from unet.inference.predict import main
     return main([str(a) for a in args])
 
 
 def evaluate(*args):
-    from unet.evaluate import main
+    from unet.evaluation.evaluate import main
     return main([str(a) for a in args])
 
 
@@ -58,7 +58,7 @@ def trained(tmp_path_factory):
 @pytest.fixture(scope="module")
 def predicted(trained):
     """unet-predict (the trained model) in batch mode over the dataset root."""
-    p = py("unet.predict", "--model", trained / "logs", "--case", trained / "cases", "--out", trained / "pred")
+    p = py("unet.inference.predict", "--model", trained / "logs", "--case", trained / "cases", "--out", trained / "pred")
     assert p.returncode == 0, p.stderr
     return trained / "pred"
 
@@ -97,7 +97,7 @@ RAW = ("--wt_components", "all", "--et_min_mm3", "0")
 
 
 def predict_with(oracle_net, *args):
-    from unet.predict import Predictor
+    from unet.inference.predict import Predictor
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Predictor, "model", property(lambda self: oracle_net))
         return predict(*args, *RAW)
@@ -132,11 +132,11 @@ def test_predict_writes_labels_on_the_input_grid_and_scores_round_trip(trained, 
     assert pred.GetSpacing() == ref.GetSpacing() and pred.GetOrigin() == ref.GetOrigin()
     assert pred.GetDirection() == ref.GetDirection()
     assert set(np.unique(sitk.GetArrayFromImage(pred))) <= {0, 1, 2, 4}
-    e = py("unet.evaluate", "--pred_dir", predicted, "--ref_dir", trained / "cases", "--csv", tmp_path / "s.csv")
+    e = py("unet.evaluation.evaluate", "--pred_dir", predicted, "--ref_dir", trained / "cases", "--csv", tmp_path / "s.csv")
     assert e.returncode == 0, e.stderr
     rows = read_csv(tmp_path / "s.csv")
     assert [r["case"] for r in rows] == [f"BraTS20_Training_00{i}" for i in (1, 2, 3)]
-    from unet.lesionwise import columns as lesionwise_columns
+    from unet.evaluation.lesionwise import columns as lesionwise_columns
     assert list(rows[0]) == ["case", "dice_WT", "dice_TC", "dice_ET", "hd95_WT", "hd95_TC", "hd95_ET",
                              "sens_WT", "sens_TC", "sens_ET", "spec_WT", "spec_TC", "spec_ET",
                              *lesionwise_columns()]       # --metrics all, the default: both kinds
@@ -158,7 +158,7 @@ def test_training_writes_the_engines_files_beside_model_keras(trained):
 
 def test_predictor_feeds_the_network_the_slices_it_was_trained_on(trained):
     from unet.data.layouts import find_cases
-    from unet.predict import Predictor
+    from unet.inference.predict import Predictor
     pred = Predictor(str(trained / "logs"))
     assert (pred.size, pred.inplane) == (64, "resize")
     cases = {c.case_id: c for c in find_cases(str(trained / "cases"))}
@@ -220,7 +220,7 @@ def test_reference_against_itself_scores_perfectly_and_missing_cases_are_reporte
         cid = f"BraTS20_Training_00{i}"
         shutil.copy(trained / "cases" / cid / f"{cid}_seg.nii.gz", pred / f"{cid}.nii.gz")
     shutil.copy(pred / "BraTS20_Training_001.nii.gz", pred / "extra_case.nii.gz")
-    e = py("unet.evaluate", "--pred_dir", pred, "--ref_dir", trained / "cases", "--csv", tmp_path / "s.csv")
+    e = py("unet.evaluation.evaluate", "--pred_dir", pred, "--ref_dir", trained / "cases", "--csv", tmp_path / "s.csv")
     assert e.returncode == 0, e.stderr
     for r in read_csv(tmp_path / "s.csv"):
         for reg in ("WT", "TC", "ET"):
@@ -359,7 +359,7 @@ def test_case_takes_the_files_of_one_case_in_any_layout(trained, oracle, oracle_
 
 
 def test_scoring_a_model_on_two_ranks(trained, tmp_path):
-    p = run_mpi(2, ["-m", "unet.evaluate", "--model", str(trained / "logs"), "--data", str(trained / "d.h5"),
+    p = run_mpi(2, ["-m", "unet.evaluation.evaluate", "--model", str(trained / "logs"), "--data", str(trained / "d.h5"),
                     "--csv", str(tmp_path / "m.csv"), "--pred_dir", str(tmp_path / "p")])
     assert p.returncode == 0, p.stderr[-2000:]
     val = val_ids(trained / "d.h5")
@@ -378,7 +378,7 @@ def test_scoring_a_model_on_two_ranks(trained, tmp_path):
     assert sorted(shares) == [0, 1] and all(shares.values()), p.stdout
     assert shares[0].isdisjoint(shares[1]) and sorted(shares[0] | shares[1]) == val
     # each rank ran its own engine, the default (fastest recorded), on its share of the cores
-    from unet.engines import default_engine
+    from unet.inference.engines import default_engine
     with open(trained / "logs" / "model.json") as f:
         fastest = default_engine(str(trained / "logs"), json.load(f))
     engines = re.findall(r"^rank (\d) engine (\w+) threads (\d+) ", p.stdout, re.M)
@@ -389,7 +389,7 @@ def test_scoring_a_model_on_two_ranks(trained, tmp_path):
     from tensorboard.util.tensor_util import make_ndarray
     acc = EventAccumulator(str(trained / "logs" / "evaluation"), size_guidance={"tensors": 0})
     acc.Reload()
-    from unet.lesionwise import SUMMARY
+    from unet.evaluation.lesionwise import SUMMARY
     legacy = [c for c in rows[0] if c != "case"][:12]
     # lesion-wise: the summary's metrics of each region some case has (NaN where neither side has it)
     lesionwise = [c for c in rows[0] if c.rsplit("_", 1)[0] in SUMMARY

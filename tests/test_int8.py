@@ -21,12 +21,12 @@ pytestmark = [pytest.mark.needs_stack, pytest.mark.needs_engines]
 
 
 def predict(*args):
-    from unet.predict import main
+    from unet.inference.predict import main
     return main([str(a) for a in args])
 
 
 def export(*args):
-    from unet.export import main
+    from unet.inference.export import main
     return main([str(a) for a in args])
 
 
@@ -42,7 +42,7 @@ def quantised(tmp_path_factory):
     import h5py
     import keras
 
-    from unet.checkpoint import export_model
+    from unet.training.checkpoint import export_model
     from unet.data.convert import main as convert
     from unet.data.synth import main as synth
     from unet.model import build_unet
@@ -71,7 +71,7 @@ def quantised(tmp_path_factory):
 def test_the_int8_ir_is_quantised_and_recorded_with_its_calibration(quantised):
     import openvino as ov
 
-    from unet.engines import default_engine
+    from unet.inference.engines import default_engine
     root, val_case = quantised
     folder = root / "model"
     rec = meta_of(folder)["exports"]["openvino_int8"]
@@ -81,8 +81,8 @@ def test_the_int8_ir_is_quantised_and_recorded_with_its_calibration(quantised):
     assert types.count("FakeQuantize") >= 20, "the convolutions' inputs are quantised"
     assert "FakeQuantize" not in [op.get_type_name() for op in
                                   ov.Core().read_model(str(folder / "model.xml")).get_ordered_ops()]
-    from unet import flops
-    from unet.quantize import fp32_convolutions
+    from unet.perf import flops
+    from unet.inference.quantize import fp32_convolutions
     layers = [n for n, _ in flops.unet_convs(32, 32, 4, 3)]
     # the detector of fp32 weights sees every convolution of the fp32 IR, and none in the default int8 one
     assert fp32_convolutions(ov.Core().read_model(str(folder / "model.xml")), layers) == layers
@@ -96,7 +96,7 @@ def test_the_int8_ir_is_quantised_and_recorded_with_its_calibration(quantised):
 
 def test_the_recorded_dice_cost_equals_a_hand_computation_on_the_written_segmentations(quantised, capsys):
     from unet.data import labels as L
-    from unet.engines import int8_cost_line
+    from unet.inference.engines import int8_cost_line
     root, val_case = quantised
     folder = root / "model"
     rec = meta_of(folder)["exports"]["openvino_int8"]["validation"]
@@ -168,7 +168,7 @@ def test_int8_errors_are_one_line_and_write_nothing(quantised, tmp_path, capsys)
     assert export("--model", m, "--int8", "--data", tmp_path / "nope.h5") == 2
     assert capsys.readouterr().err == f"unet-export: error: --data {tmp_path / 'nope.h5'}: no such file\n"
     assert not (m / "model_int8.xml").exists()
-    p = without("nncf", "unet.export", "--model", m, "--int8", "--data", root / "d.h5")
+    p = without("nncf", "unet.inference.export", "--model", m, "--int8", "--data", root / "d.h5")
     assert (p.returncode, p.stderr) == (2, "unet-export: error: --int8: the openvino_int8 export needs the nncf "
                                            "package(s), not installed (scripts/setup.sh installs them, pinned in "
                                            "scripts/constraints.txt)\n")
@@ -177,7 +177,7 @@ def test_int8_errors_are_one_line_and_write_nothing(quantised, tmp_path, capsys)
 def test_a_new_model_or_fp32_ir_removes_the_int8_ir_made_from_the_old_one(quantised, tmp_path):
     import keras
 
-    from unet.checkpoint import export_model
+    from unet.training.checkpoint import export_model
     root, _ = quantised
     m = tmp_path / "m"
     shutil.copytree(root / "model", m)
@@ -231,8 +231,8 @@ def test_max_dice_drop_records_its_budget_and_the_fp32_convolutions_the_file_hol
     the record says what the written file holds."""
     import openvino as ov
 
-    from unet import flops
-    from unet.quantize import fp32_convolutions
+    from unet.perf import flops
+    from unet.inference.quantize import fp32_convolutions
     root, _ = quantised
     m = tmp_path / "m"
     shutil.copytree(root / "model", m)
@@ -247,7 +247,7 @@ def test_max_dice_drop_records_its_budget_and_the_fp32_convolutions_the_file_hol
 
 
 def test_the_accuracy_control_metric_by_hand():
-    from unet.quantize import mean_dice
+    from unet.inference.quantize import mean_dice
     probs = np.zeros((2, 2, 2, 3), np.float32)
     masks = np.zeros_like(probs)
     probs[0, 0, :, 0] = 0.9          # WT: 2 predicted, 3 true, 1 shared -> 2*1/5

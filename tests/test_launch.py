@@ -8,9 +8,9 @@ import pytest
 
 from conftest import ROOT
 from test_distributed import fake_sysfs
-from unet.distributed import physical_cores, threads_for_rank
-from unet.hostfile import HostfileError, check, parse
-from unet.launch import DISCOVER, TRAINER, horovodrun_cmd, load_profile, mpirun_cmd
+from unet.distributed.ranks import physical_cores, threads_for_rank
+from unet.launch.hostfile import HostfileError, check, parse
+from unet.launch.commands import DISCOVER, TRAINER, horovodrun_cmd, load_profile, mpirun_cmd
 
 LAUNCHERS = ("launch_mpirun.sh", "launch_horovodrun.sh")
 
@@ -240,7 +240,7 @@ def test_sync_pushes_the_tree_and_data_to_every_host(tmp_path):
                         "--rsh", str(rsh)], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert p.stdout.splitlines() == ["sync.sh: nodeA done", "sync.sh: nodeB done"]
-    assert (dest / "train_hvd.py").is_file() and (dest / "unet" / "train.py").is_file()
+    assert (dest / "train_hvd.py").is_file() and (dest / "unet" / "training" / "train.py").is_file()
     assert not (dest / ".venv").exists() and not (dest / ".git").exists()
     assert (tmp_path / "ddest" / "d.h5").stat().st_size == 1000
     bad = subprocess.run([os.path.join(ROOT, "scripts", "sync.sh"), "--hostfile", str(tmp_path / "nope")],

@@ -1,4 +1,4 @@
-"""Lesion-wise BraTS metrics (unet/lesionwise.py): hand-checked figures, empty regions, the label
+"""Lesion-wise BraTS metrics (unet/evaluation/lesionwise.py): hand-checked figures, empty regions, the label
 conventions, equality with the official brats-evaluation tool and the legacy global figures, speed.
 
 Every test uses real panoptica (and the real brats-evaluate / brats-parse-metrics for the
@@ -16,7 +16,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import HANG
-from unet.lesionwise import MAX_HD95, columns, evaluator, score_lesionwise
+from unet.evaluation.lesionwise import MAX_HD95, columns, evaluator, score_lesionwise
 from unet.metrics import hd95
 
 pytestmark = pytest.mark.needs_stack   # panoptica and brats-evaluation (conftest's gate)
@@ -161,7 +161,7 @@ def test_unet_evaluate_equals_the_official_brats_evaluate_and_parse_metrics(tmp_
     assert p.returncode == 0, p.stdout + p.stderr
     theirs = {r["subject_id"][:-len(".nii.gz")]: r for r in read_csv(tmp_path / "official.csv")
               if r["subject_id"].endswith(".nii.gz")}
-    p = subprocess.run([sys.executable, "-m", "unet.evaluate", "--pred_dir", pred_dir, "--ref_dir", ref_dir,
+    p = subprocess.run([sys.executable, "-m", "unet.evaluation.evaluate", "--pred_dir", pred_dir, "--ref_dir", ref_dir,
                         "--labels", "brats2023", "--csv", tmp_path / "ours.csv"], **run)
     assert p.returncode == 0, p.stderr
     ours = {r["case"]: r for r in read_csv(tmp_path / "ours.csv")}
@@ -230,7 +230,7 @@ def test_one_full_size_case_scores_in_seconds():
 # -- bad input ------------------------------------------------------------------------------------
 
 def test_bad_input_under_lesionwise_is_one_line_naming_the_case_and_writes_nothing(tmp_path, capsys):
-    from unet.evaluate import main as evaluate
+    from unet.evaluation.evaluate import main as evaluate
     ref_dir, pred_dir = tmp_path / "ref", tmp_path / "pred"
     ref_dir.mkdir(); pred_dir.mkdir()
     good = cubes((20, 40, 40), [(2, 2, 2)])

@@ -64,7 +64,7 @@ def test_normalised_unet_puts_a_norm_between_each_3x3_conv_and_its_relu(norm, gr
 
 @pytest.mark.parametrize("norm", ["none", "group", "instance"])
 def test_bf16_model_is_rebuilt_in_float32_for_export_with_its_normalisation(norm):
-    from unet.export import float32_model
+    from unet.inference.export import float32_model
     from unet.model import build_unet
     m = build_unet(32, 32, 2, 3, precision="bf16", norm=norm, dropout=0.0)
     f = float32_model(m)
@@ -77,7 +77,7 @@ def test_bf16_model_is_rebuilt_in_float32_for_export_with_its_normalisation(norm
 
 def test_dice_loss_equals_hand_computation():
     import tensorflow as tf
-    from unet.losses import dice_from_sums, dice_loss, dice_sums
+    from unet.training.losses import dice_from_sums, dice_loss, dice_sums
     y = np.zeros((1, 4, 4, 1), np.float32); y[0, :2, :2] = 1          # 4 pixels
     p = np.zeros((1, 4, 4, 1), np.float32); p[0, :2, :] = 0.5         # 8 pixels at 0.5
     # sum(y*p)=2, sum(y)=4, sum(p)=4 -> -log((2*2+1)/(4+4+1)) = -log(5/9)
@@ -89,7 +89,7 @@ def test_dice_loss_equals_hand_computation():
 
 def test_dice_bce_is_dice_plus_binary_cross_entropy_by_hand():
     import tensorflow as tf
-    from unet.losses import get_loss
+    from unet.training.losses import get_loss
     y = np.zeros((1, 4, 4, 1), np.float32); y[0, :2, :2] = 1
     p = np.zeros((1, 4, 4, 1), np.float32); p[0, :2, :] = 0.5
     # BCE over 16 pixels: 8 at p=0.5 (-log 0.5 each, whatever y), 8 at p=0 clipped to 1e-7 with y=0
@@ -101,7 +101,7 @@ def test_dice_bce_is_dice_plus_binary_cross_entropy_by_hand():
 
 def test_perfect_prediction_gives_zero_loss():
     import tensorflow as tf
-    from unet.losses import dice_loss
+    from unet.training.losses import dice_loss
     y = np.zeros((2, 8, 8, 1), np.float32); y[:, 2:5, 2:6] = 1
     assert float(dice_loss(tf.constant(y), tf.constant(y))) == pytest.approx(0.0, abs=1e-6)
 
@@ -127,7 +127,7 @@ def test_bf16_model_keeps_float32_variables_and_output():
 def test_bf16_checkpoint_and_export_round_trip(tmp_path):
     import keras
     import tensorflow as tf
-    from unet.checkpoint import export_model, load_checkpoint, save_checkpoint
+    from unet.training.checkpoint import export_model, load_checkpoint, save_checkpoint
     from unet.model import build_unet
     m = build_unet(32, 32, 2, 1, precision="bf16")
     opt = keras.optimizers.Adam()
@@ -154,7 +154,7 @@ def _two_regions():
 
 def test_region_dice_averages_regions_where_pooled_dice_lets_the_large_one_dominate():
     import tensorflow as tf
-    from unet.losses import dice_loss, region_dice_loss
+    from unet.training.losses import dice_loss, region_dice_loss
     y, p = _two_regions()
     # pooled over both regions: sum(y*p) = 4, sum(y) = 9, sum(p) = 4 -> -log((8+1)/(13+1))
     pooled = float(dice_loss(tf.constant(y), tf.constant(p)))
@@ -170,7 +170,7 @@ def test_region_dice_averages_regions_where_pooled_dice_lets_the_large_one_domin
 
 def test_region_dice_leaves_regions_absent_from_the_batch_out_of_the_mean():
     import tensorflow as tf
-    from unet.losses import region_dice_loss
+    from unet.training.losses import region_dice_loss
     y, p = _two_regions()
     y[..., 1] = 0                      # no pixel of region 1 in this batch
     p[0, 3, 3, 1] = 0.9                # a false positive there: cross-entropy's to punish
@@ -182,8 +182,8 @@ def test_region_dice_leaves_regions_absent_from_the_batch_out_of_the_mean():
 
 def test_region_dice_bce_is_the_default_and_adds_cross_entropy():
     import tensorflow as tf
-    from unet.config import parse_args
-    from unet.losses import bce_loss, get_loss, region_dice_loss
+    from unet.training.config import parse_args
+    from unet.training.losses import bce_loss, get_loss, region_dice_loss
     assert parse_args(["--synthetic"]).loss == "region_dice_bce"
     y, p = _two_regions()
     y, p = tf.constant(y), tf.constant(p)

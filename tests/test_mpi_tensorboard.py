@@ -12,7 +12,7 @@ import pytest
 
 from conftest import HANG, ROOT, mpi_env
 from h5fixture import write_h5
-from unet.schedule import learning_rate
+from unet.training.schedule import learning_rate
 
 pytestmark = pytest.mark.mpi
 
@@ -128,7 +128,7 @@ def test_progress_bar_on_rank0_when_a_terminal(tmp_path):
 
 
 def test_histogram_buckets_by_hand():
-    from unet.reporting import histogram_buckets
+    from unet.training.reporting import histogram_buckets
     b = histogram_buckets(np.array([[0.0, 1.0], [1.0, 3.0]]), bins=3)   # edges 0, 1, 2, 3
     assert b.tolist() == [[0.0, 1.0, 1.0], [1.0, 2.0, 2.0], [2.0, 3.0, 1.0]]   # the last edge is inclusive
     assert histogram_buckets(np.zeros(5)).tolist() == [[0.0, 0.0, 5.0]]        # a zero-initialised bias

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import ROOT, run_mpi, train_args
 from h5fixture import write_h5
-from unet.distributed import physical_cores
+from unet.distributed.ranks import physical_cores
 
 pytestmark = pytest.mark.mpi
 # no randomness that differs between a 2-rank and a 1-rank run; a learning rate too small to move

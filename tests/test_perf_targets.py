@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from unet import flops, perf
+from unet.perf import flops, measure as perf
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -63,7 +63,7 @@ def test_child_peak_rss_is_its_own():
 
 
 def test_fp32_flops_per_cycle_follow_the_widest_vectors_the_cpu_has():
-    from unet.flops import fp32_flops_per_cycle
+    from unet.perf.flops import fp32_flops_per_cycle
     assert fp32_flops_per_cycle("fpu sse2 avx avx2 fma avx512f avx512bw".split()) == 64
     assert fp32_flops_per_cycle("fpu sse2 avx avx2 fma".split()) == 32     # the AMD EPYC (Zen 3) machines
     assert fp32_flops_per_cycle("fpu sse2 avx".split()) == 16
@@ -71,7 +71,7 @@ def test_fp32_flops_per_cycle_follow_the_widest_vectors_the_cpu_has():
 
 
 def test_measured_peak_is_above_what_sgemm_reaches_and_below_any_clock():
-    """unet/peak.py times FMA chains; a matrix product cannot beat the CPU's arithmetic, so on the same
+    """unet/perf/peak.py times FMA chains; a matrix product cannot beat the CPU's arithmetic, so on the same
     core (measurements interleaved, best of 3 each, so a change of load hits both) OpenBLAS's sgemm
     must stay under it; 10 % margin for the timer. A wrong flop count or an unvectorised kernel
     (8x or 16x less) fails one of the two bounds."""
@@ -80,7 +80,7 @@ def test_measured_peak_is_above_what_sgemm_reaches_and_below_any_clock():
     import numpy as np
     from threadpoolctl import threadpool_limits
 
-    from unet import peak
+    from unet.perf import peak
     assert peak._kernel() is not None, f"the FMA kernel was not built: {peak.why_not_measured()}"
     fpc = flops.fp32_flops_per_cycle(peak.cpu_flags())
     a, b = np.random.default_rng(0).random((2, 1024, 1024), np.float32)

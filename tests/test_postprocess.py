@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from unet.data import labels as L
-from unet.postprocess import PostError, PostOptions, add_flags, components_to_keep, options_from_args, postprocess
+from unet.inference.postprocess import PostError, PostOptions, add_flags, components_to_keep, options_from_args, postprocess
 
 REGIONS = ("WT", "TC", "ET")
 OFF = PostOptions(wt_components="all", et_min_mm3=0)
@@ -126,7 +126,7 @@ class _Ramp:
 
 
 def test_flip_tta_is_the_mean_of_the_four_mirrored_predictions():
-    from unet.predict import Predictor
+    from unet.inference.predict import Predictor
     pred = Predictor.__new__(Predictor)
     pred._model, pred.batch_size, pred.regions = _Ramp(), 3, ("WT",)
     x = np.random.default_rng(0).normal(size=(5, 8, 8, 2)).astype(np.float32)
@@ -139,13 +139,14 @@ def test_flip_tta_is_the_mean_of_the_four_mirrored_predictions():
     assert np.allclose(pred.network_output(x, tta=False), s * ramp, atol=1e-6)
 
 
-@pytest.mark.parametrize("tool", ["unet.evaluate", "unet.predict"])
+@pytest.mark.parametrize("tool", ["unet.evaluation.evaluate", "unet.inference.predict"])
 def test_a_bad_post_processing_flag_is_one_line_before_any_work(tool, tmp_path, capsys):
     import importlib
     main = importlib.import_module(tool).main
-    argv = (["--model", str(tmp_path / "none"), "--data", str(tmp_path / "none.h5")] if tool == "unet.evaluate"
+    argv = (["--model", str(tmp_path / "none"), "--data", str(tmp_path / "none.h5")] if tool == "unet.evaluation.evaluate"
             else ["--model", str(tmp_path / "none"), "--case", str(tmp_path), "--out", str(tmp_path / "o")])
     assert main(argv + ["--et_min_mm3", "-5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"{tool.replace('.', '-')}: error: --et_min_mm3 must be >= 0 (got -5.0)"]
+    prog = "unet-" + tool.rsplit(".", 1)[1]
+    assert err == [f"{prog}: error: --et_min_mm3 must be >= 0 (got -5.0)"]
     assert not (tmp_path / "o").exists()

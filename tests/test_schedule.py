@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from unet.schedule import learning_rate, worker_scale
+from unet.training.schedule import learning_rate, worker_scale
 
 
 def test_seed_decay_is_continuous_exponential():

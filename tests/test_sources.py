@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from h5fixture import write_h5
-from unet.config import UsageError
+from unet.training.config import UsageError
 from unet.data.sources import open_sources
 
 

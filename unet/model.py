@@ -24,7 +24,7 @@ PRECISIONS = {"fp32": "float32", "bf16": "mixed_bfloat16"}  # flag value -> Kera
 def build_unet(height: int, width: int, channels: int, regions: int, *,
                use_upsampling: bool = False, dropout: float = 0.2,
                precision: str = "fp32", norm: str = "none") -> keras.Model:
-    import keras  # here, so the constants above import without Keras (unet.flops)
+    import keras  # here, so the constants above import without Keras (unet.perf.flops)
     from keras import layers
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")

@@ -3,7 +3,7 @@ import sys
 
 import numpy as np
 
-from unet.checkpoint import save_checkpoint
+from unet.training.checkpoint import save_checkpoint
 
 
 class Var:

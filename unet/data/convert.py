@@ -179,7 +179,7 @@ def _opts(a) -> Options:
 
 
 def _comm():
-    from unet.distributed import under_mpirun
+    from unet.distributed.ranks import under_mpirun
     if not under_mpirun():
         return None
     from mpi4py import MPI

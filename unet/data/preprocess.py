@@ -134,6 +134,6 @@ def to_case_grid(out: np.ndarray, inp: NetworkInput) -> np.ndarray:
     """(z, size, size, R) network output -> (z, y, x, R) probabilities on the case's grid: the in-plane
     step undone by bicubic interpolation, clipped to [0, 1]. Against linear interpolation it raised
     the volume-level ET Dice of the demo's model by 0.013-0.019 (the enhancing rim is 1-3 pixels
-    wide at 128 x 128; docs/TRAINING.md). The head mask is post-processing's (``unet.postprocess``)."""
+    wide at 128 x 128; docs/TRAINING.md). The head mask is post-processing's (``unet.inference.postprocess``)."""
     grid = np.stack([undo_inplane(o, inp.plan, is_mask=False) for o in out]).astype(np.float32)
     return np.clip(grid, 0.0, 1.0, out=grid)

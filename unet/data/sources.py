@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from unet.config import DEFAULT_DATA, UsageError
+from unet.training.config import DEFAULT_DATA, UsageError
 
 NPY_FILES = {"train": ("imgs_train.npy", "msks_train.npy"), "val": ("imgs_test.npy", "msks_test.npy")}
 NPY_SIDECAR = "unet-convert.json"   # metadata of an npy folder written by unet-convert

@@ -11,10 +11,10 @@ The preprocessing (modalities and their order, z-score over brain voxels,
 in-plane size and crop/resize) is read from the model's ``model.json``, written
 at training time from the data file's metadata; nothing is re-typed. Every axial
 slice is predicted (with ``--tta``, mirrored too), the in-plane step undone, and the
-probabilities post-processed (``unet.postprocess``: head mask, threshold, nesting,
+probabilities post-processed (``unet.inference.postprocess``: head mask, threshold, nesting,
 whole-tumour clean-up, the small-ET rule) into regions, then the dataset's labels
 (BraTS 1/2/4 by default) on the input's grid, spacing, origin and direction. The network
-runs in one of the inference engines (``unet.engines``); all the rest is the same for each.
+runs in one of the inference engines (``unet.inference.engines``); all the rest is the same for each.
 """
 from __future__ import annotations
 
@@ -25,12 +25,12 @@ import sys
 
 import numpy as np
 
-from unet import engines as E
+from unet.inference import engines as E
 from unet.data import labels as L
 from unet.data import preprocess as P
 from unet.data.nifti import DataError, Options, read_case
 from unet.data.layouts import Case, LayoutError, case_from_files, find_cases
-from unet.postprocess import PostError, PostOptions, add_flags, options_from_args, postprocess
+from unet.inference.postprocess import PostError, PostOptions, add_flags, options_from_args, postprocess
 
 LABEL_SETS = ("brats", "brats2023", "msd")
 FILE_ENGINE = {".keras": "tensorflow", ".xml": "openvino", ".onnx": "onnxruntime"}
@@ -41,7 +41,7 @@ class ModelError(Exception):
 
 
 class Predictor:
-    """A trained network behind one inference engine (``unet.engines``), with the preprocessing its
+    """A trained network behind one inference engine (``unet.inference.engines``), with the preprocessing its
     model.json records and the same pre- and post-processing whatever the engine."""
 
     def __init__(self, model_path: str, batch_size: int = 16, engine: str | None = None, threads: int = 0,
@@ -88,7 +88,7 @@ class Predictor:
     def model(self):
         """The engine instance: called on a batch of slices, returns their probabilities."""
         if self._model is None:
-            from unet.distributed import inference_threads
+            from unet.distributed.ranks import inference_threads
             self._model = E.CLASSES[self.engine](self.model_path, self.threads or inference_threads())
         return self._model
 
@@ -231,7 +231,7 @@ def main(argv=None) -> int:
         if not cases:
             raise LayoutError(f"--case {' '.join(a.case)}: no case found")
         if a.benchmark:
-            from unet.inference_benchmark import run as benchmark
+            from unet.inference.benchmark import run as benchmark
             return benchmark(a.model, cases, post, threads=a.num_threads, repeats=a.repeats,
                              engines=[a.engine] if a.engine else None, eager=a.eager, int8=a.int8)
         pred = Predictor(a.model, engine=a.engine, threads=a.num_threads, int8=a.int8)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from unet.engines import EXPORT_FORMATS, export_missing
+from unet.inference.engines import EXPORT_FORMATS, export_missing
 
 # Seed defaults (Intel's distributed U-Net, settings.py / settings_dist.py).
 SEED_LEARNINGRATE = 0.0005

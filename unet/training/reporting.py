@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from unet import checkpoint
+from unet.training import checkpoint
 
 
 def histogram_buckets(values, bins: int = 30) -> np.ndarray:
@@ -194,9 +194,9 @@ class Rank0Reporter:
         self.val_writer.close()
         self.log.close()
         print(f"model: {keras_path} (metadata {json_path})", flush=True)
-        if self.args.export_formats:   # the same weights for the inference engines (unet/export.py)
-            from unet import engines, export
-            from unet.distributed import inference_threads
+        if self.args.export_formats:   # the same weights for the inference engines (unet/inference/export.py)
+            from unet.inference import engines, export
+            from unet.distributed.ranks import inference_threads
             meta = export.add_exports(self.logdir, model, meta, self.args.export_formats,
                                       threads=inference_threads())
             for fmt in self.args.export_formats:

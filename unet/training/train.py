@@ -12,9 +12,10 @@ import sys
 
 import numpy as np
 
-from unet import config, elastic
-from unet.distributed import (Watchdog, agree, broadcast_from_root, check_replicas, collective_failure,
-                              init_horovod, is_elastic, launcher_rank, prepare_rank)
+from unet.distributed import elastic
+from unet.training import config
+from unet.distributed.ranks import (Watchdog, agree, broadcast_from_root, check_replicas, collective_failure,
+                                    init_horovod, is_elastic, launcher_rank, prepare_rank)
 
 
 def _parse(argv):
@@ -63,12 +64,12 @@ def run(args, setup, hvd, train_src, val_src, info) -> int:
     import keras
     import tensorflow as tf
 
-    from unet import checkpoint
+    from unet.training import checkpoint
     from unet.data import pipeline
-    from unet.losses import dice_from_sums, dice_sums, get_loss
+    from unet.training.losses import dice_from_sums, dice_sums, get_loss
     from unet.model import build_unet
-    from unet.reporting import make_reporter
-    from unet.schedule import learning_rate
+    from unet.training.reporting import make_reporter
+    from unet.training.schedule import learning_rate
 
     rank, size = hvd.rank(), hvd.size()
     keras.utils.set_random_seed(args.seed + rank)  # dropout differs per rank; weights come from rank 0
@@ -124,7 +125,7 @@ def run(args, setup, hvd, train_src, val_src, info) -> int:
         return reduced[-2], dice_from_sums(reduced[-1])
 
     if args.benchmark:
-        from unet import benchmark
+        from unet.training import benchmark
         return benchmark.run(args, setup, hvd, model, optimizer, train_step, loss_fn, train_src)
 
     spec = tf.TensorSpec((None, info.height, info.width, info.channels), tf.float32)

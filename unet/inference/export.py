@@ -6,14 +6,14 @@
 Writes, beside ``model.keras`` (or into ``--out`` with a copy of it), ``model.xml`` + ``model.bin``
 (OpenVINO IR, ``model.export(format="openvino")``), ``model.onnx`` (``format="onnx"``, through
 tf2onnx) and ``saved_model/`` (``format="tf_saved_model"``), then measures every engine that can
-run the folder (``unet.engines``: a few batches of random slices of the model's input shape,
+run the folder (``unet.inference.engines``: a few batches of random slices of the model's input shape,
 engines interleaved, median slices/s) and records in ``model.json`` under ``exports``: each file,
 the exporter, the input the files expect (shape, layout, channels and the training data's
 preprocessing) and the output, and the measured speeds that pick ``unet-predict``'s default engine.
 The trainer calls ``add_exports`` on rank 0 at the end of training (``--export``).
 
 ``--int8`` adds ``model_int8.xml`` + ``.bin``: the OpenVINO IR quantised by NNCF on training slices,
-with the volume Dice it costs on the validation cases measured and recorded (``unet.quantize``).
+with the volume Dice it costs on the validation cases measured and recorded (``unet.inference.quantize``).
 """
 from __future__ import annotations
 
@@ -28,10 +28,10 @@ import warnings
 
 import numpy as np
 
-from unet import engines as E
-from unet.checkpoint import write_model_json
-from unet.postprocess import PostError, options_from_args
-from unet.postprocess import add_flags as add_post_flags
+from unet.inference import engines as E
+from unet.training.checkpoint import write_model_json
+from unet.inference.postprocess import PostError, options_from_args
+from unet.inference.postprocess import add_flags as add_post_flags
 
 KERAS_FORMAT = {"openvino": "openvino", "onnx": "onnx", "saved_model": "tf_saved_model"}
 
@@ -235,7 +235,7 @@ def main(argv=None) -> int:
             a.format = ([] if has_ir else ["openvino"]) if a.int8 else ["openvino", "onnx"]
         check_formats(a.format)
         if a.int8:
-            from unet.quantize import QuantizeError, data_file
+            from unet.inference.quantize import QuantizeError, data_file
             why = E.export_missing(E.INT8)
             if why:
                 raise ExportError(f"--int8: {why}")
@@ -247,7 +247,7 @@ def main(argv=None) -> int:
         print(f"unet-export: error: {e}", file=sys.stderr)
         return 2
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from unet.distributed import inference_threads
+    from unet.distributed.ranks import inference_threads
     threads = a.num_threads or inference_threads()
     out = a.out or folder
     os.makedirs(out, exist_ok=True)
@@ -267,8 +267,8 @@ def main(argv=None) -> int:
     if a.int8:
         from unet.data.layouts import LayoutError
         from unet.data.nifti import DataError
-        from unet.predict import ModelError
-        from unet.quantize import QuantizeError, add_int8
+        from unet.inference.predict import ModelError
+        from unet.inference.quantize import QuantizeError, add_int8
         try:     # nothing is left of the int8 IR when this fails
             meta = add_int8(out, meta, data=a.data, slices=a.calibration_slices, threads=threads,
                             max_drop=a.max_dice_drop, post=post)

@@ -5,7 +5,7 @@
                                  [--timeline-filename F] [--autotune] [--dry-run] [-- TRAIN_ARGS]
     scripts/launch_horovodrun.sh --elastic --min-np K [--max-np M] --hostfile F ...
 
-(the scripts run ``python -m unet.launch mpirun|horovodrun ...``). The hostfile is
+(the scripts run ``python -m unet.launch.commands mpirun|horovodrun ...``). The hostfile is
 checked first (missing, syntax, duplicate hosts, too few slots). The command is
 executed directly (``execvp``), never through a shell, so paths from the hostfile or
 flags are not interpreted. mpirun, and horovodrun with the MPI controller, bind each
@@ -19,9 +19,9 @@ import os
 import shlex
 import sys
 
-from unet.hostfile import HostfileError, check
+from unet.launch.hostfile import HostfileError, check
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROFILE_DIR = os.path.join(ROOT, "scripts", "profiles")
 TRAINER = os.path.join(ROOT, "train_hvd.py")
 DISCOVER = os.path.join(ROOT, "scripts", "discover_hosts.sh")
@@ -204,7 +204,7 @@ def build_parser(launcher: str) -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in HELP:
-        print("usage: python -m unet.launch {mpirun,horovodrun} [options] [-- TRAIN_HVD_ARGS ...] "
+        print("usage: python -m unet.launch.commands {mpirun,horovodrun} [options] [-- TRAIN_HVD_ARGS ...] "
               "(or scripts/launch_mpirun.sh, scripts/launch_horovodrun.sh)", file=sys.stderr)
         return 2
     launcher, argv = argv[0], argv[1:]
@@ -241,7 +241,7 @@ def main(argv=None) -> int:
             if controller == "mpi":      # horovodrun passes its environment on with -x
                 env["OMP_NUM_THREADS"] = str(rank_threads(prof, a.ranks_per_socket or None)[1])
             if elastic:
-                env.pop("HOROVOD_FUSION_THRESHOLD", None)  # see ELASTIC_UNSAFE in unet/distributed.py
+                env.pop("HOROVOD_FUSION_THRESHOLD", None)  # see ELASTIC_UNSAFE in unet/distributed/ranks.py
                 env["UNET_DISCOVERY_HOSTFILE"] = os.path.abspath(a.hostfile)
     except (HostfileError, LaunchError) as e:
         print(f"{HELP[launcher][0]}: error: {e}", file=sys.stderr)

@@ -4,7 +4,7 @@
 * a child process's wall time, peak resident memory (``wait4``'s ru_maxrss) and the
   CPU that other processes used meanwhile (/proc/stat busy time minus the child's);
 * the input pipeline on its own, without training:
-  ``python -m unet.perf pipeline --data FILE.h5 [--batch_size 8] [--batches 40] [--no_augment]``
+  ``python -m unet.perf.measure pipeline --data FILE.h5 [--batch_size 8] [--batches 40] [--no_augment]``
   prints ``pipeline: img_per_sec=X batches=N batch_size=B augment=0|1``.
 """
 from __future__ import annotations
@@ -111,7 +111,7 @@ def pipeline_rate(path: str, *, batch_size: int, batches: int, augment: bool = T
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m unet.perf", description="Time the input pipeline alone.")
+    ap = argparse.ArgumentParser(prog="python -m unet.perf.measure", description="Time the input pipeline alone.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     pp = sub.add_parser("pipeline", help="iterate train_dataset over an HDF5 file without training")
     pp.add_argument("--data", required=True)

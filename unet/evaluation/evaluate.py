@@ -6,13 +6,13 @@
 ``--metrics legacy``: the BraTS 2017-22 figures, Dice / HD95 / sensitivity / specificity of WT,
 TC and ET (``unet.metrics``); ``lesionwise``: the figures of the official brats-evaluation
 package (lesion detection, lesion-wise and global Dice / HD95 / NSD of WT, TC, ET, NETC and
-SNFH, ``unet.lesionwise``); ``all`` (the default): both.
+SNFH, ``unet.evaluation.lesionwise``); ``all`` (the default): both.
 
 The first form scores any segmentations: ``<case>.nii.gz`` in P against
 ``<case>.nii.gz`` in R, or against the reference dataset root R in any layout
 unet-convert reads. The second runs a trained model over the validation cases of
 the HDF5 file (read back from their original NIfTI, geometry intact); under mpirun
-the cases are shared among ranks, each rank runs its own inference engine (``unet.engines``) with
+the cases are shared among ranks, each rank runs its own inference engine (``unet.inference.engines``) with
 its share of the cores, and rank 0 gathers, prints and writes.
 """
 from __future__ import annotations
@@ -26,16 +26,16 @@ import numpy as np
 
 from unet.data import labels as L
 from unet.data.layouts import LayoutError, detect_layout, find_cases
-from unet.distributed import launcher_rank
-from unet.engines import add_flags as add_engine_flags
-from unet.engines import flag_error as engine_flag_error
-from unet.engines import int8_cost_line
-from unet.lesionwise import REGIONS as LW_REGIONS
-from unet.lesionwise import SUMMARY as LW_SUMMARY
-from unet.lesionwise import columns as lw_columns
-from unet.lesionwise import region_means, score_lesionwise
+from unet.distributed.ranks import launcher_rank
+from unet.inference.engines import add_flags as add_engine_flags
+from unet.inference.engines import flag_error as engine_flag_error
+from unet.inference.engines import int8_cost_line
+from unet.evaluation.lesionwise import REGIONS as LW_REGIONS
+from unet.evaluation.lesionwise import SUMMARY as LW_SUMMARY
+from unet.evaluation.lesionwise import columns as lw_columns
+from unet.evaluation.lesionwise import region_means, score_lesionwise
 from unet.metrics import score_regions, summarise
-from unet.postprocess import PostError, add_flags, options_from_args
+from unet.inference.postprocess import PostError, add_flags, options_from_args
 
 GEOMETRY_TOL = 1e-3
 
@@ -200,9 +200,9 @@ def validation_cases(data: str) -> list:
 def evaluate_model(a, post) -> int:
     """Predict the validation cases of --data with --model and score them (sharded over MPI ranks)."""
     from unet.data.nifti import DataError
-    from unet.distributed import inference_threads, under_mpirun
-    from unet.engines import EngineError
-    from unet.predict import ModelError, Predictor, reference_image, write_labels
+    from unet.distributed.ranks import inference_threads, under_mpirun
+    from unet.inference.engines import EngineError
+    from unet.inference.predict import ModelError, Predictor, reference_image, write_labels
     comm = None
     if under_mpirun():
         from mpi4py import MPI

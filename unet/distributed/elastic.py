@@ -20,7 +20,7 @@ broadcast and assigned (Horovod's own ``TensorFlowKerasState`` predates Keras 3)
 """
 from __future__ import annotations
 
-from unet.distributed import broadcast_from_root, collective_failure
+from unet.distributed.ranks import broadcast_from_root, collective_failure
 
 COUNTERS = ("epoch", "step", "sample", "step_in_epoch")
 

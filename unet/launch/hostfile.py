@@ -59,12 +59,12 @@ def discover(path: str) -> str:
 
 
 def main(argv=None) -> int:
-    """``python -m unet.hostfile FILE [RANKS]``: print the hosts, or one error line (exit 2).
-    ``python -m unet.hostfile --discover FILE``: print ``host:slots`` lines (discovery script)."""
+    """``python -m unet.launch.hostfile FILE [RANKS]``: print the hosts, or one error line (exit 2).
+    ``python -m unet.launch.hostfile --discover FILE``: print ``host:slots`` lines (discovery script)."""
     import sys
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python -m unet.hostfile HOSTFILE [RANKS] | --discover HOSTFILE")
+        print("usage: python -m unet.launch.hostfile HOSTFILE [RANKS] | --discover HOSTFILE")
         return 0 if argv else 2
     try:
         if argv[0] == "--discover":

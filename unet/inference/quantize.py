@@ -16,7 +16,7 @@
    the forward passes are timed on the way (slices/s of each).
 4. ``model.json`` ``exports.openvino_int8``: the file, the calibration, the Dice of both per case and
    on average, the change, and the two speeds. ``unet-predict --int8`` and ``unet-evaluate --int8``
-   print that record (``unet.engines.int8_cost_line``) whenever the int8 IR runs.
+   print that record (``unet.inference.engines.int8_cost_line``) whenever the int8 IR runs.
 """
 from __future__ import annotations
 
@@ -26,9 +26,9 @@ import time
 
 import numpy as np
 
-from unet import engines as E
-from unet import flops
-from unet.checkpoint import write_model_json
+from unet.inference import engines as E
+from unet.perf import flops
+from unet.training.checkpoint import write_model_json
 
 
 class QuantizeError(Exception):
@@ -157,12 +157,12 @@ def measure_cost(folder: str, meta: dict, data: str, threads: int, post=None) ->
     (post-processing ``post``, by default unet-evaluate's), and the slices/s of both over those
     cases' forward passes."""
     from dataclasses import asdict
-    from unet.evaluate import validation_cases
+    from unet.evaluation.evaluate import validation_cases
     from unet.metrics import dice
     from unet.data import labels as L
-    from unet.inference_benchmark import time_case
-    from unet.postprocess import PostOptions
-    from unet.predict import Predictor, reference_image
+    from unet.inference.benchmark import time_case
+    from unet.inference.postprocess import PostOptions
+    from unet.inference.predict import Predictor, reference_image
     cases = validation_cases(data)
     preds = {"fp32": Predictor(folder, engine="openvino", threads=threads),
              "int8": Predictor(folder, engine="openvino", threads=threads, int8=True)}
@@ -205,7 +205,7 @@ def add_int8(folder: str, meta: dict, *, data: str | None, slices: int, threads:
         raise QuantizeError(f"--int8: {src}: no such file (the fp32 IR is quantised: unet-export --format openvino)")
     path = data_file(meta, data)
     check_data(path, meta)
-    from unet.evaluate import EvalError, validation_cases
+    from unet.evaluation.evaluate import EvalError, validation_cases
     try:     # the cases the cost is measured on must be there before anything is written
         validation_cases(path)
     except EvalError as e:

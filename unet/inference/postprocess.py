@@ -16,7 +16,7 @@ Used alike by unet-predict and unet-evaluate --model, so what is scored is what 
    Dice 0 for any of them.
 
 Flip test-time augmentation (``--tta``) acts before this, on the network's input and output
-(``unet.predict``). Volumes are in mm³ from the voxel spacing, so the same flag means the
+(``unet.inference.predict``). Volumes are in mm³ from the voxel spacing, so the same flag means the
 same thing at any resolution.
 """
 from __future__ import annotations

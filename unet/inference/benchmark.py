@@ -9,7 +9,7 @@ the output back on the case grid and post-processed. Per engine it prints
 * per-case latency p50/p90: input preparation + forward pass + post-processing of one case
   (reading and writing files excluded), over cases and rounds;
 * the ratio of slices/s to TensorFlow's, and GFLOP/s as a share of the CPU's fp32 peak
-  (``unet.flops``: convolutions of the forward pass; the peak measured by ``unet.peak`` on as
+  (``unet.perf.flops``: convolutions of the forward pass; the peak measured by ``unet.perf.peak`` on as
   many cores as the engines use, else cores x clock x flop/cycle of its ISA); for the int8 row
   it is the rate of the same fp32 flops, so it can exceed 100 %;
 * the largest probability difference to TensorFlow on the first case.
@@ -31,11 +31,11 @@ import time
 
 import numpy as np
 
-from unet import engines as E
-from unet import flops
+from unet.inference import engines as E
+from unet.perf import flops
 from unet.data import preprocess as P
-from unet.peak import fp32_peak
-from unet.postprocess import postprocess
+from unet.perf.peak import fp32_peak
+from unet.inference.postprocess import postprocess
 
 INT8_ROW = "openvino-int8"
 
@@ -55,8 +55,8 @@ def time_case(pred, chans, spacing, post) -> tuple[float, float, int, np.ndarray
 
 def run(model: str, cases, post, *, threads: int = 0, repeats: int = 3, engines=None, eager: bool = False,
         int8: bool = False) -> int:
-    from unet.distributed import inference_threads
-    from unet.predict import Predictor, reference_image
+    from unet.distributed.ranks import inference_threads
+    from unet.inference.predict import Predictor, reference_image
     threads = threads or inference_threads()
     preds, skipped = {}, []
     for name in engines or E.ENGINES:

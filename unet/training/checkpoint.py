@@ -108,11 +108,11 @@ def export_model(folder: str, model, meta: dict) -> tuple[str, str]:
 
 def remove_exports(folder: str) -> None:
     """Remove the exported files of an earlier model.keras from ``folder`` (what unet-export writes,
-    ``unet.engines.FILES``, and the weights beside each .xml): an engine must never run another
+    ``unet.inference.engines.FILES``, and the weights beside each .xml): an engine must never run another
     network than the one model.json describes."""
     import shutil
 
-    from unet.engines import FILES
+    from unet.inference.engines import FILES
     names = [n for fmt, n in FILES.items() if fmt != "keras"]
     for name in names + [n[:-len(".xml")] + ".bin" for n in names if n.endswith(".xml")]:
         path = os.path.join(folder, name)

@@ -12,7 +12,7 @@ The kernel is compiled once per process with the system C compiler (``cc``, whic
 scripts/setup.sh installs for the Horovod build); where it cannot be built or loaded (no compiler,
 a /tmp mounted noexec), ``measured_peak`` returns None, ``why_not_measured`` says why,
 and ``fp32_peak`` falls back to the nominal peak: cores x /proc/cpuinfo's clock x the flop/cycle of
-the CPU's vector units (``unet.flops``).
+the CPU's vector units (``unet.perf.flops``).
 """
 from __future__ import annotations
 
@@ -123,8 +123,8 @@ def cpu_flags() -> set[str]:
 
 def fp32_peak(cores: int) -> tuple[float, str]:
     """fp32 peak flop/s of ``cores`` cores, and how it was found: measured, else nominal."""
-    from unet import flops
-    from unet.perf import cpu_mhz
+    from unet.perf import flops
+    from unet.perf.measure import cpu_mhz
     with open("/proc/cpuinfo") as f:
         mhz = cpu_mhz(f.read())
     fpc = flops.fp32_flops_per_cycle(cpu_flags())

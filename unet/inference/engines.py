@@ -2,17 +2,17 @@
 
 Every engine takes a (N, H, W, C) float32 batch of preprocessed slices and returns the
 (N, H, W, R) float32 sigmoid probabilities; what comes before (reading, z-score, in-plane
-resize) and after (back to the case grid, post-processing, NIfTI) is ``unet.predict``'s and
-the same whatever the engine. The files each engine reads are those ``unet.export`` wrote
+resize) and after (back to the case grid, post-processing, NIfTI) is ``unet.inference.predict``'s and
+the same whatever the engine. The files each engine reads are those ``unet.inference.export`` wrote
 and recorded in ``model.json`` (``exports``); the default engine is the fastest one there
 that is installed, by the speeds measured at export time (``exports.benchmark``).
 
-int8: ``unet-export --int8`` (``unet.quantize``) writes ``model_int8.xml`` + ``.bin``, the OpenVINO IR
+int8: ``unet-export --int8`` (``unet.inference.quantize``) writes ``model_int8.xml`` + ``.bin``, the OpenVINO IR
 quantised by NNCF, recorded as ``exports.openvino_int8`` with the Dice it costs. It runs on the
 OpenVINO engine and only when asked for (``--int8``); the default engine never picks it.
 
 Threads: each engine gets ``threads`` intra-op threads, by default the physical cores this
-process is bound to divided among the ranks that share them (``unet.distributed.inference_threads``),
+process is bound to divided among the ranks that share them (``unet.distributed.ranks.inference_threads``),
 as the trainer sizes its own thread pools.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The outside baseline for the scaling report: the same model and step under
 tf.distribute.MultiWorkerMirroredStrategy, one plain process per worker.
 
-    python -m unet.bench_mwms --workers 2 --batch_size 8 [--steps 20 --warmup 5]
+    python -m unet.perf.mwms --workers 2 --batch_size 8 [--steps 20 --warmup 5]
 
 The parent starts the workers on localhost ports (TF_CONFIG), each pinned to its
 own CPU with one intra-op thread, and prints one line like train_hvd.py --benchmark:
@@ -38,7 +38,7 @@ def worker(a) -> int:
     tf.config.threading.set_inter_op_parallelism_threads(1)
     import keras
     from unet.data.sources import SyntheticSource
-    from unet.losses import dice_loss
+    from unet.training.losses import dice_loss
     from unet.model import build_unet
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     with strategy.scope():
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     procs = []
     for i in range(a.workers):
         env = dict(os.environ, TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}))
-        procs.append(subprocess.Popen([sys.executable, "-m", "unet.bench_mwms", *map(str, (
+        procs.append(subprocess.Popen([sys.executable, "-m", "unet.perf.mwms", *map(str, (
             "--workers", a.workers, "--batch_size", a.batch_size, "--size", a.size, "--steps", a.steps,
             "--warmup", a.warmup, "--index", i))], env=env))
     codes = [p.wait() for p in procs]
