@@ -21,6 +21,8 @@ import sys
 import numpy as np
 
 from unet.data.layouts import SUFFIXES
+from unet.cli import command
+from unet.errors import UsageError
 
 SHAPE = (155, 240, 240)            # (z, y, x) as SimpleITK arrays
 ORIGIN = (0.0, -239.0, 0.0)        # the BraTS header in ITK's LPS convention
@@ -155,6 +157,7 @@ def _one(job):
     return write_case(*job)
 
 
+@command("unet-synth")
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="unet-synth", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -168,14 +171,12 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     try:
         shape = tuple(int(s) for s in a.shape.split(","))
-        if len(shape) != 3 or min(shape) < 16:
-            raise ValueError
     except ValueError:
-        print(f"unet-synth: error: --shape must be three integers >= 16, got {a.shape!r}", file=sys.stderr)
-        return 2
+        shape = ()
+    if len(shape) != 3 or min(shape) < 16:
+        raise UsageError(f"--shape must be three integers >= 16, got {a.shape!r}")
     if a.cases < 1:
-        print(f"unet-synth: error: --cases must be >= 1 (got {a.cases})", file=sys.stderr)
-        return 2
+        raise UsageError(f"--cases must be >= 1 (got {a.cases})")
     os.makedirs(a.out, exist_ok=True)
     jobs = [(a.out, a.layout, a.seed, i, shape, a.grades) for i in range(a.cases)]
     if a.workers > 1:

@@ -13,6 +13,8 @@ import socket
 import sys
 from dataclasses import dataclass
 
+from unet.cli import launcher_rank
+
 # Defaults for a box where ranks get one or a few cores each: Horovod's
 # background thread polls every 1 ms and Open MPI busy-waits, both stealing
 # the core TensorFlow computes on. Measured on 2 ranks x 1 core (docs/PERFORMANCE.md):
@@ -47,7 +49,6 @@ ELASTIC_UNSAFE = ("HOROVOD_FUSION_THRESHOLD",)
 # gradients go in one grouped allreduce, so that costs one negotiation per step.
 ELASTIC_SETTINGS = {"HOROVOD_CACHE_CAPACITY": "0"}
 
-LAUNCHER_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "HOROVOD_RANK")
 LAUNCHER_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "HOROVOD_SIZE")
 
 
@@ -61,14 +62,6 @@ def collective_failure(e: BaseException) -> bool:
     import tensorflow as tf
     return isinstance(e, (tf.errors.UnknownError, tf.errors.AbortedError, tf.errors.FailedPreconditionError)) \
         and "Horovod" in str(e)
-
-
-def launcher_rank(env=os.environ) -> int:
-    """This process's rank as the launcher set it (0 outside a launcher)."""
-    for k in LAUNCHER_RANK_VARS:
-        if k in env:
-            return int(env[k])
-    return 0
 
 
 def under_mpirun(env=os.environ) -> bool:

@@ -28,11 +28,12 @@ import warnings
 
 import numpy as np
 
-from unet.inference import engines as E
+from unet.cli import command
 from unet.distributed.ranks import inference_threads
+from unet.inference import engines as E
 from unet.inference.quantize import add_int8, data_file
 from unet.modelfolder import io_record, locate, read_meta, write_meta
-from unet.inference.postprocess import PostError, options_from_args
+from unet.inference.postprocess import options_from_args
 from unet.inference.postprocess import add_flags as add_post_flags
 from unet.errors import UsageError
 
@@ -174,6 +175,7 @@ def speeds_line(meta: dict) -> str:
             f"load average {b['load_average_1min']}): {each}")
 
 
+@command("unet-export")
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="unet-export", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -204,35 +206,28 @@ def main(argv=None) -> int:
     ap.add_argument("--no_measure", action="store_true",
                     help="do not time the engines (unet-predict then picks by a fixed order)")
     a = ap.parse_args(argv)
-    try:
-        if a.calibration_slices < 1:
-            raise ExportError(f"--calibration_slices must be >= 1 (got {a.calibration_slices})")
-        if a.max_dice_drop is not None and not 0 < a.max_dice_drop < 1:
-            raise ExportError(f"--max_dice_drop must be in (0, 1) (got {a.max_dice_drop})")
-        if not a.int8 and (a.max_dice_drop is not None or a.data):
-            raise ExportError(f"{'--max_dice_drop' if a.max_dice_drop is not None else '--data'} goes with --int8")
-        try:
-            post = options_from_args(a)
-        except PostError as e:
-            raise ExportError(str(e)) from None
-        folder, named = locate(a.model)
-        keras_path = named or os.path.join(folder, E.FILES["keras"])
-        if not os.path.isfile(keras_path):
-            raise ExportError(f"--model {a.model}: {keras_path}: no such file")
-        meta = read_meta(folder)
-        if a.format is None:   # --int8 alone: the fp32 IR it quantises, unless the model's folder has it
-            has_ir = not a.out and "openvino" in (meta.get("exports") or {}) and \
-                os.path.isfile(E.model_file("openvino", folder, meta))
-            a.format = ([] if has_ir else ["openvino"]) if a.int8 else ["openvino", "onnx"]
-        check_formats(a.format)
-        if a.int8:
-            why = E.export_missing(E.INT8)
-            if why:
-                raise ExportError(f"--int8: {why}")
-            data_file(meta, a.data)
-    except UsageError as e:
-        print(f"unet-export: error: {e}", file=sys.stderr)
-        return 2
+    if a.calibration_slices < 1:
+        raise ExportError(f"--calibration_slices must be >= 1 (got {a.calibration_slices})")
+    if a.max_dice_drop is not None and not 0 < a.max_dice_drop < 1:
+        raise ExportError(f"--max_dice_drop must be in (0, 1) (got {a.max_dice_drop})")
+    if not a.int8 and (a.max_dice_drop is not None or a.data):
+        raise ExportError(f"{'--max_dice_drop' if a.max_dice_drop is not None else '--data'} goes with --int8")
+    post = options_from_args(a)
+    folder, named = locate(a.model)
+    keras_path = named or os.path.join(folder, E.FILES["keras"])
+    if not os.path.isfile(keras_path):
+        raise ExportError(f"--model {a.model}: {keras_path}: no such file")
+    meta = read_meta(folder)
+    if a.format is None:   # --int8 alone: the fp32 IR it quantises, unless the model's folder has it
+        has_ir = not a.out and "openvino" in (meta.get("exports") or {}) and \
+            os.path.isfile(E.model_file("openvino", folder, meta))
+        a.format = ([] if has_ir else ["openvino"]) if a.int8 else ["openvino", "onnx"]
+    check_formats(a.format)
+    if a.int8:
+        why = E.export_missing(E.INT8)
+        if why:
+            raise ExportError(f"--int8: {why}")
+        data_file(meta, a.data)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     threads = a.num_threads or inference_threads()
     out = a.out or folder
@@ -250,13 +245,9 @@ def main(argv=None) -> int:
     for fmt in a.format:
         print(f"unet-export: {fmt} -> {os.path.join(out, E.FILES[fmt])}")
     print(f"unet-export: {speeds_line(meta)}; default engine: {E.default_engine(out, meta)}")
-    if a.int8:
-        try:     # nothing is left of the int8 IR when this fails
-            meta = add_int8(out, meta, data=a.data, slices=a.calibration_slices, threads=threads,
-                            max_drop=a.max_dice_drop, post=post)
-        except UsageError as e:
-            print(f"unet-export: error: {e}", file=sys.stderr)
-            return 2
+    if a.int8:     # nothing is left of the int8 IR when this fails
+        meta = add_int8(out, meta, data=a.data, slices=a.calibration_slices, threads=threads,
+                        max_drop=a.max_dice_drop, post=post)
         print(f"unet-export: int8 -> {os.path.join(out, E.FILES[E.INT8])}")
         print(f"unet-export: {E.int8_cost_line(meta)}")
     return 0

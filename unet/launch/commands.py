@@ -19,8 +19,9 @@ import os
 import shlex
 import sys
 
-from unet.launch.hostfile import HostfileError, check
+from unet.cli import USAGE, run_cli
 from unet.errors import UsageError
+from unet.launch.hostfile import check
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROFILE_DIR = os.path.join(ROOT, "scripts", "profiles")
@@ -32,7 +33,7 @@ PROFILE_KEYS = {"cores_per_socket", "threads_per_core", "ranks_per_socket", "int
 
 
 class LaunchError(UsageError):
-    pass
+    """Launcher flags or a hardware profile that cannot work (one line naming the flag or file)."""
 
 
 def load_profile(name: str) -> dict:
@@ -207,46 +208,46 @@ def main(argv=None) -> int:
     if not argv or argv[0] not in HELP:
         print("usage: python -m unet.launch.commands {mpirun,horovodrun} [options] [-- TRAIN_HVD_ARGS ...] "
               "(or scripts/launch_mpirun.sh, scripts/launch_horovodrun.sh)", file=sys.stderr)
-        return 2
-    launcher, argv = argv[0], argv[1:]
+        return USAGE
+    return run_cli(HELP[argv[0]][0], launch, argv[0], argv[1:])
+
+
+def launch(launcher: str, argv: list[str]) -> int:
+    """Check the hostfile and profile, then run (or with --dry-run print) the launcher's command."""
     train_args = []
     if "--" in argv:
         i = argv.index("--")
         argv, train_args = argv[:i], argv[i + 1:]
     a = build_parser(launcher).parse_args(argv)
-    try:
-        if a.np < 1:
-            raise LaunchError(f"--np must be >= 1 (got {a.np})")
-        check(a.hostfile, a.np)
-        prof = load_profile(a.profile)
-        if launcher == "mpirun":
-            cmd = mpirun_cmd(a.hostfile, a.np, prof, a.python, train_args, a.ranks_per_socket or None)
-            env, controller = {}, None
-        else:
-            elastic = None
-            if a.elastic and a.controller == "mpi":
-                raise LaunchError("--elastic runs over Gloo: drop --controller mpi")
-            controller = a.controller or ("gloo" if a.elastic else "mpi")
-            if a.elastic:
-                max_np = a.max_np or a.np
-                if not 1 <= a.min_np <= a.np <= max_np:
-                    raise LaunchError(f"--elastic needs 1 <= --min-np ({a.min_np}) <= --np ({a.np}) "
-                                      f"<= --max-np ({max_np})")
-                if not 1 <= a.cooldown[0] <= a.cooldown[1] <= 3600:
-                    raise LaunchError("--blacklist-cooldown-range needs 1 <= LO <= HI <= 3600")
-                elastic = (a.min_np, max_np, *a.cooldown)
-            cmd = horovodrun_cmd(a.hostfile, a.np, prof, a.python, train_args, controller=controller,
-                                 timeline=a.timeline, autotune=a.autotune, elastic=elastic,
-                                 ranks_per_socket=a.ranks_per_socket or None)
-            env = runtime_env(prof)
-            if controller == "mpi":      # horovodrun passes its environment on with -x
-                env["OMP_NUM_THREADS"] = str(rank_threads(prof, a.ranks_per_socket or None)[1])
-            if elastic:
-                env.pop("HOROVOD_FUSION_THRESHOLD", None)  # see ELASTIC_UNSAFE in unet/distributed/ranks.py
-                env["UNET_DISCOVERY_HOSTFILE"] = os.path.abspath(a.hostfile)
-    except (HostfileError, LaunchError) as e:
-        print(f"{HELP[launcher][0]}: error: {e}", file=sys.stderr)
-        return 2
+    if a.np < 1:
+        raise LaunchError(f"--np must be >= 1 (got {a.np})")
+    check(a.hostfile, a.np)
+    prof = load_profile(a.profile)
+    if launcher == "mpirun":
+        cmd = mpirun_cmd(a.hostfile, a.np, prof, a.python, train_args, a.ranks_per_socket or None)
+        env, controller = {}, None
+    else:
+        elastic = None
+        if a.elastic and a.controller == "mpi":
+            raise LaunchError("--elastic runs over Gloo: drop --controller mpi")
+        controller = a.controller or ("gloo" if a.elastic else "mpi")
+        if a.elastic:
+            max_np = a.max_np or a.np
+            if not 1 <= a.min_np <= a.np <= max_np:
+                raise LaunchError(f"--elastic needs 1 <= --min-np ({a.min_np}) <= --np ({a.np}) "
+                                  f"<= --max-np ({max_np})")
+            if not 1 <= a.cooldown[0] <= a.cooldown[1] <= 3600:
+                raise LaunchError("--blacklist-cooldown-range needs 1 <= LO <= HI <= 3600")
+            elastic = (a.min_np, max_np, *a.cooldown)
+        cmd = horovodrun_cmd(a.hostfile, a.np, prof, a.python, train_args, controller=controller,
+                             timeline=a.timeline, autotune=a.autotune, elastic=elastic,
+                             ranks_per_socket=a.ranks_per_socket or None)
+        env = runtime_env(prof)
+        if controller == "mpi":      # horovodrun passes its environment on with -x
+            env["OMP_NUM_THREADS"] = str(rank_threads(prof, a.ranks_per_socket or None)[1])
+        if elastic:
+            env.pop("HOROVOD_FUSION_THRESHOLD", None)  # see ELASTIC_UNSAFE in unet/distributed/ranks.py
+            env["UNET_DISCOVERY_HOSTFILE"] = os.path.abspath(a.hostfile)
     if a.dry_run:
         print(" ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + (" " if env else "") + shlex.join(cmd))
         return 0

@@ -13,6 +13,7 @@ import sys
 import numpy as np
 
 from unet.distributed import elastic
+from unet.errors import UsageError
 from unet.training import config
 from unet.distributed.ranks import (Watchdog, agree, broadcast_from_root, check_replicas, collective_failure,
                                     init_horovod, is_elastic, launcher_rank, prepare_rank)
@@ -28,13 +29,9 @@ def _parse(argv):
 
 
 def main(argv: list[str] | None = None, export=None) -> int:
-    """Train; ``export(folder, model, meta, formats)``, if given, writes the engines' files at the end."""
-    try:
-        args = _parse(argv)
-    except config.UsageError as e:
-        if launcher_rank() == 0:
-            print(f"train_hvd.py: error: {e}", file=sys.stderr)
-        return 2
+    """Train; ``export(folder, model, meta, formats)``, if given, writes the engines' files at the end.
+    A bad flag, file or checkpoint raises UsageError on every rank (the command line reports it once)."""
+    args = _parse(argv)
     setup = prepare_rank(args.num_threads, args.num_inter_threads, args.blocktime)
     sys.stdout.write(setup.line() + "\n")  # one write: lines of several ranks do not interleave
     sys.stdout.flush()
@@ -45,18 +42,16 @@ def main(argv: list[str] | None = None, export=None) -> int:
         sources = open_sources(args)
         n_train, global_batch = len(sources[0]), args.batch_size * setup.size
         if global_batch > n_train:  # each rank's shard would be smaller than its batch
-            raise config.UsageError(
+            raise UsageError(
                 f"--batch_size {args.batch_size} x {setup.size} ranks = {global_batch} images per step, "
                 f"more than the {n_train} training images in {args.data or '--synthetic data'}")
         if args.resume and not os.path.isfile(args.resume):
-            raise config.UsageError(f"--resume {args.resume}: no such checkpoint file")
-    except config.UsageError as e:
+            raise UsageError(f"--resume {args.resume}: no such checkpoint file")
+    except UsageError as e:
         error = str(e)
     error = agree(setup.comm, error)  # every rank exits on any rank's error: none is left waiting
     if error:
-        if setup.rank == 0:
-            print(f"train_hvd.py: error: {error}", file=sys.stderr)
-        return 2
+        raise UsageError(error)
     hvd = init_horovod(setup)
     return run(args, setup, hvd, *sources, export=export)
 
@@ -97,10 +92,8 @@ def run(args, setup, hvd, train_src, val_src, info, export=None) -> int:
             restored = {"error": str(e)}
     if not elastic_run:
         restored = hvd.broadcast_object(restored, root_rank=0)
-    if restored and "error" in restored:
-        if rank == 0 or elastic_run:
-            print(f"train_hvd.py: error: {restored['error']}", file=sys.stderr)
-        return 2
+    if restored and "error" in restored:   # elastic: each worker found it alone, and says so
+        raise UsageError(restored["error"], local=elastic_run)
 
     if not elastic_run:
         # Horovod: every rank starts from rank 0's weights and optimizer state, fresh or restored.
@@ -225,7 +218,3 @@ def run(args, setup, hvd, train_src, val_src, info, export=None) -> int:
         return 1
     reporters[rank].finish(model, run_meta, val, export)
     return 0 if same else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
