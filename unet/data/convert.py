@@ -26,6 +26,7 @@ from unet.data.h5io import H5Writer, merge_parts, write_npy
 from unet.data.layouts import MODALITIES, Case, detect_layout, find_cases
 from unet.data.nifti import DataError, Options, read_case
 from unet.cli import command
+from unet.distributed.ranks import agree, world
 from unet.errors import UsageError
 
 CONVERTER_VERSION = "2"   # 2: masks resized centre-aligned (INTER_NEAREST_EXACT), as the images are
@@ -180,18 +181,10 @@ def _opts(a) -> Options:
     return Options(mods, regs, a.size, a.inplane, a.slices, a.background_fraction, a.seed)
 
 
-def _comm():
-    from unet.distributed.ranks import under_mpirun
-    if not under_mpirun():
-        return None
-    from mpi4py import MPI
-    return MPI.COMM_WORLD if MPI.COMM_WORLD.Get_size() > 1 else None
-
-
 @command("unet-convert")
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
-    comm = _comm()
+    comm = world()
     rank, size = (comm.Get_rank(), comm.Get_size()) if comm else (0, 1)
     opts = _opts(a)           # every rank finds the same bad flag or input folder
     layout = detect_layout(a.input) if a.layout == "auto" else a.layout
@@ -210,9 +203,8 @@ def main(argv=None) -> int:
                                      progress=(rank == 0 and not a.no_progress and sys.stderr.isatty()))
     except DataError as e:
         error, counts, skipped = str(e), {}, []
+    error = agree(comm, error)   # the first error any rank found, on every rank: all exit together
     if comm:
-        errors = comm.allgather(error)
-        error = next((e for e in errors if e), None)
         all_skipped = sum(comm.allgather(skipped), [])
         totals = comm.allgather(counts)
     else:

@@ -31,6 +31,8 @@ from unet.errors import UsageError
 # links its converted synthetic cases there when nothing is.
 DEFAULT_DATA = "data/brats.h5"
 
+H5_MAGIC = b"\x89HDF\r\n\x1a\n"            # the first 8 bytes of every HDF5 file
+
 SEED_NPY = {"modalities": ["FLAIR"], "regions": ["WT"], "layout": "seed-npy"}  # the seed's own four files
 
 
@@ -173,8 +175,50 @@ def _attr_list(value) -> list[str]:
     return [x.decode() if isinstance(x, bytes) else str(x) for x in value]
 
 
-def check_data(path: str) -> None:
-    """Cheap checks of --data that every rank runs before any heavy work."""
+@dataclass(frozen=True)
+class H5Contents:
+    """What ``check_h5`` found in a unet-convert HDF5 file."""
+    attrs: dict          # root attributes, decoded (str, list, number)
+    images: dict         # split -> shape (N, H, W, C) of its images
+    masks: dict          # split -> shape (N, H, W, R) of its masks
+
+
+def check_h5(path: str, named: str | None = None, *, converted: bool = False) -> H5Contents:
+    """The one check of a unet-convert HDF5 file, whoever reads it (the trainer's --data, unet-evaluate's,
+    int8's): it exists, is HDF5, and holds groups ``train`` and ``val`` with ``images`` and ``masks``; with
+    ``converted`` it also names the folder and layout it was converted from and the case of every
+    validation slice (what finding the validation cases again needs). A UsageError ``<named>: ...``
+    (``named`` by default ``--data PATH``) otherwise; what was found, when it holds."""
+    import h5py
+    named = named or f"--data {path}"
+    if not os.path.exists(path):
+        raise UsageError(f"{named}: no such file")
+    if not os.path.isfile(path):
+        raise UsageError(f"{named}: not an HDF5 file")
+    with open(path, "rb") as fh:
+        if fh.read(8) != H5_MAGIC:
+            raise UsageError(f"{named}: not an HDF5 file")
+    try:
+        with h5py.File(path, "r") as f:
+            for split in ("train", "val"):
+                if split not in f or "images" not in f[split] or "masks" not in f[split]:
+                    raise UsageError(f"{named}: missing group '{split}' with 'images' and 'masks'")
+            for key in ("source", "layout") if converted else ():
+                if key not in f.attrs:
+                    raise UsageError(f"{named}: not written by unet-convert (no {key!r})")
+            if converted and "case_id" not in f["val"]:
+                raise UsageError(f"{named}: not written by unet-convert (no 'case_id')")
+            attrs = {k: (v.decode() if isinstance(v, bytes) else v.tolist() if hasattr(v, "tolist") else v)
+                     for k, v in f.attrs.items()}
+            return H5Contents(attrs, {s: tuple(f[s]["images"].shape) for s in ("train", "val")},
+                              {s: tuple(f[s]["masks"].shape) for s in ("train", "val")})
+    except (OSError, ValueError, KeyError) as e:
+        raise UsageError(f"{named}: cannot read ({str(e).splitlines()[0]})") from None
+
+
+def check_data(path: str) -> H5Contents | None:
+    """--data as the trainer takes it, checked on every rank before any heavy work: a unet-convert HDF5
+    file (``check_h5``: what it holds) or a folder of the seed's npy files (None)."""
     if not os.path.exists(path):
         hint = (" (the default --data: convert BraTS with `unet-convert --input DIR --output "
                 f"{DEFAULT_DATA}`, run scripts/demo.sh, or pass --synthetic)") if path == DEFAULT_DATA else ""
@@ -184,10 +228,8 @@ def check_data(path: str) -> None:
             for name in names:
                 if not os.path.isfile(os.path.join(path, name)):
                     raise UsageError(f"--data {path}: folder lacks {name} (the seed's npy layout)")
-        return
-    with open(path, "rb") as fh:
-        if fh.read(8) != b"\x89HDF\r\n\x1a\n":
-            raise UsageError(f"--data {path}: not an HDF5 file")
+        return None
+    return check_h5(path)
 
 
 def _check_pair(path: str, split: str, src) -> None:
@@ -211,28 +253,17 @@ def open_sources(args) -> tuple[object, object | None, DataInfo]:
                         {"source": "synthetic"})
         return train, val, info
     path = args.data
-    check_data(path)
-    attrs: dict = {}
+    h5 = check_data(path)
     try:
-        if os.path.isdir(path):
+        if h5 is None:
             attrs = npy_metadata(path)   # the folder's, checked once for both splits
             train, val = NpySource(path, "train"), NpySource(path, "val")
-            modalities, regions = _attr_list(attrs.get("modalities")), _attr_list(attrs.get("regions"))
         else:
-            import h5py
-            with h5py.File(path, "r") as f:
-                for split in ("train", "val"):
-                    if split not in f or "images" not in f[split] or "masks" not in f[split]:
-                        raise UsageError(f"--data {path}: missing group '{split}' with 'images' and 'masks'")
-                attrs = {k: (v.decode() if isinstance(v, bytes) else v.tolist() if hasattr(v, "tolist") else v)
-                         for k, v in f.attrs.items()}
-                modalities = _attr_list(f.attrs.get("modalities"))
-                regions = _attr_list(f.attrs.get("regions"))
+            attrs = h5.attrs
             train, val = H5Source(path, "train"), H5Source(path, "val")
-    except UsageError:
-        raise
     except (OSError, ValueError, KeyError) as e:
         raise UsageError(f"--data {path}: cannot read ({str(e).splitlines()[0]})") from None
+    modalities, regions = _attr_list(attrs.get("modalities")), _attr_list(attrs.get("regions"))
     for split, src in (("train", train), ("val", val)):
         _check_pair(path, split, src)
     if len(train) == 0:
@@ -254,18 +285,11 @@ def open_sources(args) -> tuple[object, object | None, DataInfo]:
 def validation_cases(data: str) -> list:
     """The validation cases of a unet-convert HDF5 file, found again in its source folder."""
     import h5py
-    if not os.path.isfile(data):
-        raise UsageError(f"--data {data}: no such file")
-    try:
-        with h5py.File(data, "r") as f:
-            source, layout = f.attrs["source"], f.attrs["layout"]
-            val_ids = sorted(set(f["val"]["case_id"].asstr()[:]))
-    except OSError:
-        raise UsageError(f"--data {data}: not an HDF5 file") from None
-    except KeyError as e:
-        raise UsageError(f"--data {data}: not written by unet-convert (no {e.args[0]!r})") from None
-    source = source.decode() if isinstance(source, bytes) else str(source)
-    cases = [c for c in find_cases(source, str(layout)) if c.case_id in val_ids]
+    attrs = check_h5(data, converted=True).attrs
+    with h5py.File(data, "r") as f:
+        val_ids = sorted(set(f["val"]["case_id"].asstr()[:]))
+    source = str(attrs["source"])
+    cases = [c for c in find_cases(source, str(attrs["layout"])) if c.case_id in val_ids]
     missing = sorted(set(val_ids) - {c.case_id for c in cases})
     if missing:
         raise UsageError(f"--data {data}: validation case(s) {', '.join(missing)} not found in {source}")

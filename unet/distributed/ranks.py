@@ -128,8 +128,9 @@ class RankSetup:
                 f"intra {self.intra} inter {self.inter} KMP_BLOCKTIME {self.blocktime}")
 
 
-def _mpi_comm():
-    """COMM_WORLD from mpi4py when launched by mpirun, else None."""
+def world():
+    """COMM_WORLD from mpi4py when launched by mpirun (every command's ranks: the trainer's, unet-convert's,
+    unet-evaluate's), else None."""
     if not under_mpirun():
         return None
     import mpi4py
@@ -156,7 +157,7 @@ def prepare_rank(num_threads: int, num_inter_threads: int, blocktime: int) -> Ra
             os.environ[k] = v
     host = socket.gethostname()
     cpus = frozenset(os.sched_getaffinity(0))
-    comm = _mpi_comm()
+    comm = world()
     if comm is not None:
         rank, size = comm.Get_rank(), comm.Get_size()
         peers = comm.allgather((host, cpus))

@@ -27,7 +27,7 @@ import numpy as np
 from unet.data import labels as L
 from unet.data.layouts import LayoutError, detect_layout, find_cases
 from unet.cli import command
-from unet.distributed.ranks import agree
+from unet.distributed.ranks import agree, inference_threads, world
 from unet.inference.engines import add_flags as add_engine_flags
 from unet.inference.engines import flag_error as engine_flag_error
 from unet.inference.engines import int8_cost_line
@@ -181,12 +181,8 @@ def evaluate_folders(a) -> int:
 
 def evaluate_model(a, post) -> int:
     """Predict the validation cases of --data with --model and score them (sharded over MPI ranks)."""
-    from unet.distributed.ranks import inference_threads, under_mpirun
     from unet.inference.predictor import Predictor, reference_image, write_labels
-    comm = None
-    if under_mpirun():
-        from mpi4py import MPI
-        comm = MPI.COMM_WORLD
+    comm = world()
     rank, size = (comm.Get_rank(), comm.Get_size()) if comm else (0, 1)
     # each rank its own engine, with its share of the cores (collective: before anything can fail)
     threads = a.num_threads or inference_threads(comm)

@@ -32,6 +32,7 @@ from unet.cli import command
 from unet.distributed.ranks import inference_threads
 from unet.inference import engines as E
 from unet.inference.quantize import add_int8, data_file
+from unet.inference.timing import interleaved
 from unet.modelfolder import io_record, locate, read_meta, write_meta
 from unet.inference.postprocess import options_from_args
 from unet.inference.postprocess import add_flags as add_post_flags
@@ -102,8 +103,8 @@ def _version(distribution: str) -> str:
 
 def measure_speeds(folder: str, meta: dict, threads: int, *, batch: int = 8, rounds: int = 5) -> dict:
     """slices/s of every engine that can run ``folder`` on one batch of random slices: one warm-up
-    call each, then ``rounds`` rounds with the engines interleaved (a change of load on a shared
-    machine hits all alike); the median round per engine."""
+    call each, then ``rounds`` rounds with the engines interleaved (``unet.inference.timing``: a change
+    of load on a shared machine hits all alike); the median round per engine."""
     d = meta["data"]
     x = np.random.default_rng(0).normal(size=(batch, d["height"], d["width"], d["channels"])).astype(np.float32)
     runs = {}
@@ -113,13 +114,9 @@ def measure_speeds(folder: str, meta: dict, threads: int, *, batch: int = 8, rou
         except E.EngineError:
             continue
         runs[name](x)
-    times = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, run in runs.items():
-            t = time.perf_counter()
-            run(x)
-            times[name].append(time.perf_counter() - t)
-    return {"slices_per_s": {n: round(batch / statistics.median(t), 3) for n, t in times.items()},
+    times = interleaved(runs, [x], rounds)
+    return {"slices_per_s": {n: round(batch / statistics.median(t for t, _ in calls), 3)
+                             for n, calls in times.items()},
             "threads": threads, "batch": batch, "rounds": rounds,
             "load_average_1min": round(os.getloadavg()[0], 2),
             "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

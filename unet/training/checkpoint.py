@@ -73,7 +73,7 @@ def load_checkpoint(path: str, *, model, optimizer) -> dict:
     return meta
 
 
-def check_data(meta: dict, data: dict, data_name: str) -> None:
+def check_same_data(meta: dict, data: dict, data_name: str) -> None:
     """Refuse to continue a checkpoint on data of another shape (ValueError, one line)."""
     keys = ("height", "width", "channels", "regions")
     was = meta.get("data", {})

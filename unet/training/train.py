@@ -87,7 +87,7 @@ def run(args, setup, hvd, train_src, val_src, info, export=None) -> int:
         try:
             restored = path and dict(checkpoint.load_checkpoint(path, model=model, optimizer=optimizer), path=path)
             if restored:
-                checkpoint.check_data(restored, info.to_json(), args.data or "--synthetic data")
+                checkpoint.check_same_data(restored, info.to_json(), args.data or "--synthetic data")
         except ValueError as e:
             restored = {"error": str(e)}
     if not elastic_run:
