@@ -175,6 +175,12 @@ def _attr_list(value) -> list[str]:
     return [x.decode() if isinstance(x, bytes) else str(x) for x in value]
 
 
+def decoded(attrs) -> dict:
+    """HDF5 attributes as plain values: str for bytes, lists for arrays."""
+    return {k: (v.decode() if isinstance(v, bytes) else v.tolist() if hasattr(v, "tolist") else v)
+            for k, v in attrs.items()}
+
+
 @dataclass(frozen=True)
 class H5Contents:
     """What ``check_h5`` found in a unet-convert HDF5 file."""
@@ -208,17 +214,15 @@ def check_h5(path: str, named: str | None = None, *, converted: bool = False) ->
                     raise UsageError(f"{named}: not written by unet-convert (no {key!r})")
             if converted and "case_id" not in f["val"]:
                 raise UsageError(f"{named}: not written by unet-convert (no 'case_id')")
-            attrs = {k: (v.decode() if isinstance(v, bytes) else v.tolist() if hasattr(v, "tolist") else v)
-                     for k, v in f.attrs.items()}
-            return H5Contents(attrs, {s: tuple(f[s]["images"].shape) for s in ("train", "val")},
+            return H5Contents(decoded(f.attrs), {s: tuple(f[s]["images"].shape) for s in ("train", "val")},
                               {s: tuple(f[s]["masks"].shape) for s in ("train", "val")})
     except (OSError, ValueError, KeyError) as e:
         raise UsageError(f"{named}: cannot read ({str(e).splitlines()[0]})") from None
 
 
-def check_data(path: str) -> H5Contents | None:
+def check_data(path: str) -> None:
     """--data as the trainer takes it, checked on every rank before any heavy work: a unet-convert HDF5
-    file (``check_h5``: what it holds) or a folder of the seed's npy files (None)."""
+    file (``check_h5``) or a folder of the seed's npy files."""
     if not os.path.exists(path):
         hint = (" (the default --data: convert BraTS with `unet-convert --input DIR --output "
                 f"{DEFAULT_DATA}`, run scripts/demo.sh, or pass --synthetic)") if path == DEFAULT_DATA else ""
@@ -228,8 +232,8 @@ def check_data(path: str) -> H5Contents | None:
             for name in names:
                 if not os.path.isfile(os.path.join(path, name)):
                     raise UsageError(f"--data {path}: folder lacks {name} (the seed's npy layout)")
-        return None
-    return check_h5(path)
+        return
+    check_h5(path)
 
 
 def _check_pair(path: str, split: str, src) -> None:
@@ -253,17 +257,24 @@ def open_sources(args) -> tuple[object, object | None, DataInfo]:
                         {"source": "synthetic"})
         return train, val, info
     path = args.data
-    h5 = check_data(path)
+    check_data(path)
+    attrs: dict = {}
     try:
-        if h5 is None:
+        if os.path.isdir(path):
             attrs = npy_metadata(path)   # the folder's, checked once for both splits
             train, val = NpySource(path, "train"), NpySource(path, "val")
+            modalities, regions = _attr_list(attrs.get("modalities")), _attr_list(attrs.get("regions"))
         else:
-            attrs = h5.attrs
+            import h5py
+            with h5py.File(path, "r") as f:
+                attrs = decoded(f.attrs)
+                modalities = _attr_list(f.attrs.get("modalities"))
+                regions = _attr_list(f.attrs.get("regions"))
             train, val = H5Source(path, "train"), H5Source(path, "val")
+    except UsageError:
+        raise
     except (OSError, ValueError, KeyError) as e:
         raise UsageError(f"--data {path}: cannot read ({str(e).splitlines()[0]})") from None
-    modalities, regions = _attr_list(attrs.get("modalities")), _attr_list(attrs.get("regions"))
     for split, src in (("train", train), ("val", val)):
         _check_pair(path, split, src)
     if len(train) == 0:
