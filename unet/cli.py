@@ -1,4 +1,5 @@
-"""The one error path of every command line: a ``UsageError`` becomes one line and exit status 2.
+"""What every command line shares: the one error path (a ``UsageError`` becomes one line and exit
+status 2) and the flags more than one command takes (``--num_threads``).
 
     @command("unet-export")
     def main(argv=None) -> int: ...
@@ -10,7 +11,9 @@ Under a launcher (mpirun, srun, horovodrun) the ranks have agreed on the error b
 An error one rank found alone, where the ranks cannot agree first (an elastic worker restoring its
 checkpoint), is raised with ``local=True`` and printed by the rank that found it.
 
-A leaf: imports nothing of the package but the errors; anyone may use it.
+``add_threads_flag`` defines ``--num_threads`` for the trainer, unet-predict, unet-evaluate and
+unet-export alike, and ``threads_error`` checks it. A leaf: imports nothing of the package but the
+errors; anyone may use it.
 """
 from __future__ import annotations
 
@@ -58,3 +61,16 @@ def command(prog: str):
             return run_cli(prog, main, *args, **kwargs)
         return run
     return wrap
+
+
+def add_threads_flag(parser, what: str) -> None:
+    """``--num_threads``: ``what`` the threads are; 0 (the default) leaves the count to the rule the trainer
+    and the engines share (``unet.distributed.ranks.threads_for_rank``)."""
+    parser.add_argument("--num_threads", type=int, default=0,
+                        help=f"{what}; 0 = the physical cores of the CPUs this process is bound to (hardware "
+                             f"threads of a core count once), shared among the ranks bound to the same ones")
+
+
+def threads_error(num_threads: int) -> str | None:
+    """What is wrong with a --num_threads value, or None."""
+    return f"--num_threads must be >= 0 (got {num_threads})" if num_threads < 0 else None

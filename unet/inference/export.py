@@ -28,7 +28,7 @@ import warnings
 
 import numpy as np
 
-from unet.cli import command
+from unet.cli import add_threads_flag, command, threads_error
 from unet.distributed.ranks import inference_threads
 from unet.inference import engines as E
 from unet.inference.quantize import add_int8, data_file
@@ -197,12 +197,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None,
                     help="folder to write into (default: the model's own); another folder gets a copy of "
                          "model.keras and its own model.json, so it can be deployed alone")
-    ap.add_argument("--num_threads", type=int, default=0,
-                    help="threads per engine for the speed measurement; 0 = the physical cores this process "
-                         "is bound to")
+    add_threads_flag(ap, "threads per engine for the speed measurement")
     ap.add_argument("--no_measure", action="store_true",
                     help="do not time the engines (unet-predict then picks by a fixed order)")
     a = ap.parse_args(argv)
+    if threads_error(a.num_threads):
+        raise ExportError(threads_error(a.num_threads))
     if a.calibration_slices < 1:
         raise ExportError(f"--calibration_slices must be >= 1 (got {a.calibration_slices})")
     if a.max_dice_drop is not None and not 0 < a.max_dice_drop < 1:

@@ -10,8 +10,20 @@ from __future__ import annotations
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
+
+
+@dataclass(frozen=True)
+class LogOptions:
+    """What rank 0 logs, and where (from the trainer's flags)."""
+    logdir: str               # --logdir: training.log and TensorBoard's train/ and validation/ under it
+    epochs: int               # --epochs, for "epoch 3/10"
+    batch_size: int           # --batch_size, images per rank per step
+    data: str | None          # --data, None for --synthetic
+    log_every: int = 10       # steps between scalar summaries and training.log lines
+    image_every: int = 100    # steps between image summaries
 
 
 def histogram_buckets(values, bins: int = 30) -> np.ndarray:
@@ -120,19 +132,19 @@ class Board:
 
 
 class Rank0Reporter(Reporter):
-    def __init__(self, args, info, size: int, global_batch: int, steps_per_epoch: int):
-        self.args, self.regions, self.steps_per_epoch = args, info.region_names, steps_per_epoch
-        self.logdir = os.path.abspath(args.logdir)
+    def __init__(self, opts: LogOptions, info, size: int, global_batch: int, steps_per_epoch: int):
+        self.opts, self.regions, self.steps_per_epoch = opts, info.region_names, steps_per_epoch
+        self.logdir = os.path.abspath(opts.logdir)
         os.makedirs(self.logdir, exist_ok=True)
         self.board = Board(self.logdir, self.regions)
         self.log = open(os.path.join(self.logdir, "training.log"), "a", buffering=1)
         self.bar, self.last_rate = None, 0.0
         self.t_window, self.n_window = time.perf_counter(), 0
-        print(f"training: ranks={size} batch_size/rank={args.batch_size} "
-              f"global_batch={global_batch} steps/epoch={steps_per_epoch} epochs={args.epochs} "
+        print(f"training: ranks={size} batch_size/rank={opts.batch_size} "
+              f"global_batch={global_batch} steps/epoch={steps_per_epoch} epochs={opts.epochs} "
               f"input {info.height}x{info.width}x{info.channels} ({','.join(info.modalities)}) "
               f"regions {','.join(info.region_names)}", flush=True)
-        print(f"data: {args.data or 'synthetic (in memory)'}", flush=True)
+        print(f"data: {opts.data or 'synthetic (in memory)'}", flush=True)
         print(f"logdir: {self.logdir}", flush=True)
 
     def _say(self, line: str) -> None:
@@ -150,18 +162,18 @@ class Rank0Reporter(Reporter):
         if self.bar is not None:
             self.bar.close()
         from tqdm import tqdm
-        self.bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.args.epochs}",
+        self.bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.opts.epochs}",
                         unit="step", disable=not sys.stderr.isatty(), leave=False)
 
     def want_images(self, step: int) -> bool:
-        return step % self.args.image_every == 0
+        return step % self.opts.image_every == 0
 
     def step(self, step: int, epoch: int, images: int, loss: float, dice: np.ndarray, lr: float) -> None:
         self.n_window += images
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{loss:.3f}", dice=f"{float(dice[0]):.3f}")
-        if step % self.args.log_every:
+        if step % self.opts.log_every:
             return
         now = time.perf_counter()
         self.last_rate = self.n_window / max(now - self.t_window, 1e-9)
@@ -179,7 +191,7 @@ class Rank0Reporter(Reporter):
             self.bar.close()
             self.bar = None
         self.board.weights(step, model)
-        msg = f"epoch {epoch + 1}/{self.args.epochs} step {step} img/s {self.last_rate:.2f}"
+        msg = f"epoch {epoch + 1}/{self.opts.epochs} step {step} img/s {self.last_rate:.2f}"
         if val:
             self.board.scalars(self.board.validation, step, val["loss"], val["dice"])
             msg += f" val_loss {val['loss']:.4f} val {dices(self.regions, val['dice'])}"

@@ -85,7 +85,8 @@ def run(args, setup, hvd, train_src, val_src, info, export=None) -> int:
     steps = compile_steps(hvd, model, optimizer, loss_fn)
     if args.benchmark:
         from unet.training import benchmark
-        return benchmark.run(args, setup, hvd, model, optimizer, steps.train, loss_fn, train_src)
+        return benchmark.run(config.bench_options(args), setup, hvd, model, optimizer, steps.train, loss_fn,
+                             train_src)
     state = elastic.start_state(hvd, model, optimizer, **checkpoint.position(restored))
     # Elastic runs leave hung and lost workers to Horovod's driver (its rendezvous may wait for hosts).
     watchdog = Watchdog(0 if elastic_run else args.step_timeout, rank, setup.host)
@@ -206,7 +207,7 @@ def outputs(job: Job, rank: int, size: int, global_batch: int, step: int) -> tup
     a = job.args
     if rank not in job.outputs:
         steps = steps_per_epoch(len(job.train_src), global_batch, a.steps_per_epoch)
-        reporter = make_reporter(rank == 0, a, job.info, size, global_batch, steps)
+        reporter = make_reporter(rank == 0, config.log_options(a), job.info, size, global_batch, steps)
         keeper = make_keeper(rank == 0, a.logdir, a.keep_checkpoints, a.epochs)
         if job.restored or job.worlds:
             keeper.continue_run()        # the best validation so far is the one on disk
