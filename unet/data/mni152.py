@@ -28,42 +28,59 @@ class Case:
     volume_factor: float                 # the affine's brain volume / the template's
 
 
+@dataclass(frozen=True)
+class Brain:
+    """A case's brain before its tumour, on the coarse grid: where each coarse point comes from in the
+    template (``q0``), its white matter, and its distance to the brain's edge (voxels)."""
+    grid: anatomy.Grid
+    affine: anatomy.Affine
+    elastic: np.ndarray
+    q0: np.ndarray
+    wm: np.ndarray
+    inside: np.ndarray
+    edge: np.ndarray
+
+
+def brain(rng: np.random.Generator, tpl: anatomy.Template, shape) -> Brain:
+    """The template under a random affine and elastic deformation (draws from ``rng``)."""
+    grid = anatomy.Grid(shape, max(1, int(round(4 * tpl.g))))
+    aff = anatomy.random_affine(rng, shape, tpl.g)
+    ela = anatomy.random_elastic(rng, grid, tpl.g)
+    q0 = anatomy.pull(grid.points(), aff, ela, grid.step)
+    pre = anatomy.warp(tpl, q0)
+    inside = (pre["gm"] + pre["wm"] + pre["csf"]) > 0.5
+    edge = ndimage.distance_transform_edt(inside).astype(np.float32) * grid.step
+    return Brain(grid, aff, ela, q0, pre["wm"], inside, edge)
+
+
 def build(seed: int, index: int, shape=anatomy.BRATS_SHAPE, mass_effect: bool = True) -> Case:
     """One case. ``mass_effect=False`` gives the same case (same draws) with the tissue left where it was."""
     shape = tuple(int(s) for s in shape)
     rng = np.random.default_rng([seed, index])
     tpl = anatomy.template(shape)
-    g = tpl.g
-    grid = anatomy.Grid(shape, max(1, int(round(4 * g))))
-    pts = grid.points()
-    aff = anatomy.random_affine(rng, shape, g)
-    ela = anatomy.random_elastic(rng, grid, g)
-    q0 = anatomy.pull(pts, aff, ela, grid.step)
-    pre = anatomy.warp(tpl, q0)
-    brain0 = (pre["gm"] + pre["wm"] + pre["csf"]) > 0.5
-    edge = ndimage.distance_transform_edt(brain0).astype(np.float32) * grid.step
-    p = tumour.plan(rng, pre["wm"], edge, grid, g)
-    q = q0
+    b0 = brain(rng, tpl, shape)
+    p = tumour.plan(rng, b0.wm, b0.edge, b0.grid, tpl.g)
+    q = b0.q0
     if mass_effect:
-        taper = np.clip(edge / (TAPER_MM * g), 0.0, 1.0)
+        pts = b0.grid.points()
+        taper = np.clip(b0.edge / (TAPER_MM * tpl.g), 0.0, 1.0)
         disp = sum(anatomy.push_out(pts, f.centre, f.radius * p.push, taper) for f in p.foci)
-        q = anatomy.pull(pts + disp, aff, ela, grid.step)
-    region = anatomy.bounding_box(brain0, grid.step, shape, margin=2)   # the mass effect keeps the edge
-    tissue = anatomy.warp(tpl, anatomy.upsample(q, grid.step, region))
+        q = anatomy.pull(pts + disp, b0.affine, b0.elastic, b0.grid.step)
+    region = anatomy.bounding_box(b0.inside, b0.grid.step, shape, margin=2)   # the mass effect keeps the edge
+    tissue = anatomy.warp(tpl, anatomy.upsample(q, b0.grid.step, region))
     depth, nec = tumour.core_fields(rng, p, region)
-    b = tissue["gm"] + tissue["wm"] + tissue["csf"]
-    brain = b > 0.5
-    oedema, strength = tumour.grow_oedema(rng, p, (depth > 0) & brain, tissue["wm"], tissue["gm"],
-                                          tissue["csf"], region, g)
+    inside = (tissue["gm"] + tissue["wm"] + tissue["csf"]) > 0.5
+    oedema, strength = tumour.grow_oedema(rng, p, (depth > 0) & inside, tissue["wm"], tissue["gm"],
+                                          tissue["csf"], region, tpl.g)
     fractions, lab = tumour.compose(p, depth, nec, oedema, strength, tissue)
-    vols = contrast.render(rng, fractions, brain, region, shape, g)
+    vols = contrast.render(rng, fractions, inside, region, shape, tpl.g)
     labels = np.zeros(shape, np.uint8)
     labels[region] = lab
     full = {}
     for k, v in tissue.items():
         full[k] = np.zeros(shape, np.float32)
         full[k][region] = v
-    return Case(vols, labels, full, p, aff.volume_factor)
+    return Case(vols, labels, full, p, b0.affine.volume_factor)
 
 
 def make_case(seed: int, index: int, shape=anatomy.BRATS_SHAPE):
