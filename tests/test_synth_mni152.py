@@ -76,11 +76,13 @@ def test_the_template_is_nilearns_packaged_files_and_loads_without_a_network(mon
 def test_brain_volume_is_the_templates_up_to_the_deformation(cases, flat_brain):
     tpl = anatomy.template()
     ref = float(((tpl.gm + tpl.wm + tpl.csf) > 0.5).sum())
-    lo, hi = 1 / 1.07 ** 3, 1 / 0.93 ** 3                 # the affine's per-axis scale range
+    lo, hi = 0.93 ** 3, 1.07 ** 3                         # the affine's per-axis scale range
     for i, c in cases.items():
         brain = float((c.vols["T1"] > 0).sum())          # the skull-stripped volume, as a user sees it
-        assert brain / (ref * c.volume_factor) == pytest.approx(1.0, abs=0.04), i
-        assert lo * 0.96 <= brain / ref <= hi * 1.04, i
+        # the elastic field (rms up to 3 mm) moves the brain's surface by about that: 3 x 3 mm / 70 mm
+        # of radius, 13 % at most; measured over 8 cases: -3 % to +4 % (docs/TRAINING.md)
+        assert brain / (ref * c.volume_factor) == pytest.approx(1.0, abs=0.06), i
+        assert lo * 0.94 <= brain / ref <= hi * 1.06, i
     # the mass effect moves tissue inside the brain, not its edge
     assert (flat_brain.vols["T1"] > 0).sum() == pytest.approx((cases[4].vols["T1"] > 0).sum(), rel=0.005)
 

@@ -186,9 +186,12 @@ def random_affine(rng: np.random.Generator, shape, g: float) -> Affine:
 
 
 def random_elastic(rng: np.random.Generator, grid: Grid, g: float) -> np.ndarray:
-    """(3, *grid.dims) smooth displacement in voxels: correlation length ~20 mm, rms 1.5-3.5 mm."""
-    sigma = 20.0 * g / grid.step
-    amp = rng.uniform(1.5, 3.5) * g
+    """(3, *grid.dims) smooth displacement in voxels: Gaussian-smoothed noise (sigma 30 mm), rms 1-3 mm.
+    Its local volume change (the divergence, sd ~0.05-0.1) biases the brain's volume upwards by about its
+    variance (the output volume integrates 1 / det of the Jacobian): 1 % at most, where sigma 20 mm and
+    3.5 mm gave 3.5 %."""
+    sigma = 30.0 * g / grid.step
+    amp = rng.uniform(1.0, 3.0) * g
     return np.stack([smooth_noise(rng, grid.dims, sigma) * amp for _ in range(3)])
 
 
