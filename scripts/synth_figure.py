@@ -2,9 +2,9 @@
 
     .venv/bin/python scripts/synth_figure.py [--seed 0] [--index 6] [--out docs/synth_mni152.png]
 
-The slice is the one with the most tumour core, cropped to the brain. Each modality is shown from 0 to its 99.5th percentile over
-the brain; the labels are drawn over the T1 slice: necrosis / non-enhancing core (1) red, oedema (2)
-green, enhancing tumour (4) yellow. Prints the case's volumes.
+The slice is the one with the most tumour core, cropped to the brain. Each modality is shown from 0
+to its 99.5th percentile over the brain; the labels are drawn over the T1 slice: necrosis or the
+non-enhancing core (1) red, oedema (2) green, enhancing tumour (4) yellow. Prints the case's volumes.
 """
 from __future__ import annotations
 

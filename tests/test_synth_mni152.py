@@ -218,7 +218,8 @@ def test_workers_write_the_same_cases_and_unet_convert_reads_them(tmp_path):
     with h5py.File(out) as h:
         masks = np.concatenate([h[s]["masks"][:] for s in ("train", "val")])
         n_cases = len(set(np.concatenate([h[s]["case_id"].asstr()[:] for s in ("train", "val")])))
-    segs = [sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "one" / f))) for f in files if f.endswith("seg.nii.gz")]
+    segs = [sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "one" / f)))
+            for f in files if f.endswith("seg.nii.gz")]
     assert n_cases == 3
     # WT, TC, ET voxels in the HDF5 file = those of the segmentations (brats2023: 1 NETC, 2 SNFH, 3 ET)
     for k, labels in enumerate(((1, 2, 3), (1, 3), (3,))):

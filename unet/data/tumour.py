@@ -5,7 +5,7 @@ core of 22-45 % of it, a quarter of the cases without enhancement (low-grade-lik
 no label 4), a fifth with a second focus, centres in white matter of the cerebrum away from its edge.
 ``core_fields`` makes each core irregular (a noisy, anisotropic distance field) with a necrotic centre
 inside an enhancing rim of 2-5 mm. ``grow_oedema`` spreads the oedema from the core as a minimum-cost
-front (Dijkstra on a 2 mm grid): four times cheaper through white than grey matter, impassable through
+front (Dijkstra on a 2 mm grid): five times cheaper through white than grey matter, impassable through
 CSF (ventricles, sulci) and outside the brain, so it follows the white matter and stops at the
 ventricles and the brain's edge; the front stops where the whole tumour reaches its planned volume.
 Lengths are in voxels of the case grid; ``g`` = voxels per mm of the BraTS grid.
@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
 
 from unet.data import anatomy
 
@@ -77,7 +76,7 @@ def plan(rng: np.random.Generator, wm: np.ndarray, edge: np.ndarray, grid: anato
     zs = np.nonzero((edge > 0).any(axis=(1, 2)))[0]
     z_lo = zs[0] + 0.35 * (zs[-1] - zs[0]) if len(zs) else 0
     pts = np.argwhere(np.ones(edge.shape, bool))
-    z_ok = pts[:, 0] * grid.step >= z_lo
+    z_ok = pts[:, 0] >= z_lo
     flat_wm, flat_edge = wm.ravel(), edge.ravel()
     c1 = None
     for wm_min, margin in ((0.6, 1.0), (0.4, 0.5), (0.0, 0.0)):
