@@ -66,19 +66,21 @@ def run(args, setup, hvd, train_src, val_src, info) -> int:
 
     from unet.training import checkpoint
     from unet.data import pipeline
+    from unet.data.sources import foreground_share
     from unet.training.losses import dice_from_sums, dice_sums, get_loss
-    from unet.model import build_unet
+    from unet.model import build_unet, prior_bias
     from unet.training.reporting import make_reporter
     from unet.training.schedule import learning_rate
 
     rank, size = hvd.rank(), hvd.size()
     keras.utils.set_random_seed(args.seed + rank)  # dropout differs per rank; weights come from rank 0
+    share = foreground_share(train_src) if args.head_bias == "prior" else None
     model = build_unet(info.height, info.width, info.channels, info.regions,
                        use_upsampling=args.use_upsampling, dropout=args.dropout, precision=args.precision,
-                       norm=args.norm)
+                       norm=args.norm, activation=args.activation, head_bias=share and prior_bias(share))
     optimizer = keras.optimizers.Adam(learning_rate=args.learningrate)
     optimizer.build(model.trainable_variables)  # create Adam's slots now, so they can be broadcast
-    loss_fn = get_loss(args.loss)
+    loss_fn = get_loss(args.loss, args.bce_weight)
 
     elastic_run = is_elastic()
     # Rank 0 restores the checkpoint to resume from (if any); every rank learns the outcome.
@@ -121,7 +123,10 @@ def run(args, setup, hvd, train_src, val_src, info) -> int:
         # Horovod: average gradients over all ranks with one fused ring allreduce;
         # the loss and Dice sums ride along so rank 0 logs global figures.
         reduced = hvd.grouped_allreduce(grads + [loss, dice_sums(y, pred)], op=hvd.Average)
-        optimizer.apply_gradients(zip(reduced[:-2], model.trainable_variables))
+        grads = reduced[:-2]
+        if args.clipnorm:   # after the average: every rank clips the same gradients alike
+            grads, _ = tf.clip_by_global_norm(grads, args.clipnorm)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
         return reduced[-2], dice_from_sums(reduced[-1])
 
     if args.benchmark:
@@ -150,7 +155,8 @@ def run(args, setup, hvd, train_src, val_src, info) -> int:
 
     data = dict(info.to_json(), **({"file": os.path.abspath(args.data)} if args.data else {}))   # unet-export --int8's
     meta = {"data": data, "model": {"use_upsampling": args.use_upsampling,
-            "dropout": args.dropout, "norm": args.norm, "loss": args.loss}, "seed": args.seed}
+            "dropout": args.dropout, "norm": args.norm, "activation": args.activation, "loss": args.loss,
+            "head_bias": args.head_bias, **({"foreground_share": share} if share else {})}, "seed": args.seed}
     counters = {}
     if restored:
         counters = {"epoch": restored["epoch"], "step": restored["step"],
