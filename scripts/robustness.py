@@ -84,6 +84,18 @@ def cell_command(cell: dict, a, n_train: int) -> list[str]:
     return cmd + ["--log_every", "10", "--logdir", logdir, "--export", "none"]
 
 
+def without_preload(cmd: list[str]) -> list[str]:
+    """The command but its ``-x LD_PRELOAD=...``: an allocator changes the speed, not the figures."""
+    out = []
+    for i, w in enumerate(cmd):
+        if w == "-x" and i + 1 < len(cmd) and cmd[i + 1].startswith("LD_PRELOAD="):
+            continue
+        if w.startswith("LD_PRELOAD=") and i and cmd[i - 1] == "-x":
+            continue
+        out.append(w)
+    return out
+
+
 def validation_history(training_log: str) -> list[list[float]]:
     """Validation Dice per epoch, from the trainer's training.log (a resumed run appends: last line wins)."""
     epochs: dict[int, list[float]] = {}
@@ -122,7 +134,7 @@ def run_cell(cell: dict, a, n_train: int) -> dict | None:
     if os.path.exists(path) and not a.redo:
         with open(path) as fh:
             done = json.load(fh)
-        if done["command"] != cmd:
+        if without_preload(done["command"]) != without_preload(cmd):
             sys.exit(f"robustness.py: error: {path} was run with another command; --redo, or another --out")
         return done
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
