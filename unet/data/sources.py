@@ -23,10 +23,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from unet.training.config import DEFAULT_DATA, UsageError
+from unet.data.layouts import NPY_FILES, NPY_SIDECAR, find_cases
+from unet.errors import UsageError
 
-NPY_FILES = {"train": ("imgs_train.npy", "msks_train.npy"), "val": ("imgs_test.npy", "msks_test.npy")}
-NPY_SIDECAR = "unet-convert.json"   # metadata of an npy folder written by unet-convert
+# Where the trainer looks when given neither --data nor --synthetic (relative to the
+# working directory): `unet-convert --output data/brats.h5` writes it, and the demo
+# links its converted synthetic cases there when nothing is.
+DEFAULT_DATA = "data/brats.h5"
+
 SEED_NPY = {"modalities": ["FLAIR"], "regions": ["WT"], "layout": "seed-npy"}  # the seed's own four files
 
 
@@ -261,3 +265,24 @@ def open_sources(args) -> tuple[object, object | None, DataInfo]:
     info = DataInfo(h, w, c, r, modalities or [f"channel{i}" for i in range(c)],
                     regions or [f"region{i}" for i in range(r)], attrs)
     return train, (val if len(val) else None), info
+
+
+def validation_cases(data: str) -> list:
+    """The validation cases of a unet-convert HDF5 file, found again in its source folder."""
+    import h5py
+    if not os.path.isfile(data):
+        raise UsageError(f"--data {data}: no such file")
+    try:
+        with h5py.File(data, "r") as f:
+            source, layout = f.attrs["source"], f.attrs["layout"]
+            val_ids = sorted(set(f["val"]["case_id"].asstr()[:]))
+    except OSError:
+        raise UsageError(f"--data {data}: not an HDF5 file") from None
+    except KeyError as e:
+        raise UsageError(f"--data {data}: not written by unet-convert (no {e.args[0]!r})") from None
+    source = source.decode() if isinstance(source, bytes) else str(source)
+    cases = [c for c in find_cases(source, str(layout)) if c.case_id in val_ids]
+    missing = sorted(set(val_ids) - {c.case_id for c in cases})
+    if missing:
+        raise UsageError(f"--data {data}: validation case(s) {', '.join(missing)} not found in {source}")
+    return cases

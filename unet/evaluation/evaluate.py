@@ -36,11 +36,13 @@ from unet.evaluation.lesionwise import columns as lw_columns
 from unet.evaluation.lesionwise import region_means, score_lesionwise
 from unet.metrics import score_regions, summarise
 from unet.inference.postprocess import PostError, add_flags, options_from_args
+from unet.data.sources import validation_cases
+from unet.errors import UsageError
 
 GEOMETRY_TOL = 1e-3
 
 
-class EvalError(Exception):
+class EvalError(UsageError):
     pass
 
 
@@ -176,33 +178,10 @@ def evaluate_folders(a) -> int:
     return 0
 
 
-def validation_cases(data: str) -> list:
-    """The validation cases of a unet-convert HDF5 file, found again in its source folder."""
-    import h5py
-    if not os.path.isfile(data):
-        raise EvalError(f"--data {data}: no such file")
-    try:
-        with h5py.File(data, "r") as f:
-            source, layout = f.attrs["source"], f.attrs["layout"]
-            val_ids = sorted(set(f["val"]["case_id"].asstr()[:]))
-    except OSError:
-        raise EvalError(f"--data {data}: not an HDF5 file") from None
-    except KeyError as e:
-        raise EvalError(f"--data {data}: not written by unet-convert (no {e.args[0]!r})") from None
-    source = source.decode() if isinstance(source, bytes) else str(source)
-    cases = [c for c in find_cases(source, str(layout)) if c.case_id in val_ids]
-    missing = sorted(set(val_ids) - {c.case_id for c in cases})
-    if missing:
-        raise EvalError(f"--data {data}: validation case(s) {', '.join(missing)} not found in {source}")
-    return cases
-
-
 def evaluate_model(a, post) -> int:
     """Predict the validation cases of --data with --model and score them (sharded over MPI ranks)."""
-    from unet.data.nifti import DataError
     from unet.distributed.ranks import inference_threads, under_mpirun
-    from unet.inference.engines import EngineError
-    from unet.inference.predict import ModelError, Predictor, reference_image, write_labels
+    from unet.inference.predictor import Predictor, reference_image, write_labels
     comm = None
     if under_mpirun():
         from mpi4py import MPI
@@ -230,7 +209,7 @@ def evaluate_model(a, post) -> int:
                 os.makedirs(a.pred_dir, exist_ok=True)
                 write_labels(pred.label_map(masks, a.labels), img,
                              os.path.join(a.pred_dir, f"{case.case_id}.nii.gz"))
-    except (EvalError, LayoutError, ModelError, DataError, EngineError) as e:
+    except UsageError as e:
         error = str(e)
     if comm:
         error = next((e for e in comm.allgather(error) if e), None)
@@ -307,7 +286,7 @@ def main(argv=None) -> int:
         if not (a.pred_dir and a.ref_dir):
             raise EvalError("give --pred_dir and --ref_dir, or --model and --data")
         return evaluate_folders(a)
-    except (EvalError, LayoutError) as e:
+    except UsageError as e:
         print(f"unet-evaluate: error: {e}", file=sys.stderr)
         return 2
 
