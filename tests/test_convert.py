@@ -21,7 +21,7 @@ SMALL = ["--shape", "40,64,64"]
 
 def synth(out, *args):
     from unet.data.synth import main
-    assert main(["--out", str(out), *args]) == 0
+    assert main(["--out", str(out), "--anatomy", "sphere", *args]) == 0
 
 
 def convert(*args):

@@ -39,7 +39,8 @@ def exported(tmp_path_factory):
     from unet.inference.export import main as export
     from unet.model import build_unet
     root = tmp_path_factory.mktemp("engines")
-    assert synth(["--out", str(root / "cases"), "--cases", "1", "--shape", "24,40,40", "--seed", "3"]) == 0
+    assert synth(["--out", str(root / "cases"), "--cases", "1", "--shape", "24,40,40", "--seed", "3",
+                  "--anatomy", "sphere"]) == 0
     keras.utils.set_random_seed(7)
     model = build_unet(32, 32, 4, 3, dropout=0.0)
     head = model.get_layer("mask")

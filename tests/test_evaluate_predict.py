@@ -44,7 +44,8 @@ def evaluate(*args):
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     from unet.data.synth import main as synth
-    assert synth(["--out", str(root / "cases"), "--cases", "3", "--shape", "40,80,80", "--seed", "4"]) == 0
+    assert synth(["--out", str(root / "cases"), "--cases", "3", "--shape", "40,80,80", "--seed", "4",
+                  "--anatomy", "sphere"]) == 0
     p = py("unet.data.convert", "--input", root / "cases", "--output", root / "d.h5", "--size", 64,
            "--val_fraction", 0.5, "--no_progress")
     assert p.returncode == 0, p.stderr
@@ -300,7 +301,8 @@ def test_evaluate_scores_each_label_convention(tmp_path, capsys, layout):
     from unet.data.layouts import find_cases
     from unet.data.synth import main as synth
     root, pred = tmp_path / "ref", tmp_path / "pred"
-    assert synth(["--out", str(root), "--cases", "1", "--shape", "24,64,64", "--layout", layout, "--seed", "1"]) == 0
+    assert synth(["--out", str(root), "--cases", "1", "--shape", "24,64,64", "--layout", layout, "--seed", "1",
+                  "--anatomy", "sphere"]) == 0
     case = find_cases(str(root))[0]
     pred.mkdir()
     shutil.copy(case.seg, pred / f"{case.case_id}.nii.gz")

@@ -47,7 +47,8 @@ def quantised(tmp_path_factory):
     from unet.data.synth import main as synth
     from unet.model import build_unet
     root = tmp_path_factory.mktemp("int8")
-    assert synth(["--out", str(root / "cases"), "--cases", "2", "--shape", "24,40,40", "--seed", "5"]) == 0
+    assert synth(["--out", str(root / "cases"), "--cases", "2", "--shape", "24,40,40", "--seed", "5",
+                  "--anatomy", "sphere"]) == 0
     assert convert(["--input", str(root / "cases"), "--output", str(root / "d.h5"), "--size", "32",
                     "--slices", "all", "--val_fraction", "0.5", "--no_progress"]) == 0
     with h5py.File(root / "d.h5") as f:
