@@ -222,9 +222,8 @@ def main(argv=None) -> int:
     os.makedirs(a.out, exist_ok=True)
     n_train = train_count(a.data)
     results = []
-    for cell in grid:
-        if cell["name"] not in wanted:
-            continue
+    by_name = {c["name"]: c for c in grid}
+    for cell in [by_name[n] for n in wanted]:    # in the order asked for
         if a.table:
             path = os.path.join(a.out, cell["name"] + ".json")
             if os.path.exists(path):
