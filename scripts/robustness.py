@@ -4,8 +4,9 @@
 Trains, each on 2 ranks under mpirun as scripts/demo.sh does, with the demo's flags otherwise:
 
 * batch per rank {2, 4, 8} x learning rate {1e-4, 2e-4, 4e-4}, 4 epochs each (the demo's budget: about
-  1,312 training images whatever the batch), or a fraction of that budget (``--fraction``, which caps the
-  steps of every epoch);
+  1,312 training images whatever the batch on the demo's data), or fewer (``--epochs``: the first epochs of
+  the same run, as the schedule and the data order depend only on the step and the epoch; a later run
+  with more epochs continues from the last one's checkpoint);
 * the demo's own cell (batch 4, rate 1e-4) again with a second seed: a recipe whose result depends on
   the seed by more than ``SEED_SPREAD`` is a lucky one;
 * ``defaults``: no training flag at all, as ``mpirun -np N python train_hvd.py --data brats.h5`` runs
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import shlex
@@ -61,13 +61,7 @@ def cells() -> list[dict]:
     return out
 
 
-def train_count(data: str) -> int:
-    import h5py
-    with h5py.File(data, "r") as f:
-        return int(f["train"]["masks"].shape[0])
-
-
-def cell_command(cell: dict, a, n_train: int) -> list[str]:
+def cell_command(cell: dict, a) -> list[str]:
     """The trainer's command line of one cell (``--fresh`` is not given: a stopped cell resumes)."""
     logdir = os.path.join(a.out, cell["name"], "logs")
     cmd = ["mpirun", "-np", str(a.np), "--oversubscribe"]
@@ -75,25 +69,29 @@ def cell_command(cell: dict, a, n_train: int) -> list[str]:
         cmd += ["-x", f"LD_PRELOAD={a.preload}"]
     cmd += [sys.executable, a.trainer, "--data", a.data]
     if cell["batch"] is not None:
-        cmd += ["--batch_size", str(cell["batch"]), "--learningrate", repr(cell["rate"]), "--epochs", str(EPOCHS),
+        cmd += ["--batch_size", str(cell["batch"]), "--learningrate", repr(cell["rate"]), "--epochs", str(a.epochs),
                 "--seed", str(cell["seed"])]
-        if a.fraction < 1:
-            steps = math.ceil(n_train / (cell["batch"] * a.np))
-            cmd += ["--steps_per_epoch", str(max(1, round(a.fraction * steps)))]
         cmd += shlex.split(a.flags)
     return cmd + ["--log_every", "10", "--logdir", logdir, "--export", "none"]
 
 
-def without_preload(cmd: list[str]) -> list[str]:
-    """The command but its ``-x LD_PRELOAD=...``: an allocator changes the speed, not the figures."""
+def comparable(cmd: list[str]) -> list[str]:
+    """The command but its ``-x LD_PRELOAD=...`` (an allocator changes the speed, not the figures) and the value
+    of ``--epochs`` (fewer epochs are the start of the same run)."""
     out = []
     for i, w in enumerate(cmd):
         if w == "-x" and i + 1 < len(cmd) and cmd[i + 1].startswith("LD_PRELOAD="):
             continue
-        if w.startswith("LD_PRELOAD=") and i and cmd[i - 1] == "-x":
+        if i and (w.startswith("LD_PRELOAD=") and cmd[i - 1] == "-x" or cmd[i - 1] == "--epochs"):
             continue
         out.append(w)
     return out
+
+
+def first_epochs(result: dict, epochs: int) -> dict:
+    """A finished cell's figures after its first ``epochs`` epochs."""
+    history = result["validation"][:epochs]
+    return dict(result, validation=history, final=history[-1], collapsed=collapsed(history[-1]), epochs=len(history))
 
 
 def validation_history(training_log: str) -> list[list[float]]:
@@ -128,15 +126,18 @@ def git_commit(trainer: str) -> str:
     return head + ("+changes" if dirty else "")
 
 
-def run_cell(cell: dict, a, n_train: int) -> dict | None:
+def run_cell(cell: dict, a) -> dict | None:
     path = os.path.join(a.out, cell["name"] + ".json")
-    cmd = cell_command(cell, a, n_train)
+    cmd = cell_command(cell, a)
+    want = a.epochs if cell["batch"] is not None else 0
     if os.path.exists(path) and not a.redo:
         with open(path) as fh:
             done = json.load(fh)
-        if without_preload(done["command"]) != without_preload(cmd):
+        if comparable(done["command"]) != comparable(cmd):
             sys.exit(f"robustness.py: error: {path} was run with another command; --redo, or another --out")
-        return done
+        if len(done["validation"]) >= want:
+            return first_epochs(done, want) if want else done
+        # fewer epochs so far: the trainer continues from the cell's last checkpoint
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
     if os.geteuid() == 0:
         env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
@@ -150,7 +151,7 @@ def run_cell(cell: dict, a, n_train: int) -> dict | None:
         print(f"    {cell['name']}: the trainer exited with {rc} (see {a.out}/{cell['name']}/stdout.log)", flush=True)
         return None
     history = validation_history(os.path.join(a.out, cell["name"], "logs", "training.log"))
-    result = dict(cell, command=cmd, trainer=a.trainer, trainer_commit=git_commit(a.trainer), fraction=a.fraction,
+    result = dict(cell, command=cmd, trainer=a.trainer, trainer_commit=git_commit(a.trainer), epochs=len(history),
                   flags=a.flags, wall_s=round(wall, 1), validation=history, final=history[-1],
                   collapsed=collapsed(history[-1]), onednn_isa=os.environ.get("ONEDNN_MAX_CPU_ISA", "native"))
     tmp = path + ".tmp"
@@ -163,14 +164,14 @@ def run_cell(cell: dict, a, n_train: int) -> dict | None:
 
 
 def table(results: list[dict]) -> str:
-    rows = ["| cell | batch/rank | rate | seed | final val Dice WT / TC / ET | lowest epoch WT / TC / ET after "
-            "epoch 1 | collapsed | wall (s) |", "|---|---|---|---|---|---|---|---|"]
+    rows = ["| cell | batch/rank | rate | seed | epochs | final val Dice WT / TC / ET | WT by epoch | largest fall "
+            "between epochs | collapsed | wall (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        lows = [min(e[i] for e in r["validation"][1:]) for i in range(3)] if len(r["validation"]) > 1 else None
-        rows.append(f"| {r['name']} | {r['batch'] or 128} | {r['rate'] or 0.0005} | {r['seed'] or 816} | "
-                    + " / ".join(f"{v:.3f}" for v in r["final"]) + " | "
-                    + (" / ".join(f"{v:.3f}" for v in lows) if lows else "–") + " | "
-                    + ("**yes**" if r["collapsed"] else "no") + f" | {r['wall_s']:.0f} |")
+        h = r["validation"]
+        fall = max([h[e][i] - h[e + 1][i] for e in range(len(h) - 1) for i in range(3)] + [0.0])
+        rows.append(f"| {r['name']} | {r['batch'] or 128} | {r['rate'] or 0.0005} | {r['seed'] or 816} | {len(h)} | "
+                    + " / ".join(f"{v:.3f}" for v in r["final"]) + " | " + " ".join(f"{e[0]:.2f}" for e in h)
+                    + f" | {fall:.3f} | " + ("**yes**" if r["collapsed"] else "no") + f" | {r['wall_s']:.0f} |")
     done = {r["name"]: r for r in results}
     b, rate = DEFAULT_CELL
     pair = [done.get(f"b{b}_lr{rate_name(rate)}"), done.get(f"b{b}_lr{rate_name(rate)}_seed{SEEDS[1]}")]
@@ -190,9 +191,9 @@ def main(argv=None) -> int:
     p.add_argument("--trainer", default=os.path.join(ROOT, "train_hvd.py"),
                    help="train_hvd.py to run (another checkout's, for the figures of an older recipe)")
     p.add_argument("--flags", default="", help="trainer flags added to every grid cell (not to 'defaults')")
-    p.add_argument("--fraction", type=float, default=1.0,
-                   help="share of the demo's image budget each grid cell trains on (caps the steps of each of "
-                        "the 4 epochs; 'defaults' always runs in full)")
+    p.add_argument("--epochs", type=int, default=EPOCHS,
+                   help=f"epochs of each grid cell (the demo's {EPOCHS}: its image budget; fewer for a first look, "
+                        "continued later by a run with more; 'defaults' always runs its own 10)"),
     p.add_argument("--cells", default="", help="comma-separated cell names to run (default: all); see --list")
     p.add_argument("--np", type=int, default=2, help="ranks (mpirun -np)")
     p.add_argument("--preload", default="", help="library to LD_PRELOAD in every rank (e.g. an allocator)")
@@ -212,15 +213,14 @@ def main(argv=None) -> int:
     bad = [n for n in wanted if n not in names]
     if bad:
         p.error(f"--cells: unknown cell {bad[0]!r} (known: {', '.join(names)})")
-    if not 0 < a.fraction <= 1:
-        p.error(f"--fraction must be in (0, 1] (got {a.fraction})")
+    if not 1 <= a.epochs <= EPOCHS:
+        p.error(f"--epochs must be in 1..{EPOCHS} (got {a.epochs})")
     if not os.path.isfile(a.data):
         p.error(f"--data {a.data}: no such file")
     if not os.path.isfile(a.trainer):
         p.error(f"--trainer {a.trainer}: no such file")
     a.data, a.out, a.trainer = os.path.abspath(a.data), os.path.abspath(a.out), os.path.abspath(a.trainer)
     os.makedirs(a.out, exist_ok=True)
-    n_train = train_count(a.data)
     results = []
     by_name = {c["name"]: c for c in grid}
     for cell in [by_name[n] for n in wanted]:    # in the order asked for
@@ -228,12 +228,15 @@ def main(argv=None) -> int:
             path = os.path.join(a.out, cell["name"] + ".json")
             if os.path.exists(path):
                 with open(path) as fh:
-                    results.append(json.load(fh))
+                    done = json.load(fh)
+                want = a.epochs if cell["batch"] is not None else 0
+                if len(done["validation"]) >= want:
+                    results.append(first_epochs(done, want) if want else done)
             continue
-        r = run_cell(cell, a, n_train)
+        r = run_cell(cell, a)
         if r:
             results.append(r)
-    print(f"\nrobustness: {a.out} (data {a.data}, {a.np} ranks, fraction {a.fraction} of the demo's budget)")
+    print(f"\nrobustness: {a.out} (data {a.data}, {a.np} ranks, {a.epochs} of the demo's {EPOCHS} epochs)")
     print(table(results) if results else "no finished cell")
     return 0
 
