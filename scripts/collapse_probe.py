@@ -47,7 +47,8 @@ def main(argv=None) -> int:
             for l in model.layers if type(l).__name__ == "Conv2D" and l.kernel_size == (3, 3)}
     probe = keras.Model(model.input, [model.output] + [outs[k] for k in sorted(outs)])
     names = sorted(outs)
-    print("step | head bias WT/TC/ET | mean p inside WT/TC/ET | mean p outside | dead conv9b | dead all")
+    print("step | head bias WT/TC/ET | mean p inside WT/TC/ET | mean p outside | median logit WT/TC/ET | dead conv9b | "
+          "dead all")
     for path in paths:
         load_checkpoint(path, model=model, optimizer=None)
         step = int(os.path.basename(path)[5:13])
@@ -56,10 +57,14 @@ def main(argv=None) -> int:
         bias = model.get_layer("mask").bias.numpy()
         inside = [(pred[..., k] * y[..., k]).sum() / max(y[..., k].sum(), 1) for k in range(r)]
         outside = [(pred[..., k] * (1 - y[..., k])).sum() / max((1 - y[..., k]).sum(), 1) for k in range(r)]
+        head = model.get_layer("mask")
+        last = acts[names.index("9b")]
+        logit = np.median((last @ head.kernel.numpy()[0, 0] + head.bias.numpy()).reshape(-1, r), axis=0)
         dead = {n: float(np.mean(a.reshape(-1, a.shape[-1]).max(0) <= 0)) for n, a in zip(names, acts)}
         total = sum(dead[n] * a.shape[-1] for n, a in zip(names, acts)) / sum(a.shape[-1] for a in acts)
         print(f"{step} | " + "/".join(f"{b:.2f}" for b in bias) + " | " + "/".join(f"{v:.3f}" for v in inside)
-              + " | " + "/".join(f"{v:.4f}" for v in outside) + f" | {dead.get('9b', float('nan')):.2f} | {total:.2f}",
+              + " | " + "/".join(f"{v:.4f}" for v in outside) + " | " + "/".join(f"{v:.1f}" for v in logit)
+              + f" | {dead.get('9b', float('nan')):.2f} | {total:.2f}",
               flush=True)
     return 0
 
