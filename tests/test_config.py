@@ -31,6 +31,8 @@ def test_data_defaults_to_data_brats_h5_unless_synthetic():
     (["--synthetic", "--synthetic_size", "100"], "--synthetic_size"),
     (["--synthetic", "--data", "x.h5"], "--data"),
     (["--synthetic", "--export", "openvino,tflite"], "--export"),
+    (["--synthetic", "--bce_weight", "-1"], "--bce_weight"),
+    (["--synthetic", "--clipnorm", "-0.5"], "--clipnorm"),
 ])
 def test_bad_values_name_the_flag(argv, flag):
     with pytest.raises(UsageError, match=flag):

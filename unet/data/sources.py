@@ -246,6 +246,22 @@ def _check_pair(path: str, split: str, src) -> None:
                          f"{tuple(src.masks.shape)} do not match")
 
 
+SHARE_SLICES = 2048   # foreground_share reads at most this many training slices, evenly strided
+
+
+def foreground_share(source, max_slices: int = SHARE_SLICES, chunk: int = 64) -> list[float]:
+    """Each region's share of foreground pixels over the training slices (all of them, or ``max_slices``
+    evenly strided ones): the prior that ``--head_bias prior`` starts the network's output at."""
+    n = len(source)
+    h, w, _, r = source.shape
+    idx = np.unique(np.linspace(0, n - 1, min(n, max_slices)).round().astype(np.int64))
+    total = np.zeros(r, np.float64)
+    for s in range(0, len(idx), chunk):
+        _, msks = source.read(idx[s:s + chunk])
+        total += msks.sum(axis=(0, 1, 2), dtype=np.float64)
+    return (total / (len(idx) * h * w)).tolist()
+
+
 def open_sources(args) -> tuple[object, object | None, DataInfo]:
     """(train source, validation source or None, DataInfo) for the parsed flags."""
     if args.synthetic:
