@@ -19,6 +19,7 @@ import os
 import shlex
 import sys
 
+from unet.distributed.ranks import MALLOC_ENV, launcher_preload
 from unet.launch.hostfile import HostfileError, check
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -61,6 +62,17 @@ def runtime_env(prof: dict) -> dict:
     return env
 
 
+def allocator_env(env=os.environ) -> tuple[dict, list[str]]:
+    """The ranks' allocator: ({LD_PRELOAD: tcmalloc} when the user set nothing and it is installed,
+    else {}; names of the user's own settings to pass on: LD_PRELOAD, UNET_MALLOC)."""
+    try:
+        lib = launcher_preload(env)
+    except ValueError as e:
+        raise LaunchError(str(e)) from None
+    mine = [k for k in ("LD_PRELOAD", MALLOC_ENV) if env.get(k, "").strip()]
+    return ({"LD_PRELOAD": lib} if lib else {}), mine
+
+
 def trainer_cmd(prof: dict, python: str, train_args: list[str]) -> list[str]:
     cmd = []
     if prof.get("numactl"):
@@ -98,8 +110,12 @@ def mpirun_cmd(hostfile: str, np_: int, prof: dict, python: str, train_args: lis
     if yield_idle is not None:
         cmd += ["--mca", "mpi_yield_when_idle", yield_idle]
     env["OMP_NUM_THREADS"] = str(rank_threads(prof, ranks_per_socket)[1])
+    preload, users = allocator_env()
+    env.update(preload)
     for key, val in env.items():
         cmd += ["-x", f"{key}={val}"]
+    for key in users:                  # the user's allocator settings reach every rank, remote ones too
+        cmd += ["-x", key]
     cmd += ["-x", "PATH", "-x", "PYTHONPATH"] if os.environ.get("PYTHONPATH") else ["-x", "PATH"]
     return cmd + trainer_cmd(prof, python, train_args)
 
@@ -237,7 +253,7 @@ def main(argv=None) -> int:
             cmd = horovodrun_cmd(a.hostfile, a.np, prof, a.python, train_args, controller=controller,
                                  timeline=a.timeline, autotune=a.autotune, elastic=elastic,
                                  ranks_per_socket=a.ranks_per_socket or None)
-            env = runtime_env(prof)
+            env = dict(runtime_env(prof), **allocator_env()[0])   # horovodrun passes its environment on
             if controller == "mpi":      # horovodrun passes its environment on with -x
                 env["OMP_NUM_THREADS"] = str(rank_threads(prof, a.ranks_per_socket or None)[1])
             if elastic:
