@@ -55,6 +55,9 @@ class Variant:
     root: str                      # checkout whose train_hvd.py runs
     env: dict
     args: list
+    np: int = 2
+    batch_size: int = 4
+    mpirun_args: list = field(default_factory=list)
     runs: list = field(default_factory=list)
 
 
@@ -142,10 +145,16 @@ def step_cpu(first: dict, last: dict, seconds: float) -> dict:
             "minflt_per_s_rank": faults / max(seconds, 1e-9) / n, "busy_per_rank": (user + sys_) / max(seconds, 1e-9) / n}
 
 
+def cores_of(v: Variant) -> int:
+    """Cores the variant's ranks use: ranks x --num_threads when given, else one each."""
+    threads = [int(x) for f, x in zip(v.args, v.args[1:]) if f == "--num_threads" and x.isdigit()]
+    return v.np * (threads[-1] if threads and threads[-1] > 0 else 1)
+
+
 def train_cmd(a, v: Variant, logdir: str) -> list[str]:
     py = os.path.join(ROOT, ".venv", "bin", "python")
-    return (["mpirun", "-np", str(a.np), "--oversubscribe", *shlex.split(a.mpirun_args), py,
-             os.path.join(v.root, "train_hvd.py"), "--data", os.path.abspath(a.data), "--batch_size", str(a.batch_size),
+    return (["mpirun", "-np", str(v.np), "--oversubscribe", *v.mpirun_args, py,
+             os.path.join(v.root, "train_hvd.py"), "--data", os.path.abspath(a.data), "--batch_size", str(v.batch_size),
              "--learningrate", "0.0001", "--epochs", "1", "--steps_per_epoch", str(a.steps), "--no_validation",
              "--export", "none", "--log_every", str(a.log_every), "--image_every", "100000", "--logdir", logdir]
             + v.args)
@@ -166,7 +175,7 @@ def run_once(a, v: Variant, logdir: str) -> dict:
             pid, status, usage = os.wait4(p.pid, os.WNOHANG)
             if pid:
                 break
-            if len(pids) < a.np:
+            if len(pids) < v.np:
                 pids = rank_pids(p.pid)
             logged = log_rates(open(log).read()) if os.path.exists(log) else []
             if len(logged) > seen:     # a step line appeared: sample the ranks now
@@ -189,7 +198,7 @@ def run_once(a, v: Variant, logdir: str) -> dict:
     if first and last and last[0] > first[0]:
         r.update(step_cpu(first[1], last[1], last[0] - first[0]))
         # images per CPU-second of the ranks, times the ranks: the rate if each had its core to itself
-        r["img_s_cpu"] = (last[2] - first[2]) * a.batch_size * a.np / max(r["cpu_s"], 1e-9) * a.np
+        r["img_s_cpu"] = (last[2] - first[2]) * v.batch_size * v.np / max(r["cpu_s"], 1e-9) * cores_of(v)
     return r
 
 
@@ -215,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"environment of {s.upper()}'s runs (repeatable)")
         ap.add_argument(f"--{s}_args", default="", help=f"extra train_hvd.py flags of {s.upper()} (one string)")
         ap.add_argument(f"--{s}_label", default=s.upper(), help="name printed for it (default: %(default)s)")
+        ap.add_argument(f"--{s}_np", type=int, default=0, help=f"ranks of {s.upper()} (default: --np)")
+        ap.add_argument(f"--{s}_batch_size", type=int, default=0, help=f"batch per rank of {s.upper()} (default: --batch_size)")
+        ap.add_argument(f"--{s}_mpirun_args", default=None, help=f"mpirun options of {s.upper()} (default: --mpirun_args)")
     ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="environment of every run")
     ap.add_argument("--isa", choices=("AVX2", "native"), default="AVX2",
                     help="AVX2: ONEDNN_MAX_CPU_ISA=AVX2 in every run and the AVX2 peak; native: oneDNN's "
@@ -250,23 +262,28 @@ def main(argv=None) -> int:
     try:
         variants = [Variant(getattr(a, f"{s}_label"),
                             export_rev(getattr(a, f"{s}_rev"), work) if getattr(a, f"{s}_rev") else ROOT,
-                            parse_env(getattr(a, f"{s}_env"), f"--{s}_env"), shlex.split(getattr(a, f"{s}_args")))
+                            parse_env(getattr(a, f"{s}_env"), f"--{s}_env"), shlex.split(getattr(a, f"{s}_args")),
+                            getattr(a, f"{s}_np") or a.np, getattr(a, f"{s}_batch_size") or a.batch_size,
+                            shlex.split(a.mpirun_args if getattr(a, f"{s}_mpirun_args") is None
+                                        else getattr(a, f"{s}_mpirun_args")))
                     for s in ("a", "b")]
         isa = "avx2" if a.isa == "AVX2" else "native"
-        print(f"ab_train: {a.repeats} x A B, {a.np} ranks x batch {a.batch_size}, {a.steps} steps, {h}x{w}x{c} -> "
+        print(f"ab_train: {a.repeats} x A B, {a.steps} steps, {h}x{w}x{c} -> "
               f"{regions} regions ({gflop:.2f} GFLOP per training image), env {a.common_env}", flush=True)
         for v in variants:
-            print(f"  {v.label}: {v.root} env {v.env} args {v.args}", flush=True)
+            print(f"  {v.label}: {v.np} ranks x batch {v.batch_size}, {v.root}, env {v.env}, args {v.args}, "
+                  f"mpirun {v.mpirun_args}", flush=True)
         # the peak over CPU time (unet/perf/peak.py): what the cores do when they are the ranks' own;
         # best of the measurements before and between the runs
-        peaks = [peak.measured_peak(a.np, isa=isa, cpu_time=True) or 0.0]
+        cores = max(cores_of(v) for v in variants)
+        peaks = [peak.measured_peak(cores, isa=isa, cpu_time=True) or 0.0]
         for i in range(1, a.repeats + 1):
             for v in variants:
                 logdir = os.path.join(a.keep or work, f"{v.label}-{i}")
                 shutil.rmtree(logdir, ignore_errors=True)
                 r = run_once(a, v, logdir)
                 v.runs.append(r)
-                peaks.append(peak.measured_peak(a.np, isa=isa, cpu_time=True) or 0.0)
+                peaks.append(peak.measured_peak(cores, isa=isa, cpu_time=True) or 0.0)
                 print(describe(v.label, i, r, gflop, max(peaks) / 1e9 or None), flush=True)
         summarise(variants, gflop, max(peaks) / 1e9 or None, isa)
     finally:

@@ -47,6 +47,8 @@ def kind(name: str, op_type: str) -> str:
     """Bucket of one executed op from its name scope and type (TensorFlow 2.21 / Keras 3 names). Pure."""
     t = op_type.lstrip("_").replace("MklNative", "").replace("Mkl", "")
     parts = name.split("/")
+    while parts and re.fullmatch(r"(Stateful)?PartitionedCall(_\d+)?", parts[0]):   # inside a nested function
+        parts = parts[1:]
     grad = parts[0] == "gradient_tape"
     in_model = (parts[1] if grad and len(parts) > 1 else parts[0]).startswith(MODEL_SCOPE)
     layer = (parts[2] if grad else parts[1]) if in_model and len(parts) > (2 if grad else 1) else ""
