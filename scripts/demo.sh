@@ -21,7 +21,7 @@ while (($#)); do
   esac; shift
 done
 PY="$ROOT/.venv/bin/python"
-SYNTH=("$PY" -m unet.data.synth --out "$OUT/cases" --cases "$CASES" --seed 0 --workers 2)
+SYNTH=("$PY" -m unet.data.synth --out "$OUT/cases" --cases "$CASES" --seed 0 --workers 2 --anatomy sphere)
 # training slices: those with tumour plus a tenth of the others (validation keeps every slice), so the
 # 4 epochs below see 1,312 images where 2 epochs of every brain slice saw 1,552 (docs/TRAINING.md)
 CONVERT=("$PY" -m unet.data.convert --input "$OUT/cases" --output "$OUT/brats.h5" --size 128 --workers 2

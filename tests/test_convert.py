@@ -21,7 +21,7 @@ SMALL = ["--shape", "40,64,64"]
 
 def synth(out, *args):
     from unet.data.synth import main
-    assert main(["--out", str(out), *args]) == 0
+    assert main(["--out", str(out), "--anatomy", "sphere", *args]) == 0
 
 
 def convert(*args):
@@ -218,7 +218,7 @@ def write_like(path, arr):
 def bad(root, out):
     p = convert("--input", root, "--output", out, "--size", 64)
     lines = p.stderr.strip().splitlines()
-    assert p.returncode == 1 and not os.path.exists(out) and not glob.glob(f"{out}*")
+    assert p.returncode == 2 and not os.path.exists(out) and not glob.glob(f"{out}*")
     assert len(lines) == 1 and lines[0].startswith("unet-convert: error: case BraTS20_Training_002: "), p.stderr
     return lines[0]
 

@@ -33,13 +33,14 @@ def exported(tmp_path_factory):
     """model.keras + model.json as the trainer writes them, then ``unet-export --format openvino onnx``."""
     import keras
 
-    from unet.training.checkpoint import export_model
+    from unet.modelfolder import save_model as export_model
     from unet.data import preprocess as P
     from unet.data.synth import main as synth
     from unet.inference.export import main as export
     from unet.model import build_unet
     root = tmp_path_factory.mktemp("engines")
-    assert synth(["--out", str(root / "cases"), "--cases", "1", "--shape", "24,40,40", "--seed", "3"]) == 0
+    assert synth(["--out", str(root / "cases"), "--cases", "1", "--shape", "24,40,40", "--seed", "3",
+                  "--anatomy", "sphere"]) == 0
     keras.utils.set_random_seed(7)
     model = build_unet(32, 32, 4, 3, dropout=0.0)
     head = model.get_layer("mask")
@@ -95,7 +96,7 @@ def dice(a, b):
 def test_every_engine_writes_the_same_segmentation(exported, capsys):
     from unet.data import labels as L
     from unet.data.layouts import find_cases
-    from unet.inference.predict import Predictor
+    from unet.inference.predictor import Predictor
     case = find_cases(str(exported / "cases"))[0]
     probs, labels = {}, {}
     for engine in ENGINES:

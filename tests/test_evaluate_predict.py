@@ -44,7 +44,8 @@ def evaluate(*args):
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     from unet.data.synth import main as synth
-    assert synth(["--out", str(root / "cases"), "--cases", "3", "--shape", "40,80,80", "--seed", "4"]) == 0
+    assert synth(["--out", str(root / "cases"), "--cases", "3", "--shape", "40,80,80", "--seed", "4",
+                  "--anatomy", "sphere"]) == 0
     p = py("unet.data.convert", "--input", root / "cases", "--output", root / "d.h5", "--size", 64,
            "--val_fraction", 0.5, "--no_progress")
     assert p.returncode == 0, p.stderr
@@ -97,7 +98,7 @@ RAW = ("--wt_components", "all", "--et_min_mm3", "0")
 
 
 def predict_with(oracle_net, *args):
-    from unet.inference.predict import Predictor
+    from unet.inference.predictor import Predictor
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Predictor, "model", property(lambda self: oracle_net))
         return predict(*args, *RAW)
@@ -158,7 +159,7 @@ def test_training_writes_the_engines_files_beside_model_keras(trained):
 
 def test_predictor_feeds_the_network_the_slices_it_was_trained_on(trained):
     from unet.data.layouts import find_cases
-    from unet.inference.predict import Predictor
+    from unet.inference.predictor import Predictor
     pred = Predictor(str(trained / "logs"))
     assert (pred.size, pred.inplane) == (64, "resize")
     cases = {c.case_id: c for c in find_cases(str(trained / "cases"))}
@@ -300,7 +301,8 @@ def test_evaluate_scores_each_label_convention(tmp_path, capsys, layout):
     from unet.data.layouts import find_cases
     from unet.data.synth import main as synth
     root, pred = tmp_path / "ref", tmp_path / "pred"
-    assert synth(["--out", str(root), "--cases", "1", "--shape", "24,64,64", "--layout", layout, "--seed", "1"]) == 0
+    assert synth(["--out", str(root), "--cases", "1", "--shape", "24,64,64", "--layout", layout, "--seed", "1",
+                  "--anatomy", "sphere"]) == 0
     case = find_cases(str(root))[0]
     pred.mkdir()
     shutil.copy(case.seg, pred / f"{case.case_id}.nii.gz")

@@ -42,12 +42,13 @@ def quantised(tmp_path_factory):
     import h5py
     import keras
 
-    from unet.training.checkpoint import export_model
+    from unet.modelfolder import save_model as export_model
     from unet.data.convert import main as convert
     from unet.data.synth import main as synth
     from unet.model import build_unet
     root = tmp_path_factory.mktemp("int8")
-    assert synth(["--out", str(root / "cases"), "--cases", "2", "--shape", "24,40,40", "--seed", "5"]) == 0
+    assert synth(["--out", str(root / "cases"), "--cases", "2", "--shape", "24,40,40", "--seed", "5",
+                  "--anatomy", "sphere"]) == 0
     assert convert(["--input", str(root / "cases"), "--output", str(root / "d.h5"), "--size", "32",
                     "--slices", "all", "--val_fraction", "0.5", "--no_progress"]) == 0
     with h5py.File(root / "d.h5") as f:
@@ -177,7 +178,7 @@ def test_int8_errors_are_one_line_and_write_nothing(quantised, tmp_path, capsys)
 def test_a_new_model_or_fp32_ir_removes_the_int8_ir_made_from_the_old_one(quantised, tmp_path):
     import keras
 
-    from unet.training.checkpoint import export_model
+    from unet.modelfolder import save_model as export_model
     root, _ = quantised
     m = tmp_path / "m"
     shutil.copytree(root / "model", m)

@@ -5,22 +5,23 @@ import os
 import pytest
 
 from conftest import ROOT, mpi_env, run_mpi
-from unet.distributed import ranks
+from unet import malloc
+from unet.errors import UsageError
 
 SCRIPT = os.path.join(ROOT, "tests", "mpi_scripts", "allocator.py")
 
 
 def test_preload_only_where_the_user_set_nothing():
     lib = "/usr/lib/x/libtcmalloc_minimal.so.4"
-    assert ranks.preload_for({}, lib) == (lib, "preloaded by the trainer")
-    assert ranks.preload_for({"UNET_MALLOC": "tcmalloc"}, lib)[0] == lib
-    assert ranks.preload_for({"UNET_MALLOC": "system"}, lib) == (None, "UNET_MALLOC=system")
-    assert ranks.preload_for({"LD_PRELOAD": "/opt/libasan.so"}, lib) == (None, "LD_PRELOAD of the environment")
-    assert ranks.preload_for({}, None)[0] is None               # not installed: glibc's malloc, said why
-    with pytest.raises(ValueError, match="UNET_MALLOC=jemalloc: expected one of tcmalloc, system"):
-        ranks.preload_for({"UNET_MALLOC": "jemalloc"}, lib)
-    assert ranks.allocator_in_use("7f0-7f1 r-xp 0 08:01 12 /usr/lib/libtcmalloc_minimal.so.4.5.10\n") == "tcmalloc"
-    assert ranks.allocator_in_use("7f0-7f1 r-xp 0 08:01 12 /usr/lib/libc.so.6\n") == "glibc"
+    assert malloc.preload_for({}, lib) == (lib, "preloaded by the trainer")
+    assert malloc.preload_for({"UNET_MALLOC": "tcmalloc"}, lib)[0] == lib
+    assert malloc.preload_for({"UNET_MALLOC": "system"}, lib) == (None, "UNET_MALLOC=system")
+    assert malloc.preload_for({"LD_PRELOAD": "/opt/libasan.so"}, lib) == (None, "LD_PRELOAD of the environment")
+    assert malloc.preload_for({}, None)[0] is None               # not installed: glibc's malloc, said why
+    with pytest.raises(UsageError, match="UNET_MALLOC=jemalloc: expected one of tcmalloc, system"):
+        malloc.preload_for({"UNET_MALLOC": "jemalloc"}, lib)
+    assert malloc.allocator_in_use("7f0-7f1 r-xp 0 08:01 12 /usr/lib/libtcmalloc_minimal.so.4.5.10\n") == "tcmalloc"
+    assert malloc.allocator_in_use("7f0-7f1 r-xp 0 08:01 12 /usr/lib/libc.so.6\n") == "glibc"
 
 
 def _run(trace, **env):
@@ -32,11 +33,11 @@ def _run(trace, **env):
 
 @pytest.mark.mpi
 def test_plain_mpirun_ranks_reexecute_once_with_tcmalloc_and_keep_their_mpi_env(tmp_path):
-    assert ranks.find_tcmalloc(), "libtcmalloc_minimal.so.4 is not installed (scripts/setup.sh installs it)"
+    assert malloc.find_tcmalloc(), "libtcmalloc_minimal.so.4 is not installed (scripts/setup.sh installs it)"
     every, trace = _run(tmp_path / "trace")
     assert [r["rank"] for r in every] == [0, 1] and all(r["size"] == 2 and r["sum"] == 3 for r in every)
     assert [r["launcher_rank"] for r in every] == ["0", "1"]      # Open MPI's variables survived the exec
-    assert all(r["tcmalloc_mapped"] and r["LD_PRELOAD"] == ranks.find_tcmalloc() for r in every)
+    assert all(r["tcmalloc_mapped"] and r["LD_PRELOAD"] == malloc.find_tcmalloc() for r in every)
     assert all(r["note"] == "tcmalloc (re-executed with LD_PRELOAD)" and not r["marker_left"] for r in every)
     assert all(r["argv"] == ["--flag", "a b"] for r in every)      # the same arguments, quoting intact
     # two starts per rank, in the same process (same pid): the original and one re-execution
@@ -47,7 +48,7 @@ def test_plain_mpirun_ranks_reexecute_once_with_tcmalloc_and_keep_their_mpi_env(
 
 @pytest.mark.mpi
 def test_the_users_ld_preload_and_opt_out_win(tmp_path):
-    user_lib = next(os.path.join(d, "libz.so.1") for d in ranks.library_dirs()
+    user_lib = next(os.path.join(d, "libz.so.1") for d in malloc.library_dirs()
                     if os.path.isfile(os.path.join(d, "libz.so.1")))
     every, trace = _run(tmp_path / "user", LD_PRELOAD=user_lib, USER_LIB=user_lib)
     assert all(r["LD_PRELOAD"] == user_lib and r["user_lib_mapped"] and not r["tcmalloc_mapped"] for r in every)

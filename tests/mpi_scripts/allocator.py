@@ -1,4 +1,4 @@
-"""Run under mpirun: the allocator re-execution (unet/distributed/ranks.py), then MPI.
+"""Run under mpirun: the allocator re-execution (unet/malloc.py), then MPI.
 
 Every start of this script appends ``pid argv`` to $ALLOC_TRACE; after the (possible)
 re-execution the rank starts MPI and rank 0 prints one line with what every rank saw."""
@@ -9,9 +9,9 @@ import sys
 with open(os.environ["ALLOC_TRACE"], "a") as f:
     f.write(f"{os.getpid()} {' '.join(sys.argv[1:])}\n")
 
-from unet.distributed import ranks  # noqa: E402
+from unet import malloc  # noqa: E402
 
-ranks.reexec_with_allocator()
+malloc.reexec_with_allocator()
 
 from mpi4py import MPI  # noqa: E402
 
@@ -21,8 +21,8 @@ with open("/proc/self/maps") as f:
 mine = {"rank": comm.Get_rank(), "size": comm.Get_size(), "pid": os.getpid(),
         "launcher_rank": os.environ.get("OMPI_COMM_WORLD_RANK"), "sum": comm.allreduce(comm.Get_rank() + 1),
         "tcmalloc_mapped": "libtcmalloc_minimal" in maps, "user_lib_mapped": os.environ.get("USER_LIB", "?") in maps,
-        "LD_PRELOAD": os.environ.get("LD_PRELOAD"), "marker_left": ranks.REEXEC_MARK in os.environ,
-        "note": ranks.allocator_note(), "argv": sys.argv[1:]}
+        "LD_PRELOAD": os.environ.get("LD_PRELOAD"), "marker_left": malloc.REEXEC_MARK in os.environ,
+        "note": malloc.allocator_note(), "argv": sys.argv[1:]}
 every = comm.gather(mine)
 if comm.Get_rank() == 0:
     print("RESULT " + json.dumps(every), flush=True)

@@ -23,8 +23,11 @@ import numpy as np
 from unet.data import labels as L
 from unet.data import preprocess as P
 from unet.data.h5io import H5Writer, merge_parts, write_npy
-from unet.data.layouts import MODALITIES, Case, LayoutError, detect_layout, find_cases
+from unet.data.layouts import MODALITIES, Case, detect_layout, find_cases
 from unet.data.nifti import DataError, Options, read_case
+from unet.cli import command
+from unet.distributed.ranks import agree, world
+from unet.errors import UsageError
 
 CONVERTER_VERSION = "2"   # 2: masks resized centre-aligned (INTER_NEAREST_EXACT), as the images are
 
@@ -161,49 +164,33 @@ def _opts(a) -> Options:
     regs = tuple(x.strip() for x in (a.regions or fmt_default[1]).split(",") if x.strip())
     for m in mods:
         if m not in MODALITIES:
-            raise ValueError(f"--modalities: unknown modality {m!r} (choose from {','.join(MODALITIES)})")
+            raise UsageError(f"--modalities: unknown modality {m!r} (choose from {','.join(MODALITIES)})")
     for r in regs:
         if r not in L.REGIONS:
-            raise ValueError(f"--regions: unknown region {r!r} (choose from WT,TC,ET)")
+            raise UsageError(f"--regions: unknown region {r!r} (choose from WT,TC,ET)")
     if len(set(mods)) != len(mods) or not mods:
-        raise ValueError("--modalities: give each modality once")
+        raise UsageError("--modalities: give each modality once")
     if len(set(regs)) != len(regs) or not regs:
-        raise ValueError("--regions: give each region once")
+        raise UsageError("--regions: give each region once")
     if a.size < 16 or a.size % 16:
-        raise ValueError(f"--size must be a multiple of 16 (got {a.size})")
+        raise UsageError(f"--size must be a multiple of 16 (got {a.size})")
     if not 0 <= a.val_fraction < 1:
-        raise ValueError(f"--val_fraction must be in [0, 1) (got {a.val_fraction})")
+        raise UsageError(f"--val_fraction must be in [0, 1) (got {a.val_fraction})")
     if a.workers < 1:
-        raise ValueError(f"--workers must be >= 1 (got {a.workers})")
+        raise UsageError(f"--workers must be >= 1 (got {a.workers})")
     return Options(mods, regs, a.size, a.inplane, a.slices, a.background_fraction, a.seed)
 
 
-def _comm():
-    from unet.distributed.ranks import under_mpirun
-    if not under_mpirun():
-        return None
-    from mpi4py import MPI
-    return MPI.COMM_WORLD if MPI.COMM_WORLD.Get_size() > 1 else None
-
-
+@command("unet-convert")
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
-    comm = _comm()
+    comm = world()
     rank, size = (comm.Get_rank(), comm.Get_size()) if comm else (0, 1)
-
-    def fail(msg: str) -> int:
-        if rank == 0:
-            print(f"unet-convert: error: {msg}", file=sys.stderr)
-        return 1
-
-    try:
-        opts = _opts(a)
-        layout = detect_layout(a.input) if a.layout == "auto" else a.layout
-        cases = find_cases(a.input, layout)
-    except (ValueError, LayoutError) as e:
-        return fail(str(e))
+    opts = _opts(a)           # every rank finds the same bad flag or input folder
+    layout = detect_layout(a.input) if a.layout == "auto" else a.layout
+    cases = find_cases(a.input, layout)
     if not cases:
-        return fail(f"{a.input}: no cases found for layout {layout}")
+        raise UsageError(f"{a.input}: no cases found for layout {layout}")
     splits = split_by_patient([c.case_id for c in cases], a.val_fraction, a.seed)
     out = os.path.abspath(a.output)
     h5_final = out if a.format == "h5" else os.path.join(out, ".unet-convert.h5")
@@ -216,9 +203,8 @@ def main(argv=None) -> int:
                                      progress=(rank == 0 and not a.no_progress and sys.stderr.isatty()))
     except DataError as e:
         error, counts, skipped = str(e), {}, []
+    error = agree(comm, error)   # the first error any rank found, on every rank: all exit together
     if comm:
-        errors = comm.allgather(error)
-        error = next((e for e in errors if e), None)
         all_skipped = sum(comm.allgather(skipped), [])
         totals = comm.allgather(counts)
     else:
@@ -226,7 +212,7 @@ def main(argv=None) -> int:
     parts = [f"{h5_final}.part{r}-of-{size}.tmp" for r in range(size)]
     try:
         if error:
-            return fail(error)
+            raise UsageError(error)      # agreed: the same on every rank
         if rank == 0:
             attrs = {"modalities": json.dumps(list(opts.modalities)), "regions": json.dumps(list(opts.regions)),
                      "size": opts.size, "normalisation": P.NORMALISATION,

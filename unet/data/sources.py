@@ -23,10 +23,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from unet.training.config import DEFAULT_DATA, UsageError
+from unet.data.layouts import NPY_FILES, NPY_SIDECAR, find_cases
+from unet.errors import UsageError
 
-NPY_FILES = {"train": ("imgs_train.npy", "msks_train.npy"), "val": ("imgs_test.npy", "msks_test.npy")}
-NPY_SIDECAR = "unet-convert.json"   # metadata of an npy folder written by unet-convert
+# Where the trainer looks when given neither --data nor --synthetic (relative to the
+# working directory): `unet-convert --output data/brats.h5` writes it, and the demo
+# links its converted synthetic cases there when nothing is.
+DEFAULT_DATA = "data/brats.h5"
+
+H5_MAGIC = b"\x89HDF\r\n\x1a\n"            # the first 8 bytes of every HDF5 file
+
 SEED_NPY = {"modalities": ["FLAIR"], "regions": ["WT"], "layout": "seed-npy"}  # the seed's own four files
 
 
@@ -169,8 +175,54 @@ def _attr_list(value) -> list[str]:
     return [x.decode() if isinstance(x, bytes) else str(x) for x in value]
 
 
+def decoded(attrs) -> dict:
+    """HDF5 attributes as plain values: str for bytes, lists for arrays."""
+    return {k: (v.decode() if isinstance(v, bytes) else v.tolist() if hasattr(v, "tolist") else v)
+            for k, v in attrs.items()}
+
+
+@dataclass(frozen=True)
+class H5Contents:
+    """What ``check_h5`` found in a unet-convert HDF5 file."""
+    attrs: dict          # root attributes, decoded (str, list, number)
+    images: dict         # split -> shape (N, H, W, C) of its images
+    masks: dict          # split -> shape (N, H, W, R) of its masks
+
+
+def check_h5(path: str, named: str | None = None, *, converted: bool = False) -> H5Contents:
+    """The one check of a unet-convert HDF5 file, whoever reads it (the trainer's --data, unet-evaluate's,
+    int8's): it exists, is HDF5, and holds groups ``train`` and ``val`` with ``images`` and ``masks``; with
+    ``converted`` it also names the folder and layout it was converted from and the case of every
+    validation slice (what finding the validation cases again needs). A UsageError ``<named>: ...``
+    (``named`` by default ``--data PATH``) otherwise; what was found, when it holds."""
+    import h5py
+    named = named or f"--data {path}"
+    if not os.path.exists(path):
+        raise UsageError(f"{named}: no such file")
+    if not os.path.isfile(path):
+        raise UsageError(f"{named}: not an HDF5 file")
+    with open(path, "rb") as fh:
+        if fh.read(8) != H5_MAGIC:
+            raise UsageError(f"{named}: not an HDF5 file")
+    try:
+        with h5py.File(path, "r") as f:
+            for split in ("train", "val"):
+                if split not in f or "images" not in f[split] or "masks" not in f[split]:
+                    raise UsageError(f"{named}: missing group '{split}' with 'images' and 'masks'")
+            for key in ("source", "layout") if converted else ():
+                if key not in f.attrs:
+                    raise UsageError(f"{named}: not written by unet-convert (no {key!r})")
+            if converted and "case_id" not in f["val"]:
+                raise UsageError(f"{named}: not written by unet-convert (no 'case_id')")
+            return H5Contents(decoded(f.attrs), {s: tuple(f[s]["images"].shape) for s in ("train", "val")},
+                              {s: tuple(f[s]["masks"].shape) for s in ("train", "val")})
+    except (OSError, ValueError, KeyError) as e:
+        raise UsageError(f"{named}: cannot read ({str(e).splitlines()[0]})") from None
+
+
 def check_data(path: str) -> None:
-    """Cheap checks of --data that every rank runs before any heavy work."""
+    """--data as the trainer takes it, checked on every rank before any heavy work: a unet-convert HDF5
+    file (``check_h5``) or a folder of the seed's npy files."""
     if not os.path.exists(path):
         hint = (" (the default --data: convert BraTS with `unet-convert --input DIR --output "
                 f"{DEFAULT_DATA}`, run scripts/demo.sh, or pass --synthetic)") if path == DEFAULT_DATA else ""
@@ -181,9 +233,7 @@ def check_data(path: str) -> None:
                 if not os.path.isfile(os.path.join(path, name)):
                     raise UsageError(f"--data {path}: folder lacks {name} (the seed's npy layout)")
         return
-    with open(path, "rb") as fh:
-        if fh.read(8) != b"\x89HDF\r\n\x1a\n":
-            raise UsageError(f"--data {path}: not an HDF5 file")
+    check_h5(path)
 
 
 def _check_pair(path: str, split: str, src) -> None:
@@ -217,11 +267,7 @@ def open_sources(args) -> tuple[object, object | None, DataInfo]:
         else:
             import h5py
             with h5py.File(path, "r") as f:
-                for split in ("train", "val"):
-                    if split not in f or "images" not in f[split] or "masks" not in f[split]:
-                        raise UsageError(f"--data {path}: missing group '{split}' with 'images' and 'masks'")
-                attrs = {k: (v.decode() if isinstance(v, bytes) else v.tolist() if hasattr(v, "tolist") else v)
-                         for k, v in f.attrs.items()}
+                attrs = decoded(f.attrs)
                 modalities = _attr_list(f.attrs.get("modalities"))
                 regions = _attr_list(f.attrs.get("regions"))
             train, val = H5Source(path, "train"), H5Source(path, "val")
@@ -245,3 +291,17 @@ def open_sources(args) -> tuple[object, object | None, DataInfo]:
     info = DataInfo(h, w, c, r, modalities or [f"channel{i}" for i in range(c)],
                     regions or [f"region{i}" for i in range(r)], attrs)
     return train, (val if len(val) else None), info
+
+
+def validation_cases(data: str) -> list:
+    """The validation cases of a unet-convert HDF5 file, found again in its source folder."""
+    import h5py
+    attrs = check_h5(data, converted=True).attrs
+    with h5py.File(data, "r") as f:
+        val_ids = sorted(set(f["val"]["case_id"].asstr()[:]))
+    source = str(attrs["source"])
+    cases = [c for c in find_cases(source, str(attrs["layout"])) if c.case_id in val_ids]
+    missing = sorted(set(val_ids) - {c.case_id for c in cases})
+    if missing:
+        raise UsageError(f"--data {data}: validation case(s) {', '.join(missing)} not found in {source}")
+    return cases

@@ -11,8 +11,10 @@ from __future__ import annotations
 import os
 import socket
 import sys
-import sysconfig
 from dataclasses import dataclass
+
+from unet.cli import launcher_rank
+from unet.malloc import allocator_note, reexec_with_allocator
 
 # Defaults for a box where ranks get one or a few cores each: Horovod's
 # background thread polls every 1 ms and Open MPI busy-waits, both stealing
@@ -48,109 +50,6 @@ ELASTIC_UNSAFE = ("HOROVOD_FUSION_THRESHOLD",)
 # gradients go in one grouped allreduce, so that costs one negotiation per step.
 ELASTIC_SETTINGS = {"HOROVOD_CACHE_CAPACITY": "0"}
 
-# The memory allocator. With glibc's malloc a training rank spent ~42 % of its CPU time in the
-# kernel (~127,000 minor page faults a second: TensorFlow's large step buffers go back to the
-# kernel and fault in again, step after step); tcmalloc keeps them (docs/PERFORMANCE.md). A
-# library can only be preloaded before the process starts, so a rank started without it
-# re-executes itself once, before MPI and TensorFlow load (same pid, same environment plus
-# LD_PRELOAD: the launcher's rank variables stay). Only where the user set nothing: their own
-# LD_PRELOAD is kept, UNET_MALLOC=system keeps glibc's malloc.
-MALLOC_ENV = "UNET_MALLOC"             # tcmalloc (default) or system
-MALLOC_CHOICES = ("tcmalloc", "system")
-TCMALLOC = "libtcmalloc_minimal.so.4"  # Debian/Ubuntu libtcmalloc-minimal4 (scripts/setup.sh installs it)
-REEXEC_MARK = "UNET_MALLOC_REEXEC"     # set across the one re-execution: never a second one
-_reexecuted = False
-
-
-def library_dirs() -> list[str]:
-    """Where the dynamic linker finds system libraries without configuration (multiarch first)."""
-    arch = sysconfig.get_config_var("MULTIARCH") or ""
-    dirs = [f"/usr/lib/{arch}", f"/lib/{arch}"] if arch else []
-    return dirs + ["/usr/lib64", "/lib64", "/usr/lib", "/usr/local/lib"]
-
-
-def find_tcmalloc(dirs: list[str] | None = None) -> str | None:
-    """Path of libtcmalloc_minimal.so.4 in the system's library folders, or None."""
-    for d in library_dirs() if dirs is None else dirs:
-        path = os.path.join(d, TCMALLOC)
-        if os.path.isfile(path):
-            return path
-    return None
-
-
-def malloc_choice(env=os.environ) -> str:
-    """UNET_MALLOC, checked: 'tcmalloc' (also when unset or empty) or 'system'."""
-    v = env.get(MALLOC_ENV, "").strip().lower() or "tcmalloc"
-    if v not in MALLOC_CHOICES:
-        raise ValueError(f"{MALLOC_ENV}={env[MALLOC_ENV]}: expected one of {', '.join(MALLOC_CHOICES)}")
-    return v
-
-
-def preload_for(env, found: str | None) -> tuple[str | None, str]:
-    """(library to preload, or None; why) for a process about to start with ``env``. Pure.
-
-    None when the user chose (UNET_MALLOC=system, any LD_PRELOAD of their own) or when
-    tcmalloc is not installed (``found`` None)."""
-    if malloc_choice(env) == "system":
-        return None, f"{MALLOC_ENV}=system"
-    if env.get("LD_PRELOAD", "").strip():
-        return None, "LD_PRELOAD of the environment"
-    if found is None:
-        return None, f"{TCMALLOC} not found (scripts/setup.sh installs it)"
-    return found, "preloaded by the trainer"
-
-
-def launcher_preload(env=os.environ) -> str | None:
-    """What a launcher passes its ranks as LD_PRELOAD (the library's soname, which each host's
-    dynamic linker resolves), or None where the user chose otherwise or it is not installed here."""
-    lib, _ = preload_for(env, find_tcmalloc())
-    return TCMALLOC if lib else None
-
-
-def reexec_with_allocator(env=os.environ) -> None:
-    """Re-execute this process with tcmalloc preloaded when it lacks it and the user set nothing
-    (see MALLOC_ENV). Returns when there is nothing to do; else does not return. Call before MPI,
-    TensorFlow or any thread starts."""
-    global _reexecuted
-    if env.pop(REEXEC_MARK, None) is not None:
-        _reexecuted = True                       # this is the re-executed process
-        return
-    lib, _ = preload_for(env, find_tcmalloc())
-    if lib is None or not hasattr(sys, "orig_argv"):
-        return
-    env["LD_PRELOAD"], env[REEXEC_MARK] = lib, "1"
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, sys.orig_argv, dict(env))
-
-
-def allocator_in_use(maps: str | None = None) -> str:
-    """'tcmalloc', 'jemalloc' or 'glibc': which allocator this process has mapped (/proc/self/maps)."""
-    if maps is None:
-        try:
-            with open("/proc/self/maps") as f:
-                maps = f.read()
-        except OSError:
-            return "unknown"
-    for name in ("tcmalloc", "jemalloc"):
-        if f"lib{name}" in maps:
-            return name
-    return "glibc"
-
-
-def allocator_note(env=os.environ) -> str:
-    """The set-up line's allocator field: what is mapped, and why when it is not tcmalloc."""
-    used = allocator_in_use()
-    if used == "tcmalloc":
-        return "tcmalloc (re-executed with LD_PRELOAD)" if _reexecuted else "tcmalloc"
-    try:
-        _, why = preload_for(env, find_tcmalloc())
-    except ValueError as e:
-        why = str(e)
-    return f"{used} ({why})"
-
-
-LAUNCHER_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "HOROVOD_RANK")
 LAUNCHER_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "HOROVOD_SIZE")
 
 
@@ -164,14 +63,6 @@ def collective_failure(e: BaseException) -> bool:
     import tensorflow as tf
     return isinstance(e, (tf.errors.UnknownError, tf.errors.AbortedError, tf.errors.FailedPreconditionError)) \
         and "Horovod" in str(e)
-
-
-def launcher_rank(env=os.environ) -> int:
-    """This process's rank as the launcher set it (0 outside a launcher)."""
-    for k in LAUNCHER_RANK_VARS:
-        if k in env:
-            return int(env[k])
-    return 0
 
 
 def under_mpirun(env=os.environ) -> bool:
@@ -240,8 +131,9 @@ class RankSetup:
                 + (f" malloc {self.malloc}" if self.malloc else ""))
 
 
-def _mpi_comm():
-    """COMM_WORLD from mpi4py when launched by mpirun, else None."""
+def world():
+    """COMM_WORLD from mpi4py when launched by mpirun (every command's ranks: the trainer's, unet-convert's,
+    unet-evaluate's), else None."""
     if not under_mpirun():
         return None
     import mpi4py
@@ -254,12 +146,7 @@ def prepare_rank(num_threads: int, num_inter_threads: int, blocktime: int) -> Ra
     """Decide and export this rank's thread settings; call before importing TensorFlow."""
     if "tensorflow" in sys.modules:
         raise RuntimeError("prepare_rank must run before TensorFlow is imported")
-    try:
-        reexec_with_allocator()
-    except ValueError as e:              # a bad UNET_MALLOC: before MPI starts, so every rank just exits
-        if launcher_rank() == 0:
-            print(f"train_hvd.py: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    reexec_with_allocator()              # a bad UNET_MALLOC raises a UsageError before MPI starts: every rank exits
     for k, v in RUNTIME_DEFAULTS.items():
         os.environ.setdefault(k, v)
     if is_elastic():
@@ -274,7 +161,7 @@ def prepare_rank(num_threads: int, num_inter_threads: int, blocktime: int) -> Ra
             os.environ[k] = v
     host = socket.gethostname()
     cpus = frozenset(os.sched_getaffinity(0))
-    comm = _mpi_comm()
+    comm = world()
     if comm is not None:
         rank, size = comm.Get_rank(), comm.Get_size()
         peers = comm.allgather((host, cpus))
@@ -381,13 +268,3 @@ class Watchdog:
                 sys.stderr.flush()
                 os._exit(3)
 
-
-if __name__ == "__main__":
-    # ``python -m unet.distributed.ranks preload``: the LD_PRELOAD value for the ranks a shell script
-    # starts (scripts/demo.sh, scripts/slurm/train_hvd.sbatch), or nothing
-    if sys.argv[1:] != ["preload"]:
-        sys.exit("usage: python -m unet.distributed.ranks preload")
-    try:
-        print(launcher_preload() or "")
-    except ValueError as e:
-        sys.exit(f"error: {e}")

@@ -26,7 +26,8 @@ import numpy as np
 
 from unet.data import labels as L
 from unet.data.layouts import LayoutError, detect_layout, find_cases
-from unet.distributed.ranks import launcher_rank
+from unet.cli import command
+from unet.distributed.ranks import agree, inference_threads, world
 from unet.inference.engines import add_flags as add_engine_flags
 from unet.inference.engines import flag_error as engine_flag_error
 from unet.inference.engines import int8_cost_line
@@ -35,13 +36,15 @@ from unet.evaluation.lesionwise import SUMMARY as LW_SUMMARY
 from unet.evaluation.lesionwise import columns as lw_columns
 from unet.evaluation.lesionwise import region_means, score_lesionwise
 from unet.metrics import score_regions, summarise
-from unet.inference.postprocess import PostError, add_flags, options_from_args
+from unet.inference.postprocess import add_flags, options_from_args
+from unet.data.sources import validation_cases
+from unet.errors import UsageError
 
 GEOMETRY_TOL = 1e-3
 
 
-class EvalError(Exception):
-    pass
+class EvalError(UsageError):
+    """Predictions or references that cannot be scored, or flags that do not go together (one line)."""
 
 
 METRICS = ("legacy", "lesionwise", "all")
@@ -176,37 +179,10 @@ def evaluate_folders(a) -> int:
     return 0
 
 
-def validation_cases(data: str) -> list:
-    """The validation cases of a unet-convert HDF5 file, found again in its source folder."""
-    import h5py
-    if not os.path.isfile(data):
-        raise EvalError(f"--data {data}: no such file")
-    try:
-        with h5py.File(data, "r") as f:
-            source, layout = f.attrs["source"], f.attrs["layout"]
-            val_ids = sorted(set(f["val"]["case_id"].asstr()[:]))
-    except OSError:
-        raise EvalError(f"--data {data}: not an HDF5 file") from None
-    except KeyError as e:
-        raise EvalError(f"--data {data}: not written by unet-convert (no {e.args[0]!r})") from None
-    source = source.decode() if isinstance(source, bytes) else str(source)
-    cases = [c for c in find_cases(source, str(layout)) if c.case_id in val_ids]
-    missing = sorted(set(val_ids) - {c.case_id for c in cases})
-    if missing:
-        raise EvalError(f"--data {data}: validation case(s) {', '.join(missing)} not found in {source}")
-    return cases
-
-
 def evaluate_model(a, post) -> int:
     """Predict the validation cases of --data with --model and score them (sharded over MPI ranks)."""
-    from unet.data.nifti import DataError
-    from unet.distributed.ranks import inference_threads, under_mpirun
-    from unet.inference.engines import EngineError
-    from unet.inference.predict import ModelError, Predictor, reference_image, write_labels
-    comm = None
-    if under_mpirun():
-        from mpi4py import MPI
-        comm = MPI.COMM_WORLD
+    from unet.inference.predictor import Predictor, reference_image, write_labels
+    comm = world()
     rank, size = (comm.Get_rank(), comm.Get_size()) if comm else (0, 1)
     # each rank its own engine, with its share of the cores (collective: before anything can fail)
     threads = a.num_threads or inference_threads(comm)
@@ -230,14 +206,11 @@ def evaluate_model(a, post) -> int:
                 os.makedirs(a.pred_dir, exist_ok=True)
                 write_labels(pred.label_map(masks, a.labels), img,
                              os.path.join(a.pred_dir, f"{case.case_id}.nii.gz"))
-    except (EvalError, LayoutError, ModelError, DataError, EngineError) as e:
+    except UsageError as e:
         error = str(e)
-    if comm:
-        error = next((e for e in comm.allgather(error) if e), None)
+    error = agree(comm, error)   # the first error any rank found, on every rank: all exit together
     if error:
-        if rank == 0:
-            raise EvalError(error)
-        return 2
+        raise UsageError(error)
     # one write per line: print() writes the text and its newline separately, and mpirun may put
     # another rank's output between the two
     sys.stdout.write(f"rank {rank} scored {len(rows)} case(s): {', '.join(r['case'] for r in rows)}\n")
@@ -274,6 +247,7 @@ def _tensorboard(model: str, rows: list[dict], metrics: str = "all") -> None:
                         tf.summary.scalar(f"{m}_{region.lower()}", v)
 
 
+@command("unet-evaluate")
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="unet-evaluate", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -291,25 +265,16 @@ def main(argv=None) -> int:
                          "Dice/HD95/NSD; seconds per 240x240x155 case: 8.6 s with four tumours); all: both")
     add_flags(ap)
     a = ap.parse_args(argv)
-    try:
-        if a.model or a.data:
-            if not (a.model and a.data):
-                raise EvalError("--model and --data go together")
-            try:   # every rank finds the same bad value; rank 0 says so
-                post = options_from_args(a)
-                if engine_flag_error(a):
-                    raise PostError(engine_flag_error(a))
-            except PostError as e:
-                if launcher_rank() != 0:
-                    return 2
-                raise EvalError(str(e)) from None
-            return evaluate_model(a, post)
-        if not (a.pred_dir and a.ref_dir):
-            raise EvalError("give --pred_dir and --ref_dir, or --model and --data")
-        return evaluate_folders(a)
-    except (EvalError, LayoutError) as e:
-        print(f"unet-evaluate: error: {e}", file=sys.stderr)
-        return 2
+    if a.model or a.data:
+        if not (a.model and a.data):
+            raise EvalError("--model and --data go together")
+        post = options_from_args(a)     # every rank finds the same bad value; rank 0 says so
+        if engine_flag_error(a):
+            raise UsageError(engine_flag_error(a))
+        return evaluate_model(a, post)
+    if not (a.pred_dir and a.ref_dir):
+        raise EvalError("give --pred_dir and --ref_dir, or --model and --data")
+    return evaluate_folders(a)
 
 
 if __name__ == "__main__":

@@ -22,34 +22,25 @@ import os
 
 import numpy as np
 
+from unet.cli import add_threads_flag, threads_error
+from unet.errors import UsageError
+from unet.modelfolder import EXPORT_FORMATS, EXPORT_NEEDS, FILES, INT8, export_missing  # noqa: F401 (re-exported)
+
 # fastest first, as measured on this project's machines (docs/PERFORMANCE.md); the order only
 # decides between engines that have no speed recorded in model.json
 ENGINES = ("openvino", "onnxruntime", "tensorflow")
 FORMAT = {"openvino": "openvino", "onnxruntime": "onnx", "tensorflow": "keras"}   # engine -> file format
-INT8 = "openvino_int8"                                                          # its key in model.json exports
-EXPORT_FORMATS = ("openvino", "onnx", "saved_model")                           # what unet-export writes
-EXPORT_NEEDS = {"openvino": ("openvino",), "onnx": ("tf2onnx", "onnx"), "saved_model": (),  # beyond TensorFlow
-                INT8: ("openvino", "nncf")}
-FILES = {"openvino": "model.xml", "onnx": "model.onnx", "keras": "model.keras", "saved_model": "saved_model",
-         INT8: "model_int8.xml"}
 MODULE = {"openvino": "openvino", "onnxruntime": "onnxruntime", "tensorflow": "tensorflow"}
 PACKAGE = {"openvino": "openvino", "onnxruntime": "onnxruntime", "tensorflow": "tensorflow-cpu"}
 
 
-class EngineError(Exception):
+class EngineError(UsageError):
     """An engine cannot run: not installed, or its exported file is missing (one line, naming both)."""
 
 
 def installed(engine: str) -> bool:
     """Is the engine's Python package importable (without importing it)?"""
     return importlib.util.find_spec(MODULE[engine]) is not None
-
-
-def export_missing(fmt: str) -> str | None:
-    """Why Keras cannot export ``fmt`` here (packages not installed), or None."""
-    missing = [m for m in EXPORT_NEEDS[fmt] if importlib.util.find_spec(m) is None]
-    return (f"the {fmt} export needs the {' and '.join(missing)} package(s), not installed (scripts/setup.sh "
-            f"installs them, pinned in scripts/constraints.txt)") if missing else None
 
 
 def model_file(engine: str, folder: str, meta: dict, int8: bool = False) -> str:
@@ -204,14 +195,12 @@ def add_flags(ap) -> None:
     ap.add_argument("--int8", action="store_true",
                     help="run the int8 OpenVINO IR (unet-export --int8 makes it, and records the Dice it costs "
                          "on the validation cases, printed when it runs); never the default")
-    ap.add_argument("--num_threads", type=int, default=0,
-                    help="threads of the engine (per rank under mpirun); 0 = the physical cores this process "
-                         "is bound to, shared among the ranks bound to the same ones")
+    add_threads_flag(ap, "threads of the engine (per rank under mpirun)")
 
 
 def flag_error(a) -> str | None:
-    if a.num_threads < 0:
-        return f"--num_threads must be >= 0 (got {a.num_threads})"
+    if threads_error(a.num_threads):
+        return threads_error(a.num_threads)
     if a.int8 and a.engine not in (None, "openvino"):
         return f"--int8 runs the quantised OpenVINO IR on the openvino engine, not --engine {a.engine}"
     return None

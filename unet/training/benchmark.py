@@ -24,8 +24,18 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What --benchmark times (from the trainer's flags)."""
+    batch_size: int            # images per rank per step
+    warmup_steps: int = 5      # untimed steps first
+    bench_steps: int = 20      # timed steps
+    precision: str = "fp32"    # named on the line when not fp32
 
 
 def percentiles(ms: list[float]) -> tuple[float, float, float]:
@@ -77,14 +87,14 @@ def _timed(fn, n: int) -> list[float]:
     return out
 
 
-def run(args, setup, hvd, model, optimizer, train_step, loss_fn, source) -> int:
+def run(opts: BenchOptions, setup, hvd, model, optimizer, train_step, loss_fn, source) -> int:
     import tensorflow as tf
-    x, y = source.read(np.arange(args.batch_size) + hvd.rank() * args.batch_size)
+    x, y = source.read(np.arange(opts.batch_size) + hvd.rank() * opts.batch_size)
     x, y = tf.constant(x), tf.constant(y)
     size = hvd.size()
-    for _ in range(args.warmup_steps):
+    for _ in range(opts.warmup_steps):
         train_step(x, y)[0].numpy()
-    step_ms = _timed(lambda: train_step(x, y)[0].numpy(), args.bench_steps)
+    step_ms = _timed(lambda: train_step(x, y)[0].numpy(), opts.bench_steps)
 
     @tf.function
     def local_step(x, y):  # the same step without the allreduce
@@ -104,9 +114,9 @@ def run(args, setup, hvd, model, optimizer, train_step, loss_fn, source) -> int:
         local_step(x, y).numpy()
         allreduce_alone(grads).numpy()
     hvd.allreduce(tf.constant(0.0))            # line the ranks up before each timed phase
-    local_ms = _timed(lambda: local_step(x, y).numpy(), max(args.bench_steps // 2, 3))
+    local_ms = _timed(lambda: local_step(x, y).numpy(), max(opts.bench_steps // 2, 3))
     hvd.allreduce(tf.constant(0.0))
-    alone_ms = _timed(lambda: allreduce_alone(grads).numpy(), args.bench_steps)
+    alone_ms = _timed(lambda: allreduce_alone(grads).numpy(), opts.bench_steps)
     nbytes = sum(int(np.prod(v.shape)) * 4 for v in model.trainable_variables)
     mpi_ms = [0.0]
     if setup.comm is not None and size > 1:
@@ -114,14 +124,14 @@ def run(args, setup, hvd, model, optimizer, train_step, loss_fn, source) -> int:
         send = np.ones(nbytes // 4, np.float32)
         recv = np.empty_like(send)
         setup.comm.Barrier()
-        mpi_ms = _timed(lambda: setup.comm.Allreduce(send, recv, op=MPI.SUM), args.bench_steps)
+        mpi_ms = _timed(lambda: setup.comm.Allreduce(send, recv, op=MPI.SUM), opts.bench_steps)
     p50, p90, p99 = percentiles(step_ms)
     ar = max(p50 - percentiles(local_ms)[0], 0.0) if size > 1 else 0.0
     hvd.allreduce(tf.constant(0.0))            # every rank measures its cores' peak at the same time
     mine, isa = rank_peak(setup.intra)
     peaks = hvd.allgather_object(mine)
     if hvd.rank() == 0:
-        g = args.batch_size * size
+        g = opts.batch_size * size
         ips = g * 1e3 / float(np.mean(step_ms))
         gflops, peak = ips * training_flops(model) / 1e9, sum(peaks) / 1e9 if all(peaks) else 0.0
         print(f"benchmark: ranks={size} threads_per_rank={setup.intra} global_batch={g} "
@@ -130,5 +140,5 @@ def run(args, setup, hvd, model, optimizer, train_step, loss_fn, source) -> int:
               f"mpi_allreduce_ms={percentiles(mpi_ms)[0]:.1f} grad_mb={nbytes / 1e6:.1f} "
               f"gflop_per_sec={gflops:.1f} peak_gflops={peak:.1f} "
               f"peak_share={gflops / peak if peak else -1:.3f} isa={isa}"
-              + precision_field(getattr(args, "precision", "fp32")), flush=True)
+              + precision_field(opts.precision), flush=True)
     return 0

@@ -1,13 +1,20 @@
 """Command-line flags of the trainer: names and meanings kept from the seed.
 
 Pure: parsing and validation only, no TensorFlow, no MPI. Validation that needs
-the file system (does --data exist?) lives in ``unet.data.sources``.
+the file system (does --data exist?) lives in ``unet.data.sources``. The flags stop
+here: the library functions the loop calls take typed options (``log_options``,
+``bench_options``), not the parsed namespace.
 """
 from __future__ import annotations
 
 import argparse
 
-from unet.inference.engines import EXPORT_FORMATS, export_missing
+from unet.cli import add_threads_flag, threads_error
+from unet.data.sources import DEFAULT_DATA
+from unet.errors import UsageError
+from unet.modelfolder import EXPORT_FORMATS, export_missing
+from unet.training.benchmark import BenchOptions
+from unet.training.reporting import LogOptions
 
 # Seed defaults (Intel's distributed U-Net, settings.py / settings_dist.py).
 SEED_LEARNINGRATE = 0.0005
@@ -17,16 +24,6 @@ SEED_BATCH_SIZE = 128
 SEED_EPOCHS = 10
 SEED_BLOCKTIME = 0
 SEED_INTER_THREADS = 2
-# Where the trainer looks when given neither --data nor --synthetic (relative to the
-# working directory): `unet-convert --output data/brats.h5` writes it, and the demo
-# links its converted synthetic cases there when nothing is.
-DEFAULT_DATA = "data/brats.h5"
-
-
-class UsageError(Exception):
-    """A mistake the user can fix; reported as one line, never a traceback."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train_hvd.py",
@@ -55,10 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "float32 sigmoid output, so losses and metrics stay float32)")
 
     g = p.add_argument_group("threads (per rank, set before TensorFlow starts)")
-    g.add_argument("--num_threads", type=int, default=0,
-                   help="intra-op threads and OMP_NUM_THREADS per rank; 0 = the physical cores of the "
-                        "CPUs this rank is bound to (hardware threads of a core count once), shared "
-                        "among ranks bound to the same CPUs")
+    add_threads_flag(g, "intra-op threads and OMP_NUM_THREADS per rank")
     g.add_argument("--num_inter_threads", type=int, default=SEED_INTER_THREADS,
                    help="inter-op threads per rank")
     g.add_argument("--blocktime", type=int, default=SEED_BLOCKTIME,
@@ -147,7 +141,7 @@ def validate(a: argparse.Namespace) -> argparse.Namespace:
     need(0 < a.lr_fraction <= 1, f"--lr_fraction must be in (0, 1] (got {a.lr_fraction})")
     need(a.warmup_epochs >= 0, f"--warmup_epochs must be >= 0 (got {a.warmup_epochs})")
     need(0 <= a.dropout < 1, f"--dropout must be in [0, 1) (got {a.dropout})")
-    need(a.num_threads >= 0, f"--num_threads must be >= 0 (got {a.num_threads})")
+    need(not threads_error(a.num_threads), threads_error(a.num_threads))
     need(a.num_inter_threads >= 1, f"--num_inter_threads must be >= 1 (got {a.num_inter_threads})")
     need(a.blocktime >= 0, f"--blocktime must be >= 0 (got {a.blocktime})")
     need(a.checkpoint_every >= 0, f"--checkpoint_every must be >= 0 (got {a.checkpoint_every})")
@@ -183,3 +177,15 @@ def validate(a: argparse.Namespace) -> argparse.Namespace:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and validate; raises UsageError (not SystemExit) for bad values."""
     return validate(build_parser().parse_args(argv))
+
+
+def log_options(a: argparse.Namespace) -> LogOptions:
+    """What rank 0 logs, from the parsed flags."""
+    return LogOptions(logdir=a.logdir, epochs=a.epochs, batch_size=a.batch_size, data=a.data,
+                      log_every=a.log_every, image_every=a.image_every)
+
+
+def bench_options(a: argparse.Namespace) -> BenchOptions:
+    """What --benchmark times, from the parsed flags."""
+    return BenchOptions(batch_size=a.batch_size, warmup_steps=a.warmup_steps, bench_steps=a.bench_steps,
+                        precision=a.precision)
