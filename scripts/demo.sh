@@ -28,7 +28,7 @@ CONVERT=("$PY" -m unet.data.convert --input "$OUT/cases" --output "$OUT/brats.h5
          --slices tumour)
 # batch 4 per rank (global 8): twice the updates of batch 8 for the same images; rate 0.0001 (the
 # default loss collapsed to all-background with --learningrate 0.0002 at this batch; docs/TRAINING.md)
-# each rank preloads tcmalloc (scripts/setup.sh installs it): 1.6x the img/s of glibc's malloc here
+# each rank preloads tcmalloc (scripts/setup.sh installs it): 1.57x the img/s of glibc's malloc on the AVX2 machines
 # (docs/PERFORMANCE.md); your own LD_PRELOAD, or UNET_MALLOC=system, is kept instead
 MALLOC=()
 [[ -z "${LD_PRELOAD:-}" && "${UNET_MALLOC:-tcmalloc}" != system ]] && MALLOC=(-x LD_PRELOAD=libtcmalloc_minimal.so.4)
