@@ -37,6 +37,16 @@ def test_flop_count_matches_the_keras_model(upsampling):
     assert counted == dict(flops.unet_convs(64, 64, 4, 3, use_upsampling=upsampling))
 
 
+@pytest.mark.needs_stack
+@pytest.mark.parametrize("upsampling", [False, True])
+def test_the_training_benchmark_counts_the_same_flops_from_the_live_model(upsampling):
+    """unet/training/benchmark.py counts from the built layers (it may not import unet.perf)."""
+    from unet.model import build_unet
+    from unet.training.benchmark import training_flops
+    m = build_unet(64, 64, 4, 3, use_upsampling=upsampling)
+    assert training_flops(m) == flops.training_flops(64, 64, 4, 3, use_upsampling=upsampling)
+
+
 def test_steady_rate_drops_the_first_window():
     log = ("step 0 epoch 1 loss 8.3 dice_WT 0.0010 lr 0.0005 img/s 2.22\n"
            "step 5 epoch 1 loss 4.1 dice_WT 0.0262 lr 0.000477421 img/s 10.00\n"

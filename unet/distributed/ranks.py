@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 
 from unet.cli import launcher_rank
+from unet.malloc import allocator_note, reexec_with_allocator
 
 # Defaults for a box where ranks get one or a few cores each: Horovod's
 # background thread polls every 1 ms and Open MPI busy-waits, both stealing
@@ -120,12 +121,14 @@ class RankSetup:
     inter: int
     blocktime: str
     comm: object = None  # mpi4py communicator when launched by mpirun
+    malloc: str = ""     # allocator_note()
 
     def line(self) -> str:
         c = sorted(self.cpus)
         cpus = f"{c[0]}-{c[-1]}" if c and c == list(range(c[0], c[-1] + 1)) else ",".join(map(str, c))
         return (f"rank {self.rank}/{self.size} host {self.host} cpus [{cpus}] ({len(c)}) cores {self.cores} "
-                f"intra {self.intra} inter {self.inter} KMP_BLOCKTIME {self.blocktime}")
+                f"intra {self.intra} inter {self.inter} KMP_BLOCKTIME {self.blocktime}"
+                + (f" malloc {self.malloc}" if self.malloc else ""))
 
 
 def world():
@@ -143,6 +146,7 @@ def prepare_rank(num_threads: int, num_inter_threads: int, blocktime: int) -> Ra
     """Decide and export this rank's thread settings; call before importing TensorFlow."""
     if "tensorflow" in sys.modules:
         raise RuntimeError("prepare_rank must run before TensorFlow is imported")
+    reexec_with_allocator()              # a bad UNET_MALLOC raises a UsageError before MPI starts: every rank exits
     for k, v in RUNTIME_DEFAULTS.items():
         os.environ.setdefault(k, v)
     if is_elastic():
@@ -173,7 +177,7 @@ def prepare_rank(num_threads: int, num_inter_threads: int, blocktime: int) -> Ra
     os.environ["KMP_BLOCKTIME"] = bt
     os.environ.setdefault("KMP_AFFINITY", "granularity=fine,compact,1,0")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    return RankSetup(rank, size, host, cpus, cores, intra, num_inter_threads, bt, comm)
+    return RankSetup(rank, size, host, cpus, cores, intra, num_inter_threads, bt, comm, malloc=allocator_note())
 
 
 def agree(comm, error: str | None) -> str | None:
@@ -263,3 +267,4 @@ class Watchdog:
                                  f"a rank is hung, ending the job\n")
                 sys.stderr.flush()
                 os._exit(3)
+

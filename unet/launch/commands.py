@@ -22,6 +22,7 @@ import sys
 from unet.cli import USAGE, run_cli
 from unet.errors import UsageError
 from unet.launch.hostfile import check
+from unet.malloc import MALLOC_ENV, launcher_preload
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROFILE_DIR = os.path.join(ROOT, "scripts", "profiles")
@@ -63,6 +64,14 @@ def runtime_env(prof: dict) -> dict:
     return env
 
 
+def allocator_env(env=os.environ) -> tuple[dict, list[str]]:
+    """The ranks' allocator: ({LD_PRELOAD: tcmalloc} when the user set nothing and it is installed,
+    else {}; names of the user's own settings to pass on: LD_PRELOAD, UNET_MALLOC)."""
+    lib = launcher_preload(env)       # a bad UNET_MALLOC raises a UsageError
+    mine = [k for k in ("LD_PRELOAD", MALLOC_ENV) if env.get(k, "").strip()]
+    return ({"LD_PRELOAD": lib} if lib else {}), mine
+
+
 def trainer_cmd(prof: dict, python: str, train_args: list[str]) -> list[str]:
     cmd = []
     if prof.get("numactl"):
@@ -100,8 +109,12 @@ def mpirun_cmd(hostfile: str, np_: int, prof: dict, python: str, train_args: lis
     if yield_idle is not None:
         cmd += ["--mca", "mpi_yield_when_idle", yield_idle]
     env["OMP_NUM_THREADS"] = str(rank_threads(prof, ranks_per_socket)[1])
+    preload, users = allocator_env()
+    env.update(preload)
     for key, val in env.items():
         cmd += ["-x", f"{key}={val}"]
+    for key in users:                  # the user's allocator settings reach every rank, remote ones too
+        cmd += ["-x", key]
     cmd += ["-x", "PATH", "-x", "PYTHONPATH"] if os.environ.get("PYTHONPATH") else ["-x", "PATH"]
     return cmd + trainer_cmd(prof, python, train_args)
 
@@ -242,7 +255,7 @@ def launch(launcher: str, argv: list[str]) -> int:
         cmd = horovodrun_cmd(a.hostfile, a.np, prof, a.python, train_args, controller=controller,
                              timeline=a.timeline, autotune=a.autotune, elastic=elastic,
                              ranks_per_socket=a.ranks_per_socket or None)
-        env = runtime_env(prof)
+        env = dict(runtime_env(prof), **allocator_env()[0])   # horovodrun passes its environment on
         if controller == "mpi":      # horovodrun passes its environment on with -x
             env["OMP_NUM_THREADS"] = str(rank_threads(prof, a.ranks_per_socket or None)[1])
         if elastic:
