@@ -102,3 +102,13 @@ def test_npy_files_replaced_by_hand_do_not_match_their_metadata(tmp_path):
     np.save(tmp_path / "npy" / "imgs_test.npy", np.zeros((3, 32, 32, 2), np.float32))
     with pytest.raises(UsageError, match="imgs_test.npy has shape .*: files from different conversions"):
         open_sources(args(tmp_path / "npy"))
+
+
+def test_foreground_fraction_needs_a_training_slice_with_tumour(tmp_path):
+    path = write_h5(str(tmp_path / "d.h5"))
+    with h5py.File(path, "a") as f:
+        f["train"]["masks"][...] = 0
+    a = argparse.Namespace(synthetic=False, data=path, seed=0, foreground_fraction=0.5)
+    with pytest.raises(UsageError, match=r"^--foreground_fraction 0.5: no training slice of .*d.h5 holds tumour"):
+        open_sources(a)
+    assert open_sources(argparse.Namespace(synthetic=False, data=path, seed=0, foreground_fraction=0.0))[0]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from unet.data.pipeline import foreground_per_batch
 from unet.inference.engines import EXPORT_FORMATS, export_missing
 
 # Seed defaults (Intel's distributed U-Net, settings.py / settings_dist.py).
@@ -86,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=816, help="seed for weights, data order, augmentation")
     g.add_argument("--no_augment", action="store_true",
                    help="no flips/rotations/intensity jitter on training images")
+    g.add_argument("--foreground_fraction", type=float, default=0.0,
+                   help="share of each rank's batch drawn from the training slices that hold tumour "
+                        "(round(F x batch_size) of them; nnU-Net's oversampling), the rest from all slices "
+                        "in the epoch's order; 0 = off, every batch in that order (docs/TRAINING.md)")
 
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None,
@@ -147,6 +152,10 @@ def validate(a: argparse.Namespace) -> argparse.Namespace:
     need(0 < a.lr_fraction <= 1, f"--lr_fraction must be in (0, 1] (got {a.lr_fraction})")
     need(a.warmup_epochs >= 0, f"--warmup_epochs must be >= 0 (got {a.warmup_epochs})")
     need(0 <= a.dropout < 1, f"--dropout must be in [0, 1) (got {a.dropout})")
+    need(0 <= a.foreground_fraction <= 1, f"--foreground_fraction must be in [0, 1] (got {a.foreground_fraction})")
+    need(a.foreground_fraction == 0 or foreground_per_batch(a.foreground_fraction, a.batch_size) >= 1,
+         f"--foreground_fraction {a.foreground_fraction} x --batch_size {a.batch_size} rounds to no tumour "
+         f"slice per batch (round(F x B) must be >= 1)")
     need(a.num_threads >= 0, f"--num_threads must be >= 0 (got {a.num_threads})")
     need(a.num_inter_threads >= 1, f"--num_inter_threads must be >= 1 (got {a.num_inter_threads})")
     need(a.blocktime >= 0, f"--blocktime must be >= 0 (got {a.blocktime})")

@@ -184,7 +184,7 @@ def run(args, setup, hvd, train_src, val_src, info) -> int:
             ds, _ = pipeline.train_dataset(train_src, batch_size=args.batch_size, rank=rank, size=size,
                                            epoch=epoch, seed=args.seed, cap=args.steps_per_epoch,
                                            augment_on=not args.no_augment, start=state.step_in_epoch,
-                                           start_sample=state.sample)
+                                           start_sample=state.sample, foreground_fraction=args.foreground_fraction)
             reporter.epoch_start(epoch)
             epoch_total = pipeline.epoch_samples(len(train_src), global_batch, args.steps_per_epoch)
             for x, y in ds:
