@@ -13,9 +13,11 @@ neighbour, pixel centres) and back to the case grid in two ways:
   returns probabilities (``to_case_grid``: bicubic, clipped), thresholded at 0.5.
 
 Dice is per case (3-D), then averaged over the cases; the lowest case's ET is printed too.
-With --speed, training images per second at each size: ``train_hvd.py --benchmark`` on 1 rank (the
+The training flops per image (``unet.perf.flops``) give the cost of each size relative to the first. With
+--speed, training images per second at each size too: ``train_hvd.py --benchmark`` on 1 rank (the
 network's input shape is all that a step's cost depends on, so the figure is the same for both modes),
---rounds interleaved rounds (sizes in turn, the order reversed each round), median of the rounds.
+--rounds interleaved rounds (sizes in turn, the order reversed each round), median of the rounds, and
+the CPUs other processes kept busy meanwhile (a shared machine's figures are only as good as that).
 
     .venv/bin/python scripts/resolution_table.py --cases runs/demo/cases [--speed] [--sizes 128,160,192,240]
 """
@@ -24,7 +26,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import subprocess
 import sys
 
 import numpy as np
@@ -36,6 +37,8 @@ from unet.data import preprocess as P  # noqa: E402
 from unet.data.layouts import MODALITIES, LayoutError, find_cases  # noqa: E402
 from unet.data.nifti import Options, read_case  # noqa: E402
 from unet.metrics import dice  # noqa: E402
+from unet.perf.flops import training_flops  # noqa: E402
+from unet.perf.measure import run_child  # noqa: E402
 
 WAYS = ("nearest", "predictor")
 
@@ -66,27 +69,29 @@ def bound_table(cases, sizes, modes) -> tuple[dict, list[int]]:
     return {k: np.array(v) for k, v in scores.items()}, sides
 
 
-def benchmark(size: int, batch: int, steps: int, isa: str) -> float:
-    """img/s of train_hvd.py --benchmark at size x size, 4 channels -> 3 regions, 1 rank."""
+def benchmark(size: int, batch: int, steps: int, isa: str) -> tuple[float, float]:
+    """(img/s of train_hvd.py --benchmark at size x size, 4 channels -> 3 regions, 1 rank; the CPUs
+    other processes kept busy meanwhile)."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     if isa:
         env["ONEDNN_MAX_CPU_ISA"] = isa
     cmd = [sys.executable, os.path.join(ROOT, "train_hvd.py"), "--benchmark", "--synthetic_size", str(size),
            "--synthetic_channels", "4", "--synthetic_regions", "3", "--batch_size", str(batch),
            "--bench_steps", str(steps), "--warmup_steps", "3", "--dropout", "0", "--logdir", os.devnull]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    p = run_child(cmd, env=env, cwd=ROOT)
     m = re.search(r"img_per_sec=([0-9.]+)", p.stdout)
     if p.returncode or not m:
         sys.exit(f"resolution_table.py: error: train_hvd.py --benchmark at {size}: {(p.stderr or p.stdout)[-400:]}")
-    return float(m.group(1))
+    return float(m.group(1)), p.others_cores
 
 
-def speeds(sizes, rounds: int, batch: int, steps: int, isa: str) -> dict[int, list[float]]:
-    out: dict[int, list[float]] = {s: [] for s in sizes}
+def speeds(sizes, rounds: int, batch: int, steps: int, isa: str) -> dict[int, list[tuple[float, float]]]:
+    out: dict[int, list[tuple[float, float]]] = {s: [] for s in sizes}
     for r in range(rounds):
         for s in (sizes if r % 2 == 0 else sizes[::-1]):
             out[s].append(benchmark(s, batch, steps, isa))
-            print(f"  round {r + 1}: {s}x{s} {out[s][-1]:.2f} img/s", file=sys.stderr, flush=True)
+            print(f"  round {r + 1}: {s}x{s} {out[s][-1][0]:.2f} img/s, other processes busy on "
+                  f"{out[s][-1][1]:.1f} CPUs", file=sys.stderr, flush=True)
     return out
 
 
@@ -120,8 +125,9 @@ def main(argv=None) -> int:
     print(f"{len(cases)} cases from {os.path.abspath(a.cases)}; head box side {min(sides)}-{max(sides)} voxels "
           f"(margin {P.CROP_MARGIN}); Dice mean over the cases (WT / TC / ET), lowest case's ET in brackets")
     head = "| mode | size | nearest back: WT / TC / ET (min ET) | predictor back: WT / TC / ET (min ET) |"
-    print(head + (" train img/s (1 rank) |" if fps else ""))
-    print("|---" * (4 + bool(fps)) + "|")
+    print(head + " training flops per image (x 128) |" + (" train img/s, 1 rank (others' CPUs) |" if fps else ""))
+    print("|---" * (5 + bool(fps)) + "|")
+    base = training_flops(sizes[0], sizes[0], len(MODALITIES), len(L.REGIONS))
     for mode in modes:
         for size in sizes:
             cells = []
@@ -129,8 +135,12 @@ def main(argv=None) -> int:
                 d = scores[(mode, size, way)]
                 m = d.mean(0)
                 cells.append(f"{m[0]:.3f} / {m[1]:.3f} / {m[2]:.3f} ({d[:, 2].min():.3f})")
-            speed = f" {np.median(fps[size]):.2f} |" if fps else ""
-            print(f"| {mode} | {size} | {cells[0]} | {cells[1]} |{speed}")
+            flops = training_flops(size, size, len(MODALITIES), len(L.REGIONS))
+            cells.append(f"{flops / 1e9:.1f} G ({flops / base:.2f})")
+            if fps:
+                rates, busy = zip(*fps[size])
+                cells.append(f"{np.median(rates):.2f} ({np.mean(busy):.1f})")
+            print(f"| {mode} | {size} | " + " | ".join(cells) + " |")
     return 0
 
 
