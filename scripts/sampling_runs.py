@@ -6,7 +6,8 @@ Each run trains as scripts/demo.sh does (2 ranks, batch 4 per rank, rate 0.0001,
 as the demo scores it (``unet-evaluate --model --tta``, default post-processing, volume-level). The
 ``--slices tumour`` run's epoch length (ceil(training slices / 8) steps) caps the epochs of the others
 (``--steps_per_epoch``), so every run trains the same number of images with the same warmup, decay and
-validation points. Also printed: how many of the images trained on held tumour and enhancing tumour
+validation points. oneDNN runs at ONEDNN_MAX_CPU_ISA (default AVX2, the project's target machine;
+another instruction set rounds differently and sends training down another path). Also printed: how many of the images trained on held tumour and enhancing tumour
 (counted from the file's masks and the trainer's own sample order, ``unet.data.pipeline.rank_batches``).
 
     .venv/bin/python scripts/sampling_runs.py --cases runs/demo/cases --out runs/sampling [--fractions 0,0.33,0.5]
@@ -33,8 +34,13 @@ PY = sys.executable
 RANKS, BATCH = 2, 4
 
 
+ISA = os.environ.get("ONEDNN_MAX_CPU_ISA", "AVX2")   # the project's 2-core AVX2 target, imitated
+
+
 def run(cmd: list[str], log: str) -> str:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    if ISA:
+        env["ONEDNN_MAX_CPU_ISA"] = ISA
     with open(log, "w") as fh:
         p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=fh, text=True, env=env, cwd=ROOT)
         fh.write(p.stdout)

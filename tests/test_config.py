@@ -33,7 +33,8 @@ def test_data_defaults_to_data_brats_h5_unless_synthetic():
     (["--synthetic", "--export", "openvino,tflite"], "--export"),
     (["--synthetic", "--foreground_fraction", "1.5"], "--foreground_fraction"),
     (["--synthetic", "--foreground_fraction", "-0.1"], "--foreground_fraction"),
-    (["--synthetic", "--foreground_fraction", "0.1", "--batch_size", "4"], "--foreground_fraction 0.1 x --batch_size 4"),
+    (["--synthetic", "--foreground_fraction", "0.1", "--batch_size", "4"],
+     "--foreground_fraction 0.1 x --batch_size 4"),
 ])
 def test_bad_values_name_the_flag(argv, flag):
     with pytest.raises(UsageError, match=flag):

@@ -165,7 +165,8 @@ def test_every_batch_of_every_rank_holds_k_tumour_slices_and_the_rest_follow_the
     assert np.array_equal(rest, epoch_order(n, 0, 1)[:len(rest)]) and len(rest) == 6 * 3 * 4
     # the tumour places walk through a permutation of the tumour slices, repeated when it ends
     drawn = np.concatenate([per_rank[r][t][b - k:] for t in range(6) for r in range(size)])
-    assert sorted(drawn[:len(fg)].tolist()) == fg.tolist() and np.array_equal(drawn[len(fg):], drawn[:len(drawn) - len(fg)])
+    assert sorted(drawn[:len(fg)].tolist()) == fg.tolist()
+    assert np.array_equal(drawn[len(fg):], drawn[:len(drawn) - len(fg)])
     # share of tumour slices per batch: k/B from the tumour places and what the permutation brings
     share = np.mean([np.isin(idx, fg).mean() for p in per_rank for idx in p])
     assert share >= k / b
