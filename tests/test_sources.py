@@ -116,3 +116,13 @@ def test_foreground_share_is_each_regions_mean_over_the_training_masks(tmp_path)
     # a cap reads evenly strided slices only: slices 0, 23 and the two between (rounded)
     four = np.unique(np.linspace(0, 23, 4).round().astype(int))
     np.testing.assert_allclose(foreground_share(train, max_slices=4), masks[four].mean(axis=(0, 1, 2)), rtol=1e-12)
+
+
+def test_foreground_fraction_needs_a_training_slice_with_tumour(tmp_path):
+    path = write_h5(str(tmp_path / "d.h5"))
+    with h5py.File(path, "a") as f:
+        f["train"]["masks"][...] = 0
+    a = argparse.Namespace(synthetic=False, data=path, seed=0, foreground_fraction=0.5)
+    with pytest.raises(UsageError, match=r"^--foreground_fraction 0.5: no training slice of .*d.h5 holds tumour"):
+        open_sources(a)
+    assert open_sources(argparse.Namespace(synthetic=False, data=path, seed=0, foreground_fraction=0.0))[0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from unet.cli import add_threads_flag, threads_error
+from unet.data.pipeline import foreground_per_batch
 from unet.data.sources import DEFAULT_DATA
 from unet.errors import UsageError
 from unet.modelfolder import EXPORT_FORMATS, export_missing
@@ -91,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=816, help="seed for weights, data order, augmentation")
     g.add_argument("--no_augment", action="store_true",
                    help="no flips/rotations/intensity jitter on training images")
+    g.add_argument("--foreground_fraction", type=float, default=0.0,
+                   help="share of each rank's batch drawn from the training slices that hold tumour "
+                        "(round(F x batch_size) of them; nnU-Net's oversampling), the rest from all slices "
+                        "in the epoch's order; 0 = off, every batch in that order (docs/TRAINING.md)")
 
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None,
@@ -154,6 +159,10 @@ def validate(a: argparse.Namespace) -> argparse.Namespace:
     need(a.bce_weight >= 0, f"--bce_weight must be >= 0 (got {a.bce_weight})")
     need(a.clipnorm >= 0, f"--clipnorm must be >= 0 (got {a.clipnorm})")
     need(0 <= a.dropout < 1, f"--dropout must be in [0, 1) (got {a.dropout})")
+    need(0 <= a.foreground_fraction <= 1, f"--foreground_fraction must be in [0, 1] (got {a.foreground_fraction})")
+    need(a.foreground_fraction == 0 or foreground_per_batch(a.foreground_fraction, a.batch_size) >= 1,
+         f"--foreground_fraction {a.foreground_fraction} x --batch_size {a.batch_size} rounds to no tumour "
+         f"slice per batch (round(F x B) must be >= 1)")
     need(not threads_error(a.num_threads), threads_error(a.num_threads))
     need(a.num_inter_threads >= 1, f"--num_inter_threads must be >= 1 (got {a.num_inter_threads})")
     need(a.blocktime >= 0, f"--blocktime must be >= 0 (got {a.blocktime})")
