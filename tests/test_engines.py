@@ -33,7 +33,7 @@ def exported(tmp_path_factory):
     """model.keras + model.json as the trainer writes them, then ``unet-export --format openvino onnx``."""
     import keras
 
-    from unet.training.checkpoint import export_model
+    from unet.modelfolder import save_model as export_model
     from unet.data import preprocess as P
     from unet.data.synth import main as synth
     from unet.inference.export import main as export
@@ -95,7 +95,7 @@ def dice(a, b):
 def test_every_engine_writes_the_same_segmentation(exported, capsys):
     from unet.data import labels as L
     from unet.data.layouts import find_cases
-    from unet.inference.predict import Predictor
+    from unet.inference.predictor import Predictor
     case = find_cases(str(exported / "cases"))[0]
     probs, labels = {}, {}
     for engine in ENGINES:

@@ -97,7 +97,7 @@ RAW = ("--wt_components", "all", "--et_min_mm3", "0")
 
 
 def predict_with(oracle_net, *args):
-    from unet.inference.predict import Predictor
+    from unet.inference.predictor import Predictor
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Predictor, "model", property(lambda self: oracle_net))
         return predict(*args, *RAW)
@@ -158,7 +158,7 @@ def test_training_writes_the_engines_files_beside_model_keras(trained):
 
 def test_predictor_feeds_the_network_the_slices_it_was_trained_on(trained):
     from unet.data.layouts import find_cases
-    from unet.inference.predict import Predictor
+    from unet.inference.predictor import Predictor
     pred = Predictor(str(trained / "logs"))
     assert (pred.size, pred.inplane) == (64, "resize")
     cases = {c.case_id: c for c in find_cases(str(trained / "cases"))}

@@ -42,7 +42,7 @@ def quantised(tmp_path_factory):
     import h5py
     import keras
 
-    from unet.training.checkpoint import export_model
+    from unet.modelfolder import save_model as export_model
     from unet.data.convert import main as convert
     from unet.data.synth import main as synth
     from unet.model import build_unet
@@ -177,7 +177,7 @@ def test_int8_errors_are_one_line_and_write_nothing(quantised, tmp_path, capsys)
 def test_a_new_model_or_fp32_ir_removes_the_int8_ir_made_from_the_old_one(quantised, tmp_path):
     import keras
 
-    from unet.training.checkpoint import export_model
+    from unet.modelfolder import save_model as export_model
     root, _ = quantised
     m = tmp_path / "m"
     shutil.copytree(root / "model", m)

@@ -127,7 +127,8 @@ def test_bf16_model_keeps_float32_variables_and_output():
 def test_bf16_checkpoint_and_export_round_trip(tmp_path):
     import keras
     import tensorflow as tf
-    from unet.training.checkpoint import export_model, load_checkpoint, save_checkpoint
+    from unet.modelfolder import save_model as export_model
+    from unet.training.checkpoint import load_checkpoint, save_checkpoint
     from unet.model import build_unet
     m = build_unet(32, 32, 2, 1, precision="bf16")
     opt = keras.optimizers.Adam()

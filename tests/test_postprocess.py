@@ -126,7 +126,7 @@ class _Ramp:
 
 
 def test_flip_tta_is_the_mean_of_the_four_mirrored_predictions():
-    from unet.inference.predict import Predictor
+    from unet.inference.predictor import Predictor
     pred = Predictor.__new__(Predictor)
     pred._model, pred.batch_size, pred.regions = _Ramp(), 3, ("WT",)
     x = np.random.default_rng(0).normal(size=(5, 8, 8, 2)).astype(np.float32)

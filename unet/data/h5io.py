@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from unet.data.sources import NPY_FILES, NPY_SIDECAR
+from unet.data.layouts import NPY_FILES, NPY_SIDECAR
 
 
 SPLITS = ("train", "val")

@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from unet.errors import UsageError
+
 MODALITIES = ("FLAIR", "T1", "T1ce", "T2")
 SUFFIXES = {  # canonical modality -> file-name suffix (before .nii[.gz]), lower case
     "brats": {"FLAIR": "_flair", "T1": "_t1", "T1ce": "_t1ce", "T2": "_t2", "seg": "_seg"},
@@ -20,9 +22,12 @@ SUFFIXES = {  # canonical modality -> file-name suffix (before .nii[.gz]), lower
 }
 SEG_ALIASES = ("_seg", "_segm", "-seg")  # BraTS 2020 case 355 ships '..._Segm.nii'
 MSD_CHANNELS = {"FLAIR": 0, "T1": 1, "T1ce": 2, "T2": 3}
+# the seed's npy files (train and validation split) and the metadata unet-convert writes beside them
+NPY_FILES = {"train": ("imgs_train.npy", "msks_train.npy"), "val": ("imgs_test.npy", "msks_test.npy")}
+NPY_SIDECAR = "unet-convert.json"
 
 
-class LayoutError(Exception):
+class LayoutError(UsageError):
     """The input folder is not in a layout we read (one-line message)."""
 
 

@@ -8,11 +8,12 @@ import numpy as np
 
 from unet.data import labels as L
 from unet.data.layouts import MSD_CHANNELS, SUFFIXES, Case
+from unet.errors import UsageError
 
 SPACING_TOL = 1e-3
 
 
-class DataError(Exception):
+class DataError(UsageError):
     def __init__(self, case: str, path: str, msg: str):
         super().__init__(f"case {case}: {path}: {msg}")
         self.case = case

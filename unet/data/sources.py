@@ -26,10 +26,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from unet.training.config import DEFAULT_DATA, UsageError
+from unet.data.layouts import NPY_FILES, NPY_SIDECAR, find_cases
+from unet.errors import UsageError
 
-NPY_FILES = {"train": ("imgs_train.npy", "msks_train.npy"), "val": ("imgs_test.npy", "msks_test.npy")}
-NPY_SIDECAR = "unet-convert.json"   # metadata of an npy folder written by unet-convert
+# Where the trainer looks when given neither --data nor --synthetic (relative to the
+# working directory): `unet-convert --output data/brats.h5` writes it, and the demo
+# links its converted synthetic cases there when nothing is.
+DEFAULT_DATA = "data/brats.h5"
+
 SEED_NPY = {"modalities": ["FLAIR"], "regions": ["WT"], "layout": "seed-npy"}  # the seed's own four files
 
 
@@ -318,3 +322,40 @@ def open_sources(args) -> tuple[object, object | None, DataInfo]:
     info = DataInfo(h, w, c, r, modalities or [f"channel{i}" for i in range(c)],
                     regions or [f"region{i}" for i in range(r)], attrs, folds=k, fold=fold)
     return train, (val if len(val) else None), info
+
+
+def file_cases(data: str) -> tuple[list[str], int, dict[str, int]]:
+    """(validation case ids, folds, training case id -> fold) of a unet-convert HDF5 file."""
+    return _file_index(data)[2:]
+
+
+def _file_index(data: str) -> tuple[str, str, list[str], int, dict[str, int]]:
+    import h5py
+    if not os.path.isfile(data):
+        raise UsageError(f"--data {data}: no such file")
+    try:
+        with h5py.File(data, "r") as f:
+            source, layout = f.attrs["source"], f.attrs["layout"]
+            val_ids = sorted(set(f["val"]["case_id"].asstr()[:]))
+            k, folds = file_folds(f)
+    except OSError:
+        raise UsageError(f"--data {data}: not an HDF5 file") from None
+    except KeyError as e:
+        raise UsageError(f"--data {data}: not written by unet-convert (no {e.args[0]!r})") from None
+    source = source.decode() if isinstance(source, bytes) else str(source)
+    return source, str(layout), val_ids, k, folds
+
+
+def find_file_cases(data: str, ids, what: str = "validation") -> list:
+    """The cases ``ids`` of a unet-convert HDF5 file, found again in its source folder (in id order)."""
+    source, layout = _file_index(data)[:2]
+    cases = [c for c in find_cases(source, layout) if c.case_id in set(ids)]
+    missing = sorted(set(ids) - {c.case_id for c in cases})
+    if missing:
+        raise UsageError(f"--data {data}: {what} case(s) {', '.join(missing)} not found in {source}")
+    return sorted(cases, key=lambda c: c.case_id)
+
+
+def validation_cases(data: str) -> list:
+    """The validation cases of a unet-convert HDF5 file, found again in its source folder."""
+    return find_file_cases(data, file_cases(data)[0], "validation")

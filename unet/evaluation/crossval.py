@@ -17,11 +17,12 @@ import os
 import numpy as np
 
 from unet.data.layouts import find_cases
-from unet.data.sources import file_folds
+from unet.data.sources import file_cases, find_file_cases, validation_cases
+from unet.errors import UsageError
 from unet.inference.postprocess import PostOptions, postprocess
 
 
-class EvalError(Exception):
+class EvalError(UsageError):
     """Bad input to unet-evaluate: one line naming the flag or file."""
 
 
@@ -85,38 +86,6 @@ class Ensemble:
         return self.predictors[0].label_map(masks, labels)
 
 
-def _read_file(data: str) -> tuple[str, str, list[str], int, dict[str, int]]:
-    """(source folder, layout, validation case ids, folds, training case id -> fold) of a unet-convert file."""
-    import h5py
-    if not os.path.isfile(data):
-        raise EvalError(f"--data {data}: no such file")
-    try:
-        with h5py.File(data, "r") as f:
-            source, layout = f.attrs["source"], f.attrs["layout"]
-            val_ids = sorted(set(f["val"]["case_id"].asstr()[:]))
-            k, folds = file_folds(f)
-    except OSError:
-        raise EvalError(f"--data {data}: not an HDF5 file") from None
-    except KeyError as e:
-        raise EvalError(f"--data {data}: not written by unet-convert (no {e.args[0]!r})") from None
-    source = source.decode() if isinstance(source, bytes) else str(source)
-    return source, str(layout), val_ids, k, folds
-
-
-def _found(data: str, source: str, layout: str, ids, what: str) -> list:
-    cases = [c for c in find_cases(source, layout) if c.case_id in set(ids)]
-    missing = sorted(set(ids) - {c.case_id for c in cases})
-    if missing:
-        raise EvalError(f"--data {data}: {what} case(s) {', '.join(missing)} not found in {source}")
-    return cases
-
-
-def validation_cases(data: str) -> list:
-    """The validation cases of a unet-convert HDF5 file, found again in its source folder."""
-    source, layout, val_ids, _, _ = _read_file(data)
-    return _found(data, source, layout, val_ids, "validation")
-
-
 def _dataset_cases(root: str) -> list:
     if not os.path.isdir(root):
         raise EvalError(f"--cases {root}: not a folder")
@@ -139,7 +108,7 @@ def plan(a, preds: list) -> list[tuple]:
             raise EvalError(f"--data {a.data}: no validation cases (every case is in a fold): score out of fold "
                             f"without --ensemble, or give --cases")
         return [(c, runner, None) for c in cases]
-    source, layout, _, k, folds = _read_file(a.data)
+    _, k, folds = file_cases(a.data)
     which = out_of_fold([(m, p.meta) for m, p in zip(a.model, preds)], k, folds, a.data)
-    cases = _found(a.data, source, layout, which, "training")
+    cases = find_file_cases(a.data, which, "training")
     return [(c, preds[which[c.case_id]], folds[c.case_id]) for c in cases]

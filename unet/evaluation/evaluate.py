@@ -43,10 +43,11 @@ from unet.evaluation.lesionwise import REGIONS as LW_REGIONS
 from unet.evaluation.lesionwise import SUMMARY as LW_SUMMARY
 from unet.evaluation.lesionwise import columns as lw_columns
 from unet.evaluation.lesionwise import region_means, score_lesionwise
-from unet.evaluation.crossval import EvalError, model_fold, plan, validation_cases  # noqa: F401 (unet-export's)
+from unet.evaluation.crossval import EvalError, model_fold, plan
 from unet.evaluation.stats import RESAMPLES, SEED, bootstrap_mean_ci, per_fold_means
 from unet.metrics import score_regions, summarise
 from unet.inference.postprocess import PostError, add_flags, options_from_args
+from unet.errors import UsageError
 
 GEOMETRY_TOL = 1e-3
 
@@ -212,10 +213,8 @@ def plan_line(a, work: list[tuple]) -> str:
 
 def evaluate_model(a, post) -> int:
     """Predict the cases the models score and score them (sharded over MPI ranks)."""
-    from unet.data.nifti import DataError
     from unet.distributed.ranks import inference_threads, under_mpirun
-    from unet.inference.engines import EngineError
-    from unet.inference.predict import ModelError, Predictor, reference_image, write_labels
+    from unet.inference.predictor import Predictor, reference_image, write_labels
     comm = None
     if under_mpirun():
         from mpi4py import MPI
@@ -249,7 +248,7 @@ def evaluate_model(a, post) -> int:
                 os.makedirs(a.pred_dir, exist_ok=True)
                 write_labels(runner.label_map(masks, a.labels), img,
                              os.path.join(a.pred_dir, f"{case.case_id}.nii.gz"))
-    except (EvalError, LayoutError, ModelError, DataError, EngineError) as e:
+    except UsageError as e:
         error = str(e)
     if comm:
         error = next((e for e in comm.allgather(error) if e), None)
@@ -338,7 +337,7 @@ def main(argv=None) -> int:
         if not (a.pred_dir and a.ref_dir):
             raise EvalError("give --pred_dir and --ref_dir, or --model and --data")
         return evaluate_folders(a)
-    except (EvalError, LayoutError) as e:
+    except UsageError as e:
         print(f"unet-evaluate: error: {e}", file=sys.stderr)
         return 2
 

@@ -36,6 +36,7 @@ from unet.perf import flops
 from unet.data import preprocess as P
 from unet.perf.peak import fp32_peak
 from unet.inference.postprocess import postprocess
+from unet.inference.predictor import Predictor, reference_image
 
 INT8_ROW = "openvino-int8"
 
@@ -56,7 +57,6 @@ def time_case(pred, chans, spacing, post) -> tuple[float, float, int, np.ndarray
 def run(model: str, cases, post, *, threads: int = 0, repeats: int = 3, engines=None, eager: bool = False,
         int8: bool = False) -> int:
     from unet.distributed.ranks import inference_threads
-    from unet.inference.predict import Predictor, reference_image
     threads = threads or inference_threads()
     preds, skipped = {}, []
     for name in engines or E.ENGINES:

@@ -22,34 +22,24 @@ import os
 
 import numpy as np
 
+from unet.errors import UsageError
+from unet.modelfolder import EXPORT_FORMATS, EXPORT_NEEDS, FILES, INT8, export_missing  # noqa: F401 (re-exported)
+
 # fastest first, as measured on this project's machines (docs/PERFORMANCE.md); the order only
 # decides between engines that have no speed recorded in model.json
 ENGINES = ("openvino", "onnxruntime", "tensorflow")
 FORMAT = {"openvino": "openvino", "onnxruntime": "onnx", "tensorflow": "keras"}   # engine -> file format
-INT8 = "openvino_int8"                                                          # its key in model.json exports
-EXPORT_FORMATS = ("openvino", "onnx", "saved_model")                           # what unet-export writes
-EXPORT_NEEDS = {"openvino": ("openvino",), "onnx": ("tf2onnx", "onnx"), "saved_model": (),  # beyond TensorFlow
-                INT8: ("openvino", "nncf")}
-FILES = {"openvino": "model.xml", "onnx": "model.onnx", "keras": "model.keras", "saved_model": "saved_model",
-         INT8: "model_int8.xml"}
 MODULE = {"openvino": "openvino", "onnxruntime": "onnxruntime", "tensorflow": "tensorflow"}
 PACKAGE = {"openvino": "openvino", "onnxruntime": "onnxruntime", "tensorflow": "tensorflow-cpu"}
 
 
-class EngineError(Exception):
+class EngineError(UsageError):
     """An engine cannot run: not installed, or its exported file is missing (one line, naming both)."""
 
 
 def installed(engine: str) -> bool:
     """Is the engine's Python package importable (without importing it)?"""
     return importlib.util.find_spec(MODULE[engine]) is not None
-
-
-def export_missing(fmt: str) -> str | None:
-    """Why Keras cannot export ``fmt`` here (packages not installed), or None."""
-    missing = [m for m in EXPORT_NEEDS[fmt] if importlib.util.find_spec(m) is None]
-    return (f"the {fmt} export needs the {' and '.join(missing)} package(s), not installed (scripts/setup.sh "
-            f"installs them, pinned in scripts/constraints.txt)") if missing else None
 
 
 def model_file(engine: str, folder: str, meta: dict, int8: bool = False) -> str:

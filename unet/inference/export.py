@@ -29,14 +29,17 @@ import warnings
 import numpy as np
 
 from unet.inference import engines as E
-from unet.training.checkpoint import write_model_json
+from unet.distributed.ranks import inference_threads
+from unet.inference.quantize import add_int8, data_file
+from unet.modelfolder import io_record, locate, read_meta, write_meta
 from unet.inference.postprocess import PostError, options_from_args
 from unet.inference.postprocess import add_flags as add_post_flags
+from unet.errors import UsageError
 
 KERAS_FORMAT = {"openvino": "openvino", "onnx": "onnx", "saved_model": "tf_saved_model"}
 
 
-class ExportError(Exception):
+class ExportError(UsageError):
     """A format cannot be written, or the model cannot be read (one line)."""
 
 
@@ -96,20 +99,6 @@ def _version(distribution: str) -> str:
         return "?"
 
 
-def io_record(meta: dict) -> dict:
-    """What every exported file takes and gives: the preprocessing is the training data's."""
-    d = meta["data"]
-    attrs = d.get("attrs") or {}
-    return {
-        "input": {"shape": [None, d["height"], d["width"], d["channels"]], "dtype": "float32", "layout": "NHWC",
-                  "channels": list(d["modalities"]),
-                  "preprocessing": {"normalisation": attrs.get("normalisation"), "inplane": attrs.get("inplane"),
-                                    "size": d["height"], "slices": "axial, every slice of the case"}},
-        "output": {"shape": [None, d["height"], d["width"], d["regions"]], "dtype": "float32",
-                   "regions": list(d["region_names"]), "activation": "sigmoid (probability per region)"},
-    }
-
-
 def measure_speeds(folder: str, meta: dict, threads: int, *, batch: int = 8, rounds: int = 5) -> dict:
     """slices/s of every engine that can run ``folder`` on one batch of random slices: one warm-up
     call each, then ``rounds`` rounds with the engines interleaved (a change of load on a shared
@@ -152,7 +141,17 @@ def add_exports(folder: str, model, meta: dict, formats, *, threads: int, measur
     meta = dict(meta, exports=exports)
     if measure:
         exports["benchmark"] = measure_speeds(folder, meta, threads)
-    write_model_json(folder, meta)
+    write_meta(folder, meta)
+    return meta
+
+
+def export_after_training(folder: str, model, meta: dict, formats) -> dict:
+    """What the trainer runs at its end: ``formats`` of the trained ``model`` beside its model.keras, the
+    engines timed; prints where each file went and the default engine. Returns the new metadata."""
+    meta = add_exports(folder, model, meta, formats, threads=inference_threads())
+    for fmt in formats:
+        print(f"exported {fmt}: {os.path.join(folder, E.FILES[fmt])}", flush=True)
+    print(f"engines: {speeds_line(meta)}; default engine: {E.default_engine(folder, meta)}", flush=True)
     return meta
 
 
@@ -216,38 +215,25 @@ def main(argv=None) -> int:
             post = options_from_args(a)
         except PostError as e:
             raise ExportError(str(e)) from None
-        folder, keras_path = (a.model, os.path.join(a.model, E.FILES["keras"])) if os.path.isdir(a.model) \
-            else (os.path.dirname(a.model) or ".", a.model)
-        meta_path = os.path.join(folder, "model.json")
-        for p in (keras_path, meta_path):
-            if not os.path.isfile(p):
-                raise ExportError(f"--model {a.model}: {p}: no such file")
-        try:
-            with open(meta_path) as f:
-                meta = json.load(f)
-            io_record(meta)
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ExportError(f"{meta_path}: not a model description from train_hvd.py "
-                              f"({type(e).__name__}: {e})") from None
+        folder, named = locate(a.model)
+        keras_path = named or os.path.join(folder, E.FILES["keras"])
+        if not os.path.isfile(keras_path):
+            raise ExportError(f"--model {a.model}: {keras_path}: no such file")
+        meta = read_meta(folder)
         if a.format is None:   # --int8 alone: the fp32 IR it quantises, unless the model's folder has it
             has_ir = not a.out and "openvino" in (meta.get("exports") or {}) and \
                 os.path.isfile(E.model_file("openvino", folder, meta))
             a.format = ([] if has_ir else ["openvino"]) if a.int8 else ["openvino", "onnx"]
         check_formats(a.format)
         if a.int8:
-            from unet.inference.quantize import QuantizeError, data_file
             why = E.export_missing(E.INT8)
             if why:
                 raise ExportError(f"--int8: {why}")
-            try:
-                data_file(meta, a.data)
-            except QuantizeError as e:
-                raise ExportError(str(e)) from None
-    except ExportError as e:
+            data_file(meta, a.data)
+    except UsageError as e:
         print(f"unet-export: error: {e}", file=sys.stderr)
         return 2
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from unet.distributed.ranks import inference_threads
     threads = a.num_threads or inference_threads()
     out = a.out or folder
     os.makedirs(out, exist_ok=True)
@@ -265,14 +251,10 @@ def main(argv=None) -> int:
         print(f"unet-export: {fmt} -> {os.path.join(out, E.FILES[fmt])}")
     print(f"unet-export: {speeds_line(meta)}; default engine: {E.default_engine(out, meta)}")
     if a.int8:
-        from unet.data.layouts import LayoutError
-        from unet.data.nifti import DataError
-        from unet.inference.predict import ModelError
-        from unet.inference.quantize import QuantizeError, add_int8
         try:     # nothing is left of the int8 IR when this fails
             meta = add_int8(out, meta, data=a.data, slices=a.calibration_slices, threads=threads,
                             max_drop=a.max_dice_drop, post=post)
-        except (QuantizeError, DataError, LayoutError, ModelError, E.EngineError) as e:
+        except UsageError as e:
             print(f"unet-export: error: {e}", file=sys.stderr)
             return 2
         print(f"unet-export: int8 -> {os.path.join(out, E.FILES[E.INT8])}")

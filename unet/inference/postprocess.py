@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
+from unet.errors import UsageError
 
 # defaults measured on the demo's validation cases (docs/TRAINING.md, "Post-processing")
 DEFAULT_THRESHOLD = 0.5
@@ -34,7 +35,7 @@ DEFAULT_MIN_COMPONENT_MM3 = 500.0
 DEFAULT_ET_MIN_MM3 = 200.0
 
 
-class PostError(ValueError):
+class PostError(UsageError, ValueError):
     """An impossible post-processing flag value (one line naming the flag)."""
 
 

@@ -26,12 +26,19 @@ import time
 
 import numpy as np
 
+from unet.data import labels as L
+from unet.data.sources import validation_cases
+from unet.errors import UsageError
 from unet.inference import engines as E
+from unet.inference.benchmark import time_case
+from unet.inference.postprocess import PostOptions
+from unet.inference.predictor import Predictor, reference_image
+from unet.metrics import dice
+from unet.modelfolder import write_meta
 from unet.perf import flops
-from unet.training.checkpoint import write_model_json
 
 
-class QuantizeError(Exception):
+class QuantizeError(UsageError):
     """The int8 IR cannot be made: no calibration data, no fp32 IR, nncf missing (one line)."""
 
 
@@ -157,12 +164,6 @@ def measure_cost(folder: str, meta: dict, data: str, threads: int, post=None) ->
     (post-processing ``post``, by default unet-evaluate's), and the slices/s of both over those
     cases' forward passes."""
     from dataclasses import asdict
-    from unet.evaluation.evaluate import validation_cases
-    from unet.metrics import dice
-    from unet.data import labels as L
-    from unet.inference.benchmark import time_case
-    from unet.inference.postprocess import PostOptions
-    from unet.inference.predict import Predictor, reference_image
     cases = validation_cases(data)
     preds = {"fp32": Predictor(folder, engine="openvino", threads=threads),
              "int8": Predictor(folder, engine="openvino", threads=threads, int8=True)}
@@ -205,11 +206,7 @@ def add_int8(folder: str, meta: dict, *, data: str | None, slices: int, threads:
         raise QuantizeError(f"--int8: {src}: no such file (the fp32 IR is quantised: unet-export --format openvino)")
     path = data_file(meta, data)
     check_data(path, meta)
-    from unet.evaluation.evaluate import EvalError, validation_cases
-    try:     # the cases the cost is measured on must be there before anything is written
-        validation_cases(path)
-    except EvalError as e:
-        raise QuantizeError(str(e)) from None
+    validation_cases(path)   # the cases the cost is measured on must be there before anything is written
     calib, masks = calibration_slices(path, slices)
     t = time.perf_counter()
     dst = os.path.join(folder, E.FILES[E.INT8])
@@ -226,14 +223,14 @@ def add_int8(folder: str, meta: dict, *, data: str | None, slices: int, threads:
               "seconds": round(time.perf_counter() - t, 1)}
     before = {k: v for k, v in (meta.get("exports") or {}).items() if k != E.INT8}
     meta = dict(meta, exports=dict(before, **{E.INT8: record}))
-    write_model_json(folder, meta)       # the engine runs only a recorded int8 IR
+    write_meta(folder, meta)       # the engine runs only a recorded int8 IR
     try:
         record["validation"], record["benchmark"] = measure_cost(folder, meta, path, threads, post)
     except BaseException:     # no int8 IR without its measured cost
         for name in (record["file"], record["weights"]):
             os.remove(os.path.join(folder, name))
-        write_model_json(folder, dict(meta, exports=before))
+        write_meta(folder, dict(meta, exports=before))
         raise
     record["measured"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    write_model_json(folder, meta)
+    write_meta(folder, meta)
     return meta

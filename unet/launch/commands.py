@@ -20,6 +20,7 @@ import shlex
 import sys
 
 from unet.launch.hostfile import HostfileError, check
+from unet.errors import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROFILE_DIR = os.path.join(ROOT, "scripts", "profiles")
@@ -30,7 +31,7 @@ PROFILE_KEYS = {"cores_per_socket", "threads_per_core", "ranks_per_socket", "int
                 "OMPI_MCA_mpi_yield_when_idle"}
 
 
-class LaunchError(Exception):
+class LaunchError(UsageError):
     pass
 
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import os
 import re
+from unet.errors import UsageError
 
 HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.\-_]*[A-Za-z0-9])?$")
 
 
-class HostfileError(Exception):
+class HostfileError(UsageError):
     """A one-line message naming the hostfile (and line) that is wrong."""
 
 

@@ -1,4 +1,4 @@
-"""Checkpoints and the exported model, written atomically (temporary name, fsync, rename).
+"""Checkpoints, written atomically (temporary name, fsync, rename; the model folder is ``unet.modelfolder``).
 
 A checkpoint is an ``.npz`` of plain arrays (no pickle): model variables
 ``m000...``, optimizer variables ``o000...`` and a JSON ``meta`` string with
@@ -13,21 +13,9 @@ import re
 
 import numpy as np
 
+from unet.modelfolder import atomic_write
+
 CKPT_RE = re.compile(r"ckpt-(\d+)\.npz$")
-
-
-def _atomic_write(path: str, write) -> None:
-    d = os.path.dirname(path) or "."
-    tmp = os.path.join(d, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def list_checkpoints(folder: str) -> list[str]:
@@ -44,7 +32,7 @@ def save_checkpoint(folder: str, *, model, optimizer, step: int, epoch: int, met
     arrays.update({f"o{i:03d}": np.asarray(v.numpy()) for i, v in enumerate(optimizer.variables)})
     arrays["meta"] = np.array(json.dumps(dict(meta, step=step, epoch=epoch)))
     path = os.path.join(folder, name or f"ckpt-{step:08d}.npz")
-    _atomic_write(path, lambda fh: np.savez(fh, **arrays))
+    atomic_write(path, lambda fh: np.savez(fh, **arrays))
     for old in ([] if name else list_checkpoints(folder)[:-keep]):
         os.unlink(old)
     return path
@@ -93,37 +81,3 @@ def check_data(meta: dict, data: dict, data_name: str) -> None:
         shape = lambda d: "{height}x{width}x{channels} -> {regions} region(s)".format(**d)
         raise ValueError(f"{meta.get('path', 'checkpoint')}: trained on {shape(was)}, "
                          f"but {data_name} is {shape(data)}")
-
-
-def export_model(folder: str, model, meta: dict) -> tuple[str, str]:
-    """``model.keras`` + ``model.json`` (shape, modalities, regions, preprocessing) for unet-predict."""
-    os.makedirs(folder, exist_ok=True)
-    keras_path = os.path.join(folder, "model.keras")
-    tmp = os.path.join(folder, f".model.tmp-{os.getpid()}.keras")
-    model.save(tmp)
-    os.replace(tmp, keras_path)
-    remove_exports(folder)
-    return keras_path, write_model_json(folder, meta)
-
-
-def remove_exports(folder: str) -> None:
-    """Remove the exported files of an earlier model.keras from ``folder`` (what unet-export writes,
-    ``unet.inference.engines.FILES``, and the weights beside each .xml): an engine must never run another
-    network than the one model.json describes."""
-    import shutil
-
-    from unet.inference.engines import FILES
-    names = [n for fmt, n in FILES.items() if fmt != "keras"]
-    for name in names + [n[:-len(".xml")] + ".bin" for n in names if n.endswith(".xml")]:
-        path = os.path.join(folder, name)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        elif os.path.exists(path):
-            os.remove(path)
-
-
-def write_model_json(folder: str, meta: dict) -> str:
-    """``folder/model.json`` replaced whole (a reader never sees half of it); returns its path."""
-    json_path = os.path.join(folder, "model.json")
-    _atomic_write(json_path, lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
-    return json_path

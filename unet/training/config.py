@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 
-from unet.inference.engines import EXPORT_FORMATS, export_missing
+from unet.data.sources import DEFAULT_DATA
+from unet.errors import UsageError
+from unet.modelfolder import EXPORT_FORMATS, export_missing
 
 # Seed defaults (Intel's distributed U-Net, settings.py / settings_dist.py).
 SEED_LEARNINGRATE = 0.0005
@@ -17,16 +19,6 @@ SEED_BATCH_SIZE = 128
 SEED_EPOCHS = 10
 SEED_BLOCKTIME = 0
 SEED_INTER_THREADS = 2
-# Where the trainer looks when given neither --data nor --synthetic (relative to the
-# working directory): `unet-convert --output data/brats.h5` writes it, and the demo
-# links its converted synthetic cases there when nothing is.
-DEFAULT_DATA = "data/brats.h5"
-
-
-class UsageError(Exception):
-    """A mistake the user can fix; reported as one line, never a traceback."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train_hvd.py",

@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 
+from unet.modelfolder import save_model
 from unet.training import checkpoint
 
 
@@ -181,7 +182,7 @@ class Rank0Reporter:
             print("weights: DIFFER across ranks: " + " ".join(f"rank{i}={d[:12]}" for i, d in enumerate(digests)),
                   file=sys.stderr, flush=True)
 
-    def finish(self, model, meta: dict, val: dict | None) -> None:
+    def finish(self, model, meta: dict, val: dict | None, export=None) -> None:
         best = os.path.join(self.ckpt_dir, "best.npz")
         if self.best_val is not None and os.path.exists(best):
             # export the weights of the best validation epoch (rank 0's copy only; training is over)
@@ -189,20 +190,13 @@ class Rank0Reporter:
             val = self.best_val
             meta = dict(meta, exported="best validation epoch %d of %d" % (self.best_epoch, self.args.epochs))
             print(f"exporting the best validation epoch: {self.best_epoch}", flush=True)
-        keras_path, json_path = checkpoint.export_model(self.logdir, model, meta)
+        keras_path, json_path = save_model(self.logdir, model, meta)
         self.writer.close()
         self.val_writer.close()
         self.log.close()
         print(f"model: {keras_path} (metadata {json_path})", flush=True)
-        if self.args.export_formats:   # the same weights for the inference engines (unet/inference/export.py)
-            from unet.inference import engines, export
-            from unet.distributed.ranks import inference_threads
-            meta = export.add_exports(self.logdir, model, meta, self.args.export_formats,
-                                      threads=inference_threads())
-            for fmt in self.args.export_formats:
-                print(f"exported {fmt}: {os.path.join(self.logdir, engines.FILES[fmt])}", flush=True)
-            print(f"engines: {export.speeds_line(meta)}; default engine: "
-                  f"{engines.default_engine(self.logdir, meta)}", flush=True)
+        if self.args.export_formats and export:   # the same weights for the inference engines
+            export(self.logdir, model, meta, self.args.export_formats)
         print(f"tensorboard: tensorboard --logdir {self.logdir} --host 127.0.0.1", flush=True)
         if val:
             dices = " ".join(f"{n}={float(d):.4f}" for n, d in zip(self.regions, val["dice"]))

@@ -27,7 +27,8 @@ def _parse(argv):
         return config.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, export=None) -> int:
+    """Train; ``export(folder, model, meta, formats)``, if given, writes the engines' files at the end."""
     try:
         args = _parse(argv)
     except config.UsageError as e:
@@ -57,10 +58,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"train_hvd.py: error: {error}", file=sys.stderr)
         return 2
     hvd = init_horovod(setup)
-    return run(args, setup, hvd, *sources)
+    return run(args, setup, hvd, *sources, export=export)
 
 
-def run(args, setup, hvd, train_src, val_src, info) -> int:
+def run(args, setup, hvd, train_src, val_src, info, export=None) -> int:
     import keras
     import tensorflow as tf
 
@@ -222,7 +223,7 @@ def run(args, setup, hvd, train_src, val_src, info) -> int:
         print(f"train_hvd.py: error: rank {rank} on {setup.host}: a collective failed, another rank "
               f"died or stalled ({reason})", file=sys.stderr, flush=True)
         return 1
-    reporters[rank].finish(model, run_meta, val)
+    reporters[rank].finish(model, run_meta, val, export)
     return 0 if same else 1
 
 

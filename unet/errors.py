@@ -1,0 +1,10 @@
+"""Errors a user can cause: a bad flag, file, hostfile or data set.
+
+Every such error is a ``UsageError`` (the other classes say which stage raised it). A command line
+reports one as a single ``<prog>: error: ...`` line and exits with status 2; anything else is a bug
+and raises. Imports nothing of the package: anyone may raise these.
+"""
+
+
+class UsageError(Exception):
+    """A mistake the user can fix; reported as one line, never a traceback."""
