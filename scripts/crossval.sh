@@ -63,6 +63,15 @@ mkdir -p "$LOGDIR"
 t0=$(date +%s)
 for ((k = 0; k < K; k++)); do
   if [[ -f "$LOGDIR/fold_$k/model.json" ]]; then
+    # done, if it is this fold of this file
+    "$PY" - "$LOGDIR/fold_$k/model.json" "$k" "$DATA" <<'EOF' || exit 2
+import json, os, sys
+path, k, data = sys.argv[1], int(sys.argv[2]), os.path.abspath(sys.argv[3])
+d = json.load(open(path)).get("data", {})
+if (d.get("fold"), d.get("file")) != (k, data):
+    sys.exit(f"crossval.sh: error: {path}: trained on fold {d.get('fold')} of {d.get('file')}, not fold {k} "
+             f"of {data}: give another --logdir")
+EOF
     echo "==> fold $k of $K: done ($LOGDIR/fold_$k/model.json; remove it to train the fold further)"
     continue
   fi

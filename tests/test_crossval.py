@@ -449,3 +449,31 @@ def test_crossval_trains_every_fold_on_two_ranks_and_scores_out_of_fold(folded, 
     assert q.returncode == 0, q.stderr[-3000:]
     assert q.stdout.count("done (") == K and "global_batch" not in q.stdout
     assert read_csv(cv / "out_of_fold.csv") == rows
+
+
+def test_crossval_refuses_a_logdir_holding_another_fold(folded, tmp_path):
+    (tmp_path / "cv" / "fold_0").mkdir(parents=True)
+    (tmp_path / "cv" / "fold_0" / "model.json").write_text(json.dumps({"data": {"fold": 1, "file": str(folded.h5)}}))
+    p = crossval("--data", folded.h5, "--logdir", tmp_path / "cv")
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert p.stderr.strip().splitlines() == [
+        f"crossval.sh: error: {tmp_path}/cv/fold_0/model.json: trained on fold 1 of {folded.h5}, not fold 0 of "
+        f"{folded.h5}: give another --logdir"]
+    assert sorted(os.listdir(tmp_path / "cv")) == ["fold_0"]                 # nothing trained
+
+
+@pytest.mark.mpi
+def test_two_ranks_convert_the_same_folds_and_slices(folded, tmp_path):
+    from conftest import run_mpi
+    p = run_mpi(2, ["-m", "unet.data.convert", "--no_progress", "--input", str(folded.root / "cases"), "--size", "64",
+                    "--slices", "tumour", "--val_fraction", "0.25", "--folds", str(K), "--output", str(tmp_path / "m.h5")])
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert case_info(tmp_path / "m.h5") == case_info(folded.h5)
+    with h5py.File(tmp_path / "m.h5") as a, h5py.File(folded.h5) as b:
+        assert a.attrs["folds"] == K
+        for g in ("train", "rest", "val"):
+            ra, rb = group_rows(tmp_path / "m.h5", g), group_rows(folded.h5, g)
+            assert sorted(ra) == sorted(rb), g
+            ia, ib = np.argsort([f"{c}/{z:04d}" for c, z in ra]), np.argsort([f"{c}/{z:04d}" for c, z in rb])
+            assert np.array_equal(a[g]["masks"][:][ia], b[g]["masks"][:][ib])
+            assert np.array_equal(a[g]["images"][:][ia], b[g]["images"][:][ib])
