@@ -46,7 +46,9 @@ EOF
 MPI=(mpirun -np "$NP" --oversubscribe)
 MODELS=()
 for ((k = 0; k < K; k++)); do MODELS+=("$LOGDIR/fold_$k"); done
-train_cmd() { TRAIN=("${MPI[@]}" "$PY" "$ROOT/train_hvd.py" --data "$DATA" --fold "$1" --logdir "$LOGDIR/fold_$1" "${EXTRA[@]}"); }
+train_cmd() {
+  TRAIN=("${MPI[@]}" "$PY" "$ROOT/train_hvd.py" --data "$DATA" --fold "$1" --logdir "$LOGDIR/fold_$1" "${EXTRA[@]}")
+}
 OOF=("${MPI[@]}" "$PY" -m unet.evaluation.evaluate --model "${MODELS[@]}" --data "$DATA" --metrics "$METRICS"
      --csv "$LOGDIR/out_of_fold.csv")
 ENS=("${MPI[@]}" "$PY" -m unet.evaluation.evaluate --model "${MODELS[@]}" --ensemble --data "$DATA"

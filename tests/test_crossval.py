@@ -95,7 +95,8 @@ def test_convert_records_the_folds_and_keeps_every_slice_of_the_training_cases(f
     # train + rest: every slice of every training case exactly once; train alone is the file without folds'
     train, rest = group_rows(folded.h5, "train"), group_rows(folded.h5, "rest")
     assert sorted(train + rest) == sorted((c, z) for c in train_cases for z in range(40))
-    assert train == group_rows(folded.plain, "train") and group_rows(folded.h5, "val") == group_rows(folded.plain, "val")
+    assert train == group_rows(folded.plain, "train")
+    assert group_rows(folded.h5, "val") == group_rows(folded.plain, "val")
     assert len(rest) > 0 and not set(train) & set(rest)
     assert re.search(r"^unet-convert: 3 folds of the training cases \(by whole-tumour volume\): 0: \d case\(s\), WT",
                      folded.stdout, re.M), folded.stdout
@@ -466,7 +467,8 @@ def test_crossval_refuses_a_logdir_holding_another_fold(folded, tmp_path):
 def test_two_ranks_convert_the_same_folds_and_slices(folded, tmp_path):
     from conftest import run_mpi
     p = run_mpi(2, ["-m", "unet.data.convert", "--no_progress", "--input", str(folded.root / "cases"), "--size", "64",
-                    "--slices", "tumour", "--val_fraction", "0.25", "--folds", str(K), "--output", str(tmp_path / "m.h5")])
+                    "--slices", "tumour", "--val_fraction", "0.25", "--folds", str(K),
+                    "--output", str(tmp_path / "m.h5")])
     assert p.returncode == 0, p.stderr[-2000:]
     assert case_info(tmp_path / "m.h5") == case_info(folded.h5)
     with h5py.File(tmp_path / "m.h5") as a, h5py.File(folded.h5) as b:

@@ -173,11 +173,12 @@ def volume_summary(rows: list[dict]) -> None:
     if not rows:
         return
     s = summarise(rows, columns())
-    print(f"{'metric':<10}" + "".join(f"{h:>10}" for h in ("mean", "std", "ci95_lo", "ci95_hi", "median", "p25", "p75")))
+    heads = ("mean", "std", "ci95_lo", "ci95_hi", "median", "p25", "p75")
+    print(f"{'metric':<10}" + "".join(f"{h:>10}" for h in heads))
     for c in columns():
         v = s[c]
-        lo, hi = bootstrap_mean_ci([r[c] for r in rows])
-        print(f"{c:<10}" + "".join(f"{x:>10.4f}" for x in (v["mean"], v["std"], lo, hi, v["median"], v["p25"], v["p75"])))
+        v["ci95_lo"], v["ci95_hi"] = bootstrap_mean_ci([r[c] for r in rows])
+        print(f"{c:<10}" + "".join(f"{v[h]:>10.4f}" for h in heads))
     folds = per_fold_means(rows, columns()[:6])
     if folds:
         print("per-fold means (each case scored by the model that did not train on it):")

@@ -16,7 +16,8 @@ LEVEL = 0.95
 BLOCK = 1000         # resamples drawn at once
 
 
-def bootstrap_mean_ci(values, level: float = LEVEL, resamples: int = RESAMPLES, seed: int = SEED) -> tuple[float, float]:
+def bootstrap_mean_ci(values, level: float = LEVEL, resamples: int = RESAMPLES,
+                      seed: int = SEED) -> tuple[float, float]:
     """(low, high) percentile-bootstrap interval of the mean of ``values``; (nan, nan) for no values."""
     v = np.asarray(values, float).ravel()
     if not 0 < level < 1:
