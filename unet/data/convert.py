@@ -8,6 +8,11 @@ number of cases), split by patient into train/val, normalised (z-score over
 brain voxels per modality), brought in-plane to --size with OpenCV (masks by
 nearest neighbour) and written as axial slices. The output appears under its
 final name only when complete.
+
+``--folds K``: the training cases are also dealt into K folds balanced by tumour
+volume (``assign_folds``), recorded per case; their slices --slices leaves out are
+kept too (group ``rest``, ``unet.data.h5io``), so ``train_hvd.py --fold k`` validates
+on every slice of fold k's cases and trains on the other folds, from the one file.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ import numpy as np
 
 from unet.data import labels as L
 from unet.data import preprocess as P
-from unet.data.h5io import H5Writer, merge_parts, write_npy
+from unet.data.h5io import H5Writer, merge_parts, write_folds, write_npy
 from unet.data.layouts import MODALITIES, Case, detect_layout, find_cases
 from unet.data.nifti import DataError, Options, read_case
 from unet.cli import command
@@ -32,8 +37,10 @@ from unet.errors import UsageError
 CONVERTER_VERSION = "2"   # 2: masks resized centre-aligned (INTER_NEAREST_EXACT), as the images are
 
 
-def process_case(case: Case, opts: Options, split: str) -> dict:
-    """Read, normalise, resample in-plane and slice one case (runs in a worker)."""
+def process_case(case: Case, opts: Options, split: str, rest: bool = False) -> dict:
+    """Read, normalise, resample in-plane and slice one case (runs in a worker); ``rest``: a
+    training case also returns the slices --slices leaves out (under "rest"). "wt_ml" is the
+    whole tumour's volume in millilitres."""
     chans, seg, geom = read_case(case, opts)
     brain, plan, slices = P.network_input(chans, opts.size, opts.inplane)   # what unet-predict feeds the model
     regions = L.regions_from_labels(seg, case.layout, opts.regions)
@@ -41,12 +48,18 @@ def process_case(case: Case, opts: Options, split: str) -> dict:
     rng = np.random.default_rng([opts.seed, zlib.crc32(case.case_id.encode())])
     keep = P.select_slices(brain, tumour, "all" if split == "val" else opts.slices, rng,
                            opts.background_fraction)
-    imgs = slices[np.asarray(keep, int)]
-    msks = np.stack([P.apply_inplane(regions[z], plan, is_mask=True) for z in keep]) \
-        if len(keep) else np.zeros((0, opts.size, opts.size, len(opts.regions)), np.uint8)
-    return {"case_id": case.case_id, "split": split, "images": imgs.astype(np.float32),
-            "masks": msks.astype(np.uint8), "slice_index": np.asarray(keep, np.int32),
-            "geometry": dict(geom, plan=plan, slices=len(keep))}
+
+    def pick(zs) -> dict:
+        msks = np.stack([P.apply_inplane(regions[z], plan, is_mask=True) for z in zs]) \
+            if len(zs) else np.zeros((0, opts.size, opts.size, len(opts.regions)), np.uint8)
+        return {"images": slices[np.asarray(zs, int)].astype(np.float32), "masks": msks.astype(np.uint8),
+                "slice_index": np.asarray(zs, np.int32)}
+
+    out = dict(pick(keep), case_id=case.case_id, split=split, geometry=dict(geom, plan=plan, slices=len(keep)),
+               wt_ml=float(tumour.sum()) * float(np.prod(geom["spacing"])) / 1000.0)
+    if rest and split == "train":
+        out["rest"] = pick(np.setdiff1d(np.arange(len(slices)), keep))
+    return out
 
 
 def split_by_patient(case_ids: list[str], val_fraction: float, seed: int) -> dict[str, str]:
@@ -60,14 +73,28 @@ def split_by_patient(case_ids: list[str], val_fraction: float, seed: int) -> dic
     return {c: ("val" if c in val else "train") for c in ids}
 
 
-def _iter_results(cases, opts, splits, workers):
+def assign_folds(volumes: dict[str, float], k: int, seed: int) -> dict[str, int]:
+    """Case id -> fold in [0, k), balanced by tumour volume: the cases sorted by volume (ties by id)
+    are dealt in blocks of ``k``, each block to the folds in an order drawn from ``seed``. Every
+    fold holds one case of each full block (so each spans the range of volumes) and fold sizes
+    differ by at most one."""
+    if k < 2:
+        raise ValueError(f"k must be >= 2 (got {k})")
+    order = sorted(volumes, key=lambda c: (volumes[c], c))
+    rng = np.random.default_rng([seed, 4099])
+    out = {}
+    for b in range(0, len(order), k):
+        block = order[b:b + k]
+        for case, fold in zip(block, rng.permutation(k)[:len(block)]):
+            out[case] = int(fold)
+    return out
+
+
+def _iter_results(cases, opts, splits, workers, rest=False):
     """Yield (case, result | DataError) in case order, at most 2*workers cases in flight."""
     if workers <= 1:
         for c in cases:
-            try:
-                yield c, process_case(c, opts, splits[c.case_id])
-            except DataError as e:
-                yield c, e
+            yield c, _worker(c, opts, splits[c.case_id], rest)
         return
     import multiprocessing as mp
     from collections import deque
@@ -75,7 +102,7 @@ def _iter_results(cases, opts, splits, workers):
         pending = deque()
         it = iter(cases)
         for c in it:
-            pending.append((c, pool.apply_async(_worker, (c, opts, splits[c.case_id]))))
+            pending.append((c, pool.apply_async(_worker, (c, opts, splits[c.case_id], rest))))
             if len(pending) >= 2 * workers:
                 break
         while pending:
@@ -83,25 +110,27 @@ def _iter_results(cases, opts, splits, workers):
             yield c, fut.get()
             nxt = next(it, None)
             if nxt is not None:
-                pending.append((nxt, pool.apply_async(_worker, (nxt, opts, splits[nxt.case_id]))))
+                pending.append((nxt, pool.apply_async(_worker, (nxt, opts, splits[nxt.case_id], rest))))
 
 
-def _worker(case, opts, split):
+def _worker(case, opts, split, rest=False):
     try:
-        return process_case(case, opts, split)
+        return process_case(case, opts, split, rest)
     except DataError as e:
         return e
 
 
-def convert_to(path: str, cases, opts: Options, splits, *, workers: int, skip_bad: bool, progress: bool):
-    """Write all ``cases`` into a new HDF5 file at ``path``;
-    returns (slices per split, [(case id, error) of each skipped case])."""
+def convert_to(path: str, cases, opts: Options, splits, *, workers: int, skip_bad: bool, progress: bool,
+               rest: bool = False):
+    """Write all ``cases`` into a new HDF5 file at ``path`` (``rest``: with the training slices
+    --slices leaves out, for folds); returns (slices per split, [(case id, error) of each skipped
+    case], {case id: whole-tumour volume in ml})."""
     from tqdm import tqdm
-    w = H5Writer(path, opts.size, len(opts.modalities), len(opts.regions))
-    counts, skipped = {"train": 0, "val": 0}, []
+    w = H5Writer(path, opts.size, len(opts.modalities), len(opts.regions), rest=rest)
+    counts, skipped, volumes = {"train": 0, "val": 0}, [], {}
     try:
         bar = tqdm(total=len(cases), unit="case", disable=not progress, desc="converting")
-        for case, r in _iter_results(cases, opts, splits, workers):
+        for case, r in _iter_results(cases, opts, splits, workers, rest):
             bar.update(1)
             if isinstance(r, DataError):
                 if not skip_bad:
@@ -110,10 +139,11 @@ def convert_to(path: str, cases, opts: Options, splits, *, workers: int, skip_ba
                 continue
             w.append(r)
             counts[r["split"]] += len(r["slice_index"])
+            volumes[r["case_id"]] = r["wt_ml"]
         bar.close()
     finally:
         w.close({})
-    return counts, skipped
+    return counts, skipped, volumes
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -153,7 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--background_fraction", type=float, default=0.1,
                    help="--slices tumour: fraction of tumour-free brain slices kept")
     p.add_argument("--val_fraction", type=float, default=0.2, help="fraction of patients for validation")
-    p.add_argument("--seed", type=int, default=816, help="seed of the patient split")
+    p.add_argument("--seed", type=int, default=816, help="seed of the patient split and of the folds")
+    p.add_argument("--folds", type=int, default=0,
+                   help="deal the training cases (those --val_fraction leaves) into this many folds for "
+                        "cross-validation (train_hvd.py --fold k), balanced by whole-tumour volume; 0 = no "
+                        "folds. --val_fraction 0 --folds 5 is BraTS's 5-fold cross-validation on every case")
     p.add_argument("--workers", type=int, default=1, help="processes converting cases in parallel (one machine)")
     p.add_argument("--skip_bad", action="store_true", help="skip bad cases, list them at the end")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
@@ -180,6 +214,10 @@ def _opts(a) -> Options:
         raise UsageError(f"--val_fraction must be in [0, 1) (got {a.val_fraction})")
     if a.workers < 1:
         raise UsageError(f"--workers must be >= 1 (got {a.workers})")
+    if a.folds == 1 or a.folds < 0:
+        raise UsageError(f"--folds must be 0 (no folds) or >= 2 (got {a.folds})")
+    if a.folds and a.format != "h5":
+        raise UsageError("--folds needs --format h5 (the npy files have no place for folds)")
     return Options(mods, regs, a.size, a.inplane, a.slices, a.background_fraction, a.seed)
 
 
@@ -194,63 +232,41 @@ def main(argv=None) -> int:
     if not cases:
         raise UsageError(f"{a.input}: no cases found for layout {layout}")
     splits = split_by_patient([c.case_id for c in cases], a.val_fraction, a.seed)
+    n_train = sum(s == "train" for s in splits.values())
+    if a.folds > n_train:
+        raise UsageError(f"--folds {a.folds}: more folds than the {n_train} training case(s) of {a.input} "
+                         f"(--val_fraction {a.val_fraction} keeps {len(cases) - n_train} for validation)")
     out = os.path.abspath(a.output)
     h5_final = out if a.format == "h5" else os.path.join(out, ".unet-convert.h5")
     os.makedirs(os.path.dirname(h5_final) or ".", exist_ok=True)
     tmp = f"{h5_final}.part{rank}-of-{size}.tmp"
-    mine = cases[rank::size]
     error = None
     try:
-        counts, skipped = convert_to(tmp, mine, opts, splits, workers=a.workers, skip_bad=a.skip_bad,
-                                     progress=(rank == 0 and not a.no_progress and sys.stderr.isatty()))
+        counts, skipped, volumes = convert_to(
+            tmp, cases[rank::size], opts, splits, workers=a.workers, skip_bad=a.skip_bad, rest=bool(a.folds),
+            progress=(rank == 0 and not a.no_progress and sys.stderr.isatty()))
     except DataError as e:
-        error, counts, skipped = str(e), {}, []
+        error, counts, skipped, volumes = str(e), {}, [], {}
     error = agree(comm, error)   # the first error any rank found, on every rank: all exit together
     if comm:
-        all_skipped = sum(comm.allgather(skipped), [])
+        skipped = sum(comm.allgather(skipped), [])
         totals = comm.allgather(counts)
+        volumes = {k: v for part in comm.allgather(volumes) for k, v in part.items()}
     else:
-        all_skipped, totals = skipped, [counts]
+        totals = [counts]
     parts = [f"{h5_final}.part{r}-of-{size}.tmp" for r in range(size)]
     try:
         if error:
             raise UsageError(error)      # agreed: the same on every rank
+        folds = None
+        if a.folds:
+            train_volumes = {c: v for c, v in volumes.items() if splits[c] == "train"}
+            if len(train_volumes) < a.folds:
+                raise UsageError(f"--folds {a.folds}: only {len(train_volumes)} training case(s) left after "
+                                 f"--skip_bad skipped {len(skipped)}")
+            folds = assign_folds(train_volumes, a.folds, a.seed)
         if rank == 0:
-            attrs = {"modalities": json.dumps(list(opts.modalities)), "regions": json.dumps(list(opts.regions)),
-                     "size": opts.size, "normalisation": P.NORMALISATION,
-                     "inplane": opts.inplane, "slices_train": opts.slices, "slices_val": "all",
-                     **({"crop_margin": P.CROP_MARGIN} if opts.inplane == "crop_resize" else {}),
-                     "layout": layout, "converter_version": CONVERTER_VERSION,
-                     "val_fraction": a.val_fraction, "seed": a.seed, "source": os.path.abspath(a.input)}
-            staged = f"{h5_final}.tmp-{os.getpid()}"
-            if size > 1:
-                merge_parts(parts, staged, opts)
-            else:
-                os.replace(tmp, staged)
-            import h5py
-            with h5py.File(staged, "a") as f:
-                for k, v in attrs.items():
-                    f.attrs[k] = v
-            os.replace(staged, h5_final)  # only a complete file gets the final name
-            n_train = sum(t.get("train", 0) for t in totals)
-            n_val = sum(t.get("val", 0) for t in totals)
-            bad_ids = {cid for cid, _ in all_skipped}
-            n_cases = {s: sum(1 for c in cases if splits[c.case_id] == s and c.case_id not in bad_ids)
-                       for s in ("train", "val")}
-            if a.format == "npy":
-                files = write_npy(h5_final, out)
-                os.unlink(h5_final)
-                where = ", ".join(os.path.basename(f) for f in files) + f" in {out}"
-            else:
-                where = out
-            print(f"unet-convert: {len(cases) - len(all_skipped)} cases ({layout}) -> {where}: "
-                  f"train {n_train} slices from {n_cases['train']} cases, val {n_val} slices from "
-                  f"{n_cases['val']} cases, {opts.size}x{opts.size}, channels {','.join(opts.modalities)}, "
-                  f"regions {','.join(opts.regions)}")
-            if all_skipped:
-                print(f"unet-convert: skipped {len(all_skipped)} bad case(s):", file=sys.stderr)
-                for _, why in all_skipped:
-                    print(f"  {why}", file=sys.stderr)
+            _finish(a, opts, layout, cases, splits, parts, tmp, h5_final, out, totals, skipped, volumes, folds)
         return 0
     finally:
         if comm:
@@ -259,6 +275,58 @@ def main(argv=None) -> int:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+
+
+def _finish(a, opts, layout, cases, splits, parts, tmp, h5_final, out, totals, skipped, volumes, folds) -> None:
+    """Rank 0: merge the parts, add the attributes (and folds), rename into place, say what was written."""
+    import h5py
+    attrs = {"modalities": json.dumps(list(opts.modalities)), "regions": json.dumps(list(opts.regions)),
+             "size": opts.size, "normalisation": P.NORMALISATION,
+             "inplane": opts.inplane, "slices_train": opts.slices, "slices_val": "all",
+             **({"crop_margin": P.CROP_MARGIN} if opts.inplane == "crop_resize" else {}),
+             "layout": layout, "converter_version": CONVERTER_VERSION,
+             "val_fraction": a.val_fraction, "seed": a.seed, "source": os.path.abspath(a.input)}
+    staged = f"{h5_final}.tmp-{os.getpid()}"
+    if len(parts) > 1:
+        merge_parts(parts, staged, opts, rest=bool(folds))
+    else:
+        os.replace(tmp, staged)
+    with h5py.File(staged, "a") as f:
+        for k, v in attrs.items():
+            f.attrs[k] = v
+        if folds:
+            write_folds(f, a.folds, folds, volumes)
+    os.replace(staged, h5_final)  # only a complete file gets the final name
+    n_train = sum(t.get("train", 0) for t in totals)
+    n_val = sum(t.get("val", 0) for t in totals)
+    bad_ids = {cid for cid, _ in skipped}
+    n_cases = {s: sum(1 for c in cases if splits[c.case_id] == s and c.case_id not in bad_ids)
+               for s in ("train", "val")}
+    if a.format == "npy":
+        files = write_npy(h5_final, out)
+        os.unlink(h5_final)
+        where = ", ".join(os.path.basename(f) for f in files) + f" in {out}"
+    else:
+        where = out
+    print(f"unet-convert: {len(cases) - len(skipped)} cases ({layout}) -> {where}: "
+          f"train {n_train} slices from {n_cases['train']} cases, val {n_val} slices from "
+          f"{n_cases['val']} cases, {opts.size}x{opts.size}, channels {','.join(opts.modalities)}, "
+          f"regions {','.join(opts.regions)}")
+    if folds:
+        print(f"unet-convert: {fold_summary(folds, volumes, a.folds)}")
+    if skipped:
+        print(f"unet-convert: skipped {len(skipped)} bad case(s):", file=sys.stderr)
+        for _, why in skipped:
+            print(f"  {why}", file=sys.stderr)
+
+
+def fold_summary(folds: dict[str, int], volumes: dict[str, float], k: int) -> str:
+    """One line: cases and mean whole-tumour volume per fold."""
+    each = []
+    for f in range(k):
+        v = [volumes[c] for c, g in folds.items() if g == f]
+        each.append(f"{f}: {len(v)} case(s), WT {np.mean(v):.1f} ml")
+    return f"{k} folds of the training cases (by whole-tumour volume): " + "; ".join(each)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,13 @@
-"""Writing converted slices: the HDF5 layout (append, merge per-rank parts) and the seed's npy files."""
+"""Writing converted slices: the HDF5 layout (append, merge per-rank parts, folds) and the seed's npy files.
+
+The HDF5 file: groups ``train`` (the training cases' slices that ``--slices`` keeps) and ``val``
+(every slice of the validation cases), each with ``images``, ``masks``, ``case_id`` and
+``slice_index`` per slice; ``cases`` holds one JSON attribute per case (geometry, split). A file
+converted with ``--folds K`` has a root attribute ``folds`` = K, each training case's ``fold`` in
+its JSON, and a group ``rest`` with the training cases' slices ``--slices`` left out: a fold's
+validation takes every slice of its cases from ``train`` and ``rest``, so no slice is stored twice
+and a reader that knows nothing of folds sees the file's usual train/val split.
+"""
 from __future__ import annotations
 
 import json
@@ -9,14 +18,21 @@ import numpy as np
 from unet.data.layouts import NPY_FILES, NPY_SIDECAR
 
 
-class H5Writer:
-    """Appends slices to resizable, per-slice-chunked, compressed datasets."""
+SPLITS = ("train", "val")
+REST = "rest"            # files with folds: the training cases' slices --slices left out
+FIELDS = ("images", "masks", "case_id", "slice_index")
 
-    def __init__(self, path: str, size: int, channels: int, regions: int):
+
+class H5Writer:
+    """Appends slices to resizable, per-slice-chunked, compressed datasets; ``rest``: with the
+    group of the slices training leaves out (files with folds)."""
+
+    def __init__(self, path: str, size: int, channels: int, regions: int, rest: bool = False):
         import h5py
         self.f = h5py.File(path, "w")
         self.cases = self.f.create_group("cases")
-        for split in ("train", "val"):
+        self.groups = SPLITS + ((REST,) if rest else ())
+        for split in self.groups:
             g = self.f.create_group(split)
             g.create_dataset("images", (0, size, size, channels), np.float32, maxshape=(None, size, size, channels),
                              chunks=(1, size, size, channels), compression="gzip", compression_opts=1, shuffle=True)
@@ -26,15 +42,22 @@ class H5Writer:
             g.create_dataset("slice_index", (0,), np.int32, maxshape=(None,), chunks=(1024,))
 
     def append(self, r: dict) -> None:
-        g, n = self.f[r["split"]], len(r["slice_index"])
-        start = g["images"].shape[0]
-        for name, data in (("images", r["images"]), ("masks", r["masks"]),
-                           ("case_id", np.array([r["case_id"]] * n, dtype=object)),
-                           ("slice_index", r["slice_index"])):
+        self._add(self.f[r["split"]], r["case_id"], r["images"], r["masks"], r["slice_index"])
+        if "rest" in r:
+            if REST not in self.groups:
+                raise ValueError("a case with left-out slices written to a file without folds")
+            rest = r["rest"]
+            self._add(self.f[REST], r["case_id"], rest["images"], rest["masks"], rest["slice_index"])
+        self.cases.attrs[r["case_id"]] = json.dumps(dict(r["geometry"], split=r["split"]))
+
+    @staticmethod
+    def _add(g, case_id: str, images, masks, slice_index) -> None:
+        n, start = len(slice_index), g["images"].shape[0]
+        for name, data in (("images", images), ("masks", masks),
+                           ("case_id", np.array([case_id] * n, dtype=object)), ("slice_index", slice_index)):
             g[name].resize(start + n, axis=0)
             if n:
                 g[name][start:] = data
-        self.cases.attrs[r["case_id"]] = json.dumps(dict(r["geometry"], split=r["split"]))
 
     def close(self, attrs: dict) -> None:
         for k, v in attrs.items():
@@ -42,17 +65,17 @@ class H5Writer:
         self.f.close()
 
 
-def merge_parts(parts: list[str], out: str, opts) -> None:
+def merge_parts(parts: list[str], out: str, opts, rest: bool = False) -> None:
     """Concatenate per-rank part files (same options) into ``out``."""
     import h5py
-    w = H5Writer(out, opts.size, len(opts.modalities), len(opts.regions))
+    w = H5Writer(out, opts.size, len(opts.modalities), len(opts.regions), rest=rest)
     try:
         for p in parts:
             with h5py.File(p, "r") as f:
-                for split in ("train", "val"):
+                for split in w.groups:
                     g = f[split]
                     n, start = g["images"].shape[0], w.f[split]["images"].shape[0]
-                    for name in ("images", "masks", "case_id", "slice_index"):
+                    for name in FIELDS:
                         w.f[split][name].resize(start + n, axis=0)
                         for s in range(0, n, 256):  # bounded memory
                             w.f[split][name][start + s:start + min(s + 256, n)] = g[name][s:s + 256]
@@ -60,6 +83,18 @@ def merge_parts(parts: list[str], out: str, opts) -> None:
                     w.cases.attrs[k] = v
     finally:
         w.close({})
+
+
+def write_folds(f, k: int, folds: dict[str, int], volumes: dict[str, float]) -> None:
+    """Record the folds in an open file: root ``folds`` = k, each case's ``fold`` and tumour volume."""
+    f.attrs["folds"] = k
+    for case, raw in f["cases"].attrs.items():
+        d = json.loads(raw)
+        if case in volumes:
+            d["wt_ml"] = round(float(volumes[case]), 4)
+        if case in folds:
+            d["fold"] = folds[case]
+        f["cases"].attrs[case] = json.dumps(d)
 
 
 def _attr_value(v):

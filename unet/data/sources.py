@@ -13,6 +13,9 @@ Reads are random access and streamed: nothing holds the dataset in memory.
   ``msks_test.npy`` (memory-mapped). ``unet-convert --format npy`` adds
   ``unet-convert.json`` naming the channels and regions; without it the folder must
   be the seed's own (1 channel, FLAIR; 1 region, WT).
+* Folds (``unet-convert --folds K``, ``--fold k``): training reads the ``train`` rows of the
+  other folds' cases, validation every slice of fold k's cases (their ``train`` and ``rest``
+  rows), both as views (``H5Source`` with ``rows``) of the one file.
 * ``SyntheticSource``: bright ellipses over noise, generated per index from the
   seed, so any size costs no memory; the masks are nested (region r+1 inside
   region r), like WT > TC > ET.
@@ -59,11 +62,16 @@ class DataInfo:
     modalities: list[str] = field(default_factory=list)
     region_names: list[str] = field(default_factory=list)
     attrs: dict = field(default_factory=dict)
+    folds: int = 0                 # the file's folds (0: none)
+    fold: int | None = None        # the fold held out for validation (--fold)
 
     def to_json(self) -> dict:
-        return {"height": self.height, "width": self.width, "channels": self.channels,
-                "regions": self.regions, "modalities": self.modalities,
-                "region_names": self.region_names, "attrs": self.attrs}
+        out = {"height": self.height, "width": self.width, "channels": self.channels,
+               "regions": self.regions, "modalities": self.modalities,
+               "region_names": self.region_names, "attrs": self.attrs}
+        if self.folds:
+            out.update(folds=self.folds, fold=self.fold)
+        return out
 
 
 class SyntheticSource:
@@ -121,21 +129,58 @@ class _ArraySource:
 
 
 class H5Source(_ArraySource):
-    def __init__(self, path: str, split: str):
+    """A group of the HDF5 file; with ``rows``, only those rows of it (in that order)."""
+
+    def __init__(self, path: str, split: str, rows=None):
         import h5py
         self.f = h5py.File(path, "r")
         super().__init__(self.f[split]["images"], self.f[split]["masks"], path)
+        self.rows = None if rows is None else np.asarray(rows, np.int64)
+
+    def __len__(self) -> int:
+        return super().__len__() if self.rows is None else len(self.rows)
+
+    def tumour_slices(self) -> np.ndarray:
+        if self.rows is None:
+            return super().tumour_slices()
+        return _tumour_slices(self, lambda a, b: self.read(range(a, b))[1])   # positions among ``rows``
 
     def read(self, indices) -> tuple[np.ndarray, np.ndarray]:
         # One chunk-aligned read per slice: h5py's point selection over a list of
         # indices is ~18x slower for a batch of 8 (94 ms against 5 ms here).
-        idx = [int(i) for i in indices]
+        idx = [int(i) for i in (indices if self.rows is None else self.rows[np.asarray(indices, np.int64)])]
         h, w, c, r = self.shape
         imgs = np.empty((len(idx), h, w, c), np.float32)
         msks = np.empty((len(idx), h, w, r), np.float32)
         for k, i in enumerate(idx):
             imgs[k] = self.images[i]
             msks[k] = self.masks[i]
+        return imgs, msks
+
+
+class ConcatSource:
+    """Sources of one shape read as one: index i of the second follows the last of the first."""
+
+    def __init__(self, parts):
+        self.parts = [p for p in parts if len(p)] or list(parts[:1])
+        self.shape = parts[0].shape
+        self.starts = np.cumsum([0] + [len(p) for p in self.parts])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def tumour_slices(self) -> np.ndarray:
+        return np.concatenate([start + p.tumour_slices() for start, p in zip(self.starts, self.parts)]
+                              or [np.zeros(0, np.int64)]).astype(np.int64)
+
+    def read(self, indices) -> tuple[np.ndarray, np.ndarray]:
+        idx = np.asarray(indices, np.int64)
+        part = np.searchsorted(self.starts, idx, side="right") - 1
+        h, w, c, r = self.shape
+        imgs, msks = np.empty((len(idx), h, w, c), np.float32), np.empty((len(idx), h, w, r), np.float32)
+        for k in np.unique(part):
+            sel = np.flatnonzero(part == k)
+            imgs[sel], msks[sel] = self.parts[k].read(idx[sel] - self.starts[k])
         return imgs, msks
 
 
@@ -256,7 +301,7 @@ def check_data(path: str) -> None:
 
 
 def _check_pair(path: str, split: str, src) -> None:
-    ni, h, w, c = (len(src),) + tuple(src.shape[:3])
+    ni, h, w, c = (src.images.shape[0],) + tuple(src.shape[:3])
     nm = src.masks.shape[0]
     if src.masks.ndim != 4 or src.images.ndim != 4:
         raise UsageError(f"--data {path}: {split} images/masks must be 4-D (N,H,W,C)/(N,H,W,R)")
@@ -281,6 +326,32 @@ def foreground_share(source, max_slices: int = SHARE_SLICES, chunk: int = 64) ->
     return (total / (len(idx) * h * w)).tolist()
 
 
+def file_folds(f) -> tuple[int, dict[str, int]]:
+    """(K, training case id -> fold) of an open unet-convert HDF5 file; (0, {}) for a file without folds."""
+    k = int(f.attrs.get("folds", 0))
+    if not k:
+        return 0, {}
+    out = {}
+    for case, raw in f["cases"].attrs.items():
+        d = json.loads(raw)
+        if d.get("fold") is not None:
+            out[case] = int(d["fold"])
+    return k, out
+
+
+def fold_rows(f, path: str, fold: int) -> tuple[int, np.ndarray, dict[str, np.ndarray]]:
+    """``--fold``: (K, rows of ``train`` to train on, {group: rows of fold ``fold``'s cases} to validate on)."""
+    k, folds = file_folds(f)
+    if not k:
+        raise UsageError(f"--fold {fold}: {path} has no folds (convert it with unet-convert --folds K)")
+    if not 0 <= fold < k:
+        raise UsageError(f"--fold {fold}: {path} has {k} folds, so --fold must be in 0..{k - 1}")
+    if "rest" not in f:
+        raise UsageError(f"--data {path}: has {k} folds but no group 'rest' (not written by unet-convert --folds)")
+    of = {g: np.array([folds.get(c, -1) for c in f[g]["case_id"].asstr()[:]], np.int64) for g in ("train", "rest")}
+    return k, np.flatnonzero(of["train"] != fold), {g: np.flatnonzero(v == fold) for g, v in of.items()}
+
+
 def open_sources(args) -> tuple[object, object | None, DataInfo]:
     """(train source, validation source or None, DataInfo) for the parsed flags."""
     if args.synthetic:
@@ -291,11 +362,15 @@ def open_sources(args) -> tuple[object, object | None, DataInfo]:
                         ["WT", "TC", "ET"][:r] if r <= 3 else [f"region{i}" for i in range(r)],
                         {"source": "synthetic"})
         return train, val, info
-    path = args.data
+    path, fold = args.data, getattr(args, "fold", None)
     check_data(path)
     attrs: dict = {}
+    k, rows = 0, None
     try:
         if os.path.isdir(path):
+            if fold is not None:
+                raise UsageError(f"--fold {fold}: {path} is a folder of npy files, which have no folds "
+                                 f"(unet-convert --folds K writes an HDF5 file)")
             attrs = npy_metadata(path)   # the folder's, checked once for both splits
             train, val = NpySource(path, "train"), NpySource(path, "val")
             modalities, regions = _attr_list(attrs.get("modalities")), _attr_list(attrs.get("regions"))
@@ -305,6 +380,9 @@ def open_sources(args) -> tuple[object, object | None, DataInfo]:
                 attrs = decoded(f.attrs)
                 modalities = _attr_list(f.attrs.get("modalities"))
                 regions = _attr_list(f.attrs.get("regions"))
+                k = file_folds(f)[0]
+                if fold is not None:
+                    k, train_rows, rows = fold_rows(f, path, fold)
             train, val = H5Source(path, "train"), H5Source(path, "val")
     except UsageError:
         raise
@@ -312,6 +390,10 @@ def open_sources(args) -> tuple[object, object | None, DataInfo]:
         raise UsageError(f"--data {path}: cannot read ({str(e).splitlines()[0]})") from None
     for split, src in (("train", train), ("val", val)):
         _check_pair(path, split, src)
+    if rows is not None:   # --fold: views of the file, checked above as a whole
+        held_out = [H5Source(path, "train", rows["train"]), H5Source(path, "rest", rows["rest"])]
+        _check_pair(path, "rest", held_out[1])
+        train, val = H5Source(path, "train", train_rows), ConcatSource(held_out)
     if len(train) == 0:
         raise UsageError(f"--data {path}: the train split is empty")
     if train.shape != val.shape and len(val):
@@ -324,22 +406,37 @@ def open_sources(args) -> tuple[object, object | None, DataInfo]:
     if regions and len(regions) != r:
         raise UsageError(f"--data {path}: attribute 'regions' names {len(regions)} regions, masks have {r}")
     info = DataInfo(h, w, c, r, modalities or [f"channel{i}" for i in range(c)],
-                    regions or [f"region{i}" for i in range(r)], attrs)
+                    regions or [f"region{i}" for i in range(r)], attrs, folds=k, fold=fold)
     if getattr(args, "foreground_fraction", 0) and not len(train.tumour_slices()):
         raise UsageError(f"--foreground_fraction {args.foreground_fraction}: no training slice of {path} "
                          f"holds tumour (every mask is empty)")
     return train, (val if len(val) else None), info
 
 
-def validation_cases(data: str) -> list:
-    """The validation cases of a unet-convert HDF5 file, found again in its source folder."""
+def file_cases(data: str) -> tuple[list[str], int, dict[str, int]]:
+    """(validation case ids, folds, training case id -> fold) of a unet-convert HDF5 file."""
+    return _file_index(data)[2:]
+
+
+def _file_index(data: str) -> tuple[str, str, list[str], int, dict[str, int]]:
     import h5py
     attrs = check_h5(data, converted=True).attrs
     with h5py.File(data, "r") as f:
         val_ids = sorted(set(f["val"]["case_id"].asstr()[:]))
-    source = str(attrs["source"])
-    cases = [c for c in find_cases(source, str(attrs["layout"])) if c.case_id in val_ids]
-    missing = sorted(set(val_ids) - {c.case_id for c in cases})
+        k, folds = file_folds(f)
+    return str(attrs["source"]), str(attrs["layout"]), val_ids, k, folds
+
+
+def find_file_cases(data: str, ids, what: str = "validation") -> list:
+    """The cases ``ids`` of a unet-convert HDF5 file, found again in its source folder (in id order)."""
+    source, layout = _file_index(data)[:2]
+    cases = [c for c in find_cases(source, layout) if c.case_id in set(ids)]
+    missing = sorted(set(ids) - {c.case_id for c in cases})
     if missing:
-        raise UsageError(f"--data {data}: validation case(s) {', '.join(missing)} not found in {source}")
-    return cases
+        raise UsageError(f"--data {data}: {what} case(s) {', '.join(missing)} not found in {source}")
+    return sorted(cases, key=lambda c: c.case_id)
+
+
+def validation_cases(data: str) -> list:
+    """The validation cases of a unet-convert HDF5 file, found again in its source folder."""
+    return find_file_cases(data, file_cases(data)[0], "validation")

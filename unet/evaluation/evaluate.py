@@ -2,6 +2,8 @@
 
     unet-evaluate --pred_dir P --ref_dir R [--labels brats|brats2023|msd] [--csv out.csv]
     mpirun -np 2 unet-evaluate --model LOGDIR --data data.h5 [--engine E] [--csv out.csv] [--pred_dir OUT]
+    mpirun -np 2 unet-evaluate --model logs/fold_0 ... logs/fold_4 --data data.h5      # out-of-fold
+    mpirun -np 2 unet-evaluate --model logs/fold_0 ... logs/fold_4 --ensemble --data data.h5 | --cases DIR
 
 ``--metrics legacy``: the BraTS 2017-22 figures, Dice / HD95 / sensitivity / specificity of WT,
 TC and ET (``unet.metrics``); ``lesionwise``: the figures of the official brats-evaluation
@@ -14,6 +16,13 @@ unet-convert reads. The second runs a trained model over the validation cases of
 the HDF5 file (read back from their original NIfTI, geometry intact); under mpirun
 the cases are shared among ranks, each rank runs its own inference engine (``unet.inference.engines``) with
 its share of the cores, and rank 0 gathers, prints and writes.
+
+Several models (``unet.evaluation.crossval``): models trained with ``train_hvd.py --fold k`` on a file
+from ``unet-convert --folds K`` score out of fold, each training case by the model that held its
+fold out (one model with a fold scores that fold's cases); ``--ensemble`` scores the file's
+validation cases (those no fold holds), or every case under ``--cases``, with the mean of the
+models' probabilities. The summary gives each metric's mean, standard deviation and 95 % bootstrap
+interval of the mean over cases (``unet.evaluation.stats``), and out of fold the means per fold.
 """
 from __future__ import annotations
 
@@ -35,16 +44,13 @@ from unet.evaluation.lesionwise import REGIONS as LW_REGIONS
 from unet.evaluation.lesionwise import SUMMARY as LW_SUMMARY
 from unet.evaluation.lesionwise import columns as lw_columns
 from unet.evaluation.lesionwise import region_means, score_lesionwise
+from unet.evaluation.crossval import EvalError, model_fold, plan
+from unet.evaluation.stats import RESAMPLES, SEED, bootstrap_mean_ci, per_fold_means
 from unet.metrics import score_regions, summarise
 from unet.inference.postprocess import add_flags, options_from_args
-from unet.data.sources import validation_cases
 from unet.errors import UsageError
 
 GEOMETRY_TOL = 1e-3
-
-
-class EvalError(UsageError):
-    """Predictions or references that cannot be scored, or flags that do not go together (one line)."""
 
 
 METRICS = ("legacy", "lesionwise", "all")
@@ -135,7 +141,7 @@ def _cell(v):
 
 
 def report(rows: list[dict], csv_path: str | None, only_pred=(), only_ref=(), metrics: str = "all") -> None:
-    cols = csv_columns(metrics)
+    cols = (["fold"] if any(r.get("fold") is not None for r in rows) else []) + csv_columns(metrics)
     if csv_path:
         tmp = csv_path + ".tmp"
         with open(tmp, "w", newline="") as f:
@@ -150,13 +156,7 @@ def report(rows: list[dict], csv_path: str | None, only_pred=(), only_ref=(), me
             print(f"not scored, in {name}: {', '.join(sorted(missing))}")
     # the summaries come last, the lesion-wise one (the leaderboard's) at the very end
     if metrics != "lesionwise":
-        print(f"volume-level scores over {len(rows)} case(s):")
-        if rows:
-            s = summarise(rows, columns())
-            print(f"{'metric':<10}{'mean':>10}{'std':>10}{'median':>10}{'p25':>10}{'p75':>10}")
-            for c in columns():
-                v = s[c]
-                print(f"{c:<10}{v['mean']:>10.4f}{v['std']:>10.4f}{v['median']:>10.4f}{v['p25']:>10.4f}{v['p75']:>10.4f}")
+        volume_summary(rows)
     if metrics != "legacy":
         print(f"lesion-wise scores over {len(rows)} case(s) (brats-evaluation's definitions; mean over "
               f"cases, leaving out NaN: a region in neither volume):")
@@ -164,6 +164,28 @@ def report(rows: list[dict], csv_path: str | None, only_pred=(), only_ref=(), me
             print(f"{'metric':<22}" + "".join(f"{r:>10}" for r in LW_REGIONS))
             for m in LW_SUMMARY:
                 print(f"{m:<22}" + "".join(f"{v:>10.4f}" for v in region_means(rows, m)))
+
+
+def volume_summary(rows: list[dict]) -> None:
+    """The volume-level table (mean, std, 95 % bootstrap interval of the mean, quartiles) and, when
+    the rows carry folds, the means per fold."""
+    print(f"volume-level scores over {len(rows)} case(s) (std over cases, ddof 0; ci95: percentile bootstrap "
+          f"of the mean over cases, {RESAMPLES} resamples, seed {SEED}):")
+    if not rows:
+        return
+    s = summarise(rows, columns())
+    heads = ("mean", "std", "ci95_lo", "ci95_hi", "median", "p25", "p75")
+    print(f"{'metric':<10}" + "".join(f"{h:>10}" for h in heads))
+    for c in columns():
+        v = s[c]
+        v["ci95_lo"], v["ci95_hi"] = bootstrap_mean_ci([r[c] for r in rows])
+        print(f"{c:<10}" + "".join(f"{v[h]:>10.4f}" for h in heads))
+    folds = per_fold_means(rows, columns()[:6])
+    if folds:
+        print("per-fold means (each case scored by the model that did not train on it):")
+        print(f"{'fold':<6}{'cases':>6}" + "".join(f"{c:>10}" for c in columns()[:6]))
+        for k, v in folds.items():
+            print(f"{k:<6}{v['n']:>6}" + "".join(f"{v[c]:>10.4f}" for c in columns()[:6]))
 
 
 def evaluate_folders(a) -> int:
@@ -179,8 +201,20 @@ def evaluate_folders(a) -> int:
     return 0
 
 
+def plan_line(a, work: list[tuple]) -> str:
+    """What is scored with what, in one line."""
+    folds = sorted({f for _, _, f in work if f is not None})
+    where = f"--cases {a.cases}" if a.cases else f"the validation cases of {a.data}"
+    if folds:
+        return (f"out of fold: {len(work)} training case(s) of {a.data}, each scored by the model of its fold "
+                f"(folds {','.join(map(str, folds))})")
+    if len(a.model) > 1:
+        return f"ensemble: the mean of {len(a.model)} models' probabilities on {len(work)} case(s), {where}"
+    return f"{len(work)} case(s): {where}"
+
+
 def evaluate_model(a, post) -> int:
-    """Predict the validation cases of --data with --model and score them (sharded over MPI ranks)."""
+    """Predict the cases the models score and score them (sharded over MPI ranks)."""
     from unet.inference.predictor import Predictor, reference_image, write_labels
     comm = world()
     rank, size = (comm.Get_rank(), comm.Get_size()) if comm else (0, 1)
@@ -188,23 +222,29 @@ def evaluate_model(a, post) -> int:
     threads = a.num_threads or inference_threads(comm)
     rows, error = [], None
     try:  # every rank gets here, so errors are agreed on below instead of leaving a rank waiting
-        cases = validation_cases(a.data)
-        pred = Predictor(a.model, engine=a.engine, threads=threads, int8=a.int8)
-        sys.stdout.write(f"rank {rank} engine {pred.engine}{' int8' if a.int8 else ''} threads {threads} "
-                         f"({pred.model_path})\n")
+        preds = [Predictor(m, engine=a.engine, threads=threads, int8=a.int8) for m in a.model]
+        work = plan(a, preds)
+        if rank == 0:
+            sys.stdout.write(plan_line(a, work) + "\n")
+        for pred in preds:
+            sys.stdout.write(f"rank {rank} engine {pred.engine}{' int8' if a.int8 else ''} threads {threads} "
+                             f"({pred.model_path})\n")
         if a.int8 and rank == 0:
-            sys.stdout.write(f"{int8_cost_line(pred.meta)}\n")
+            sys.stdout.write("".join(f"{int8_cost_line(p.meta)}\n" for p in preds))
         sys.stdout.flush()
-        for case in cases[rank::size]:
-            chans, seg, _ = pred.read(case)
+        for case, runner, fold in work[rank::size]:
+            chans, seg, _ = runner.read(case)
+            if seg is None:
+                raise EvalError(f"case {case.case_id}: no segmentation to score against")
             img = reference_image(case)
-            masks = pred.regions_mask(chans, img.GetSpacing()[::-1], post)
-            ref = L.regions_from_labels(seg, case.layout, pred.regions)
-            rows.append(score_case(case.case_id, _full(masks, pred.regions), _full(ref, pred.regions),
-                                   img.GetSpacing()[::-1], case.layout, a.metrics))
+            masks = runner.regions_mask(chans, img.GetSpacing()[::-1], post)
+            ref = L.regions_from_labels(seg, case.layout, runner.regions)
+            rows.append(dict(score_case(case.case_id, _full(masks, runner.regions), _full(ref, runner.regions),
+                                        img.GetSpacing()[::-1], case.layout, a.metrics),
+                             **({} if fold is None else {"fold": fold})))
             if a.pred_dir:
                 os.makedirs(a.pred_dir, exist_ok=True)
-                write_labels(pred.label_map(masks, a.labels), img,
+                write_labels(runner.label_map(masks, a.labels), img,
                              os.path.join(a.pred_dir, f"{case.case_id}.nii.gz"))
     except UsageError as e:
         error = str(e)
@@ -220,7 +260,10 @@ def evaluate_model(a, post) -> int:
     if rank == 0:
         rows.sort(key=lambda r: r["case"])
         report(rows, a.csv, metrics=a.metrics)
-        _tensorboard(a.model, rows, a.metrics)
+        if not a.ensemble:   # each model's logdir: the scores of the cases it scored
+            for m, p in zip(a.model, preds):
+                fold = model_fold(p.meta)[1]
+                _tensorboard(m, [r for r in rows if r.get("fold") == fold], a.metrics)
     return 0
 
 
@@ -255,8 +298,15 @@ def main(argv=None) -> int:
     ap.add_argument("--ref_dir", help="reference <case>.nii.gz files, or a dataset root in any layout")
     ap.add_argument("--labels", choices=("brats", "brats2023", "msd"), default="brats",
                     help="label convention of the predictions (and of flat reference folders)")
-    ap.add_argument("--model", help="training logdir or model.keras: score it on --data's validation cases")
-    ap.add_argument("--data", help="HDF5 file from unet-convert (its validation cases and source folder)")
+    ap.add_argument("--model", nargs="+",
+                    help="training logdir(s) or model.keras: one model scores --data's validation cases (a model "
+                         "trained with --fold k: fold k's cases); several, trained with --fold, score out of fold")
+    ap.add_argument("--data", help="HDF5 file from unet-convert (its validation cases, folds and source folder)")
+    ap.add_argument("--ensemble", action="store_true",
+                    help="score with the mean of the --model models' probabilities (then post-processing as for one "
+                         "model): --data's validation cases (those no fold holds), or --cases")
+    ap.add_argument("--cases", help="with --model: score every case (with a segmentation) under this dataset root "
+                                    "instead of --data's validation cases (not out of fold)")
     ap.add_argument("--csv", help="write one row per case here")
     add_engine_flags(ap)
     ap.add_argument("--metrics", choices=METRICS, default="all",
@@ -265,9 +315,11 @@ def main(argv=None) -> int:
                          "Dice/HD95/NSD; seconds per 240x240x155 case: 8.6 s with four tumours); all: both")
     add_flags(ap)
     a = ap.parse_args(argv)
-    if a.model or a.data:
-        if not (a.model and a.data):
-            raise EvalError("--model and --data go together")
+    if a.model or a.data or a.ensemble or a.cases:
+        if not a.model:
+            raise EvalError("--data, --ensemble and --cases score trained models: give --model")
+        if not (a.data or a.cases):
+            raise EvalError("--model needs --data (the unet-convert file) or --cases (a dataset root)")
         post = options_from_args(a)     # every rank finds the same bad value; rank 0 says so
         if engine_flag_error(a):
             raise UsageError(engine_flag_error(a))

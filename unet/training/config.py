@@ -102,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HDF5 file written by unet-convert, or a folder holding the seed's "
                         f"imgs_train.npy, msks_train.npy, imgs_test.npy, msks_test.npy [{DEFAULT_DATA} "
                         "unless --synthetic]")
+    g.add_argument("--fold", type=int, default=None,
+                   help="cross-validation, with --data converted by unet-convert --folds K: train on the "
+                        "other folds, validate on every slice of fold k's cases (k in 0..K-1); default: the "
+                        "file's train/val split")
     g.add_argument("--synthetic", action="store_true",
                    help="in-memory synthetic images (bright blobs to segment); no file needed")
     g.add_argument("--synthetic_size", type=int, default=128, help="--synthetic: image side (pixels)")
@@ -184,6 +188,8 @@ def validate(a: argparse.Namespace) -> argparse.Namespace:
         need(a.warmup_steps >= 1, f"--warmup_steps must be >= 1 (got {a.warmup_steps})")
         a.synthetic = True
     need(not (a.synthetic and a.data), "give at most one of --data PATH and --synthetic")
+    need(a.fold is None or not a.synthetic, "--fold selects cases of a --data file converted with --folds, "
+                                            "not of --synthetic data")
     if not a.synthetic and not a.data:
         a.data = DEFAULT_DATA
     if a.synthetic:
