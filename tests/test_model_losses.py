@@ -75,6 +75,36 @@ def test_bf16_model_is_rebuilt_in_float32_for_export_with_its_normalisation(norm
         np.testing.assert_array_equal(a, b)
 
 
+def test_head_bias_prior_starts_the_network_at_each_regions_foreground_share():
+    from unet.model import PRIOR_FLOOR, build_unet, prior_bias
+    share = [0.02, 0.0016, 0.0005]
+    bias = prior_bias(share)
+    assert bias == pytest.approx([np.log(0.02 / 0.98), np.log(0.0016 / 0.9984), np.log(0.0005 / 0.9995)], rel=1e-12)
+    assert prior_bias([0.0]) == pytest.approx([np.log(PRIOR_FLOOR / (1 - PRIOR_FLOOR))])   # absent region: finite
+    m = build_unet(32, 32, 2, 3, head_bias=bias, dropout=0.0)
+    np.testing.assert_allclose(m.get_layer("mask").bias.numpy(), bias, rtol=1e-6)
+    # an input that leaves every ReLU at 0 (zero image, zero conv biases): the output is the prior itself
+    out = np.asarray(m(np.zeros((1, 32, 32, 2), np.float32), training=False))
+    np.testing.assert_allclose(out.reshape(-1, 3), np.tile(share, (32 * 32, 1)), rtol=1e-5)
+    assert not np.any(build_unet(32, 32, 2, 3).get_layer("mask").bias.numpy())   # the seed's: zero, 0.5 everywhere
+    with pytest.raises(ValueError, match="head_bias has 2 values for 3 regions"):
+        build_unet(32, 32, 2, 3, head_bias=bias[:2])
+
+
+def test_leaky_relu_network_replaces_every_relu_and_adds_no_parameter():
+    from unet.model import LEAKY_SLOPE, build_unet
+    m = build_unet(128, 128, 1, 1, activation="leaky_relu")
+    assert m.count_params() == 7_759_521
+    convs = [l for l in m.layers if type(l).__name__ == "Conv2D" and l.kernel_size == (3, 3)]
+    leaky = [l for l in m.layers if type(l).__name__ == "LeakyReLU"]
+    assert len(convs) == len(leaky) == 18 and all(c.activation.__name__ == "linear" for c in convs)
+    assert all(l.negative_slope == pytest.approx(LEAKY_SLOPE) for l in leaky) and LEAKY_SLOPE == 0.01
+    names = [l.name for l in m.layers]
+    assert all(names[names.index(c.name) + 1] == "relu" + c.name[4:] for c in convs)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        build_unet(32, 32, 2, 3, activation="gelu")
+
+
 def test_dice_loss_equals_hand_computation():
     import tensorflow as tf
     from unet.training.losses import dice_from_sums, dice_loss, dice_sums
@@ -190,3 +220,5 @@ def test_region_dice_bce_is_the_default_and_adds_cross_entropy():
     y, p = tf.constant(y), tf.constant(p)
     assert float(get_loss("region_dice_bce")(y, p)) == \
         pytest.approx(float(region_dice_loss(y, p)) + float(bce_loss(y, p)), rel=1e-6)
+    assert float(get_loss("region_dice_bce", bce_weight=0.25)(y, p)) == \
+        pytest.approx(float(region_dice_loss(y, p)) + 0.25 * float(bce_loss(y, p)), rel=1e-6)

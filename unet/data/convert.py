@@ -141,8 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list from WT,TC,ET (default: WT,TC,ET for h5, WT for npy)")
     p.add_argument("--size", type=int, default=128,
                    help="in-plane size in pixels (multiple of 16); 240 keeps the BraTS grid untouched")
-    p.add_argument("--inplane", choices=("resize", "crop"), default="resize",
-                   help="resize the whole slice (keeps all the brain) or centre-crop it")
+    p.add_argument("--inplane", choices=P.INPLANE_MODES, default="resize",
+                   help="resize the whole slice (keeps all the brain), centre-crop it, or crop_resize: cut the "
+                        f"square around the case's head (non-zero voxels of all modalities, {P.CROP_MARGIN} voxels "
+                        "of margin) and resize that, so the head fills the input")
     p.add_argument("--slices", choices=("all", "brain", "tumour"), default="brain",
                    help="training slices kept: all; brain (the default: those with brain, which drops the "
                         "empty slices above/below the head and keeps the class balance inference sees); "
@@ -217,6 +219,7 @@ def main(argv=None) -> int:
             attrs = {"modalities": json.dumps(list(opts.modalities)), "regions": json.dumps(list(opts.regions)),
                      "size": opts.size, "normalisation": P.NORMALISATION,
                      "inplane": opts.inplane, "slices_train": opts.slices, "slices_val": "all",
+                     **({"crop_margin": P.CROP_MARGIN} if opts.inplane == "crop_resize" else {}),
                      "layout": layout, "converter_version": CONVERTER_VERSION,
                      "val_fraction": a.val_fraction, "seed": a.seed, "source": os.path.abspath(a.input)}
             staged = f"{h5_final}.tmp-{os.getpid()}"

@@ -1,7 +1,9 @@
 """Where training slices come from, behind one small interface.
 
-A source has ``len(source)``, ``source.shape`` = (H, W, C, R) and
-``source.read(indices) -> (images float32 (B,H,W,C), masks float32 (B,H,W,R))``.
+A source has ``len(source)``, ``source.shape`` = (H, W, C, R),
+``source.read(indices) -> (images float32 (B,H,W,C), masks float32 (B,H,W,R))`` and
+``source.tumour_slices()``: the sorted indices of the slices whose masks hold any region
+(found once, by reading the masks only, when ``--foreground_fraction`` asks for them).
 Reads are random access and streamed: nothing holds the dataset in memory.
 
 * ``H5Source``: the HDF5 file of ``unet-convert`` (groups ``train``/``val`` with
@@ -34,6 +36,17 @@ DEFAULT_DATA = "data/brats.h5"
 H5_MAGIC = b"\x89HDF\r\n\x1a\n"            # the first 8 bytes of every HDF5 file
 
 SEED_NPY = {"modalities": ["FLAIR"], "regions": ["WT"], "layout": "seed-npy"}  # the seed's own four files
+
+
+def _tumour_slices(source, masks_of) -> np.ndarray:
+    """Indices of the slices with any mask voxel set, cached on ``source``; ``masks_of(start, stop)``
+    returns the masks of slices start..stop-1, read 256 at a time."""
+    if getattr(source, "_tumour", None) is None:
+        n = len(source)
+        source._tumour = np.concatenate(
+            [s + np.flatnonzero(np.asarray(masks_of(s, min(s + 256, n))).reshape(min(256, n - s), -1).any(1))
+             for s in range(0, n, 256)] or [np.zeros(0, np.int64)]).astype(np.int64)
+    return source._tumour
 
 
 @dataclass
@@ -85,6 +98,9 @@ class SyntheticSource:
         pairs = [self.sample(i) for i in indices]
         return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
+    def tumour_slices(self) -> np.ndarray:
+        return _tumour_slices(self, lambda a, b: self.read(range(a, b))[1])
+
 
 class _ArraySource:
     """images (N,H,W,C) and masks (N,H,W,R) array-likes (h5py datasets or memory maps)."""
@@ -99,6 +115,9 @@ class _ArraySource:
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+    def tumour_slices(self) -> np.ndarray:
+        return _tumour_slices(self, lambda a, b: self.masks[a:b])
 
 
 class H5Source(_ArraySource):
@@ -246,6 +265,22 @@ def _check_pair(path: str, split: str, src) -> None:
                          f"{tuple(src.masks.shape)} do not match")
 
 
+SHARE_SLICES = 2048   # foreground_share reads at most this many training slices, evenly strided
+
+
+def foreground_share(source, max_slices: int = SHARE_SLICES, chunk: int = 64) -> list[float]:
+    """Each region's share of foreground pixels over the training slices (all of them, or ``max_slices``
+    evenly strided ones): the prior that ``--head_bias prior`` starts the network's output at."""
+    n = len(source)
+    h, w, _, r = source.shape
+    idx = np.unique(np.linspace(0, n - 1, min(n, max_slices)).round().astype(np.int64))
+    total = np.zeros(r, np.float64)
+    for s in range(0, len(idx), chunk):
+        _, msks = source.read(idx[s:s + chunk])
+        total += msks.sum(axis=(0, 1, 2), dtype=np.float64)
+    return (total / (len(idx) * h * w)).tolist()
+
+
 def open_sources(args) -> tuple[object, object | None, DataInfo]:
     """(train source, validation source or None, DataInfo) for the parsed flags."""
     if args.synthetic:
@@ -290,6 +325,9 @@ def open_sources(args) -> tuple[object, object | None, DataInfo]:
         raise UsageError(f"--data {path}: attribute 'regions' names {len(regions)} regions, masks have {r}")
     info = DataInfo(h, w, c, r, modalities or [f"channel{i}" for i in range(c)],
                     regions or [f"region{i}" for i in range(r)], attrs)
+    if getattr(args, "foreground_fraction", 0) and not len(train.tumour_slices()):
+        raise UsageError(f"--foreground_fraction {args.foreground_fraction}: no training slice of {path} "
+                         f"holds tumour (every mask is empty)")
     return train, (val if len(val) else None), info
 
 

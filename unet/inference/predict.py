@@ -8,7 +8,7 @@
     unet-predict --model LOGDIR --case DATASET_ROOT --benchmark        # every engine, timed
 
 The preprocessing (modalities and their order, z-score over brain voxels,
-in-plane size and crop/resize) is read from the model's ``model.json``, written
+in-plane size and crop/resize/crop_resize with its margin) is read from the model's ``model.json``, written
 at training time from the data file's metadata; nothing is re-typed. Every axial
 slice is predicted (with ``--tta``, mirrored too), the in-plane step undone, and the
 probabilities post-processed (``unet.inference.postprocess``: head mask, threshold, nesting,

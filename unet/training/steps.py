@@ -17,8 +17,9 @@ class Steps(NamedTuple):
     predict: Callable    # x -> probabilities, inference mode
 
 
-def compile_steps(hvd, model, optimizer, loss_fn) -> Steps:
-    """The training step and the forward pass of ``model``, traced once each."""
+def compile_steps(hvd, model, optimizer, loss_fn, clipnorm: float = 0.0) -> Steps:
+    """The training step and the forward pass of ``model``, traced once each; ``clipnorm`` > 0 clips the
+    averaged gradients to that global norm."""
     @tf.function
     def train(x, y):
         with tf.GradientTape() as tape:
@@ -28,7 +29,10 @@ def compile_steps(hvd, model, optimizer, loss_fn) -> Steps:
         # Horovod: average gradients over all ranks with one fused ring allreduce;
         # the loss and Dice sums ride along so rank 0 logs global figures.
         reduced = hvd.grouped_allreduce(grads + [loss, dice_sums(y, pred)], op=hvd.Average)
-        optimizer.apply_gradients(zip(reduced[:-2], model.trainable_variables))
+        grads = reduced[:-2]
+        if clipnorm:   # after the average: every rank clips the same gradients alike
+            grads, _ = tf.clip_by_global_norm(grads, clipnorm)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
         return reduced[-2], dice_from_sums(reduced[-1])
 
     spec = tf.TensorSpec((None,) + tuple(model.input_shape[1:]), tf.float32)

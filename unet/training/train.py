@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None, export=None) -> int:
 def run(args, setup, hvd, train_src, val_src, info, export=None) -> int:
     import keras
 
-    from unet.model import build_unet
+    from unet.data.sources import foreground_share
+    from unet.model import build_unet, prior_bias
     from unet.training import checkpoint
     from unet.training.losses import get_loss
     from unet.training.steps import compile_steps
@@ -73,16 +74,17 @@ def run(args, setup, hvd, train_src, val_src, info, export=None) -> int:
     # -- set-up: the model, and every rank from the same state
     rank, elastic_run = hvd.rank(), is_elastic()
     keras.utils.set_random_seed(args.seed + rank)  # dropout differs per rank; weights come from rank 0
+    share = foreground_share(train_src) if args.head_bias == "prior" else None
     model = build_unet(info.height, info.width, info.channels, info.regions,
                        use_upsampling=args.use_upsampling, dropout=args.dropout, precision=args.precision,
-                       norm=args.norm)
+                       norm=args.norm, activation=args.activation, head_bias=share and prior_bias(share))
     optimizer = keras.optimizers.Adam(learning_rate=args.learningrate)
     optimizer.build(model.trainable_variables)  # create Adam's slots now, so they can be broadcast
-    loss_fn = get_loss(args.loss)
+    loss_fn = get_loss(args.loss, args.bce_weight)
     path = None if args.benchmark else checkpoint.resume_path(args.logdir, args.resume, args.fresh)
     restored = checkpoint.restore_or_broadcast(hvd, model, optimizer, path, info.to_json(),
                                                args.data or "--synthetic data", elastic_run)
-    steps = compile_steps(hvd, model, optimizer, loss_fn)
+    steps = compile_steps(hvd, model, optimizer, loss_fn, clipnorm=args.clipnorm)
     if args.benchmark:
         from unet.training import benchmark
         return benchmark.run(config.bench_options(args), setup, hvd, model, optimizer, steps.train, loss_fn,
@@ -90,7 +92,7 @@ def run(args, setup, hvd, train_src, val_src, info, export=None) -> int:
     state = elastic.start_state(hvd, model, optimizer, **checkpoint.position(restored))
     # Elastic runs leave hung and lost workers to Horovod's driver (its rendezvous may wait for hosts).
     watchdog = Watchdog(0 if elastic_run else args.step_timeout, rank, setup.host)
-    job = Job(args, hvd, model, optimizer, steps, loss_fn, train_src, val_src, info, watchdog, restored)
+    job = Job(args, hvd, model, optimizer, steps, loss_fn, train_src, val_src, info, watchdog, restored, share)
 
     # -- the loop: epochs to the end, entered again after an elastic reset
     try:
@@ -127,6 +129,7 @@ class Job:
     info: object                 # unet.data.sources.DataInfo
     watchdog: Watchdog
     restored: dict | None        # the checkpoint the run started from
+    share: list | None = None    # each region's foreground share (--head_bias prior), for model.json
     outputs: dict = field(default_factory=dict)   # this process's (reporter, keeper) per rank it has held
     worlds: list = field(default_factory=list)    # the numbers of workers it has seen
 
@@ -138,7 +141,7 @@ def epochs(job: Job, state) -> tuple:
     rank, size = hvd.rank(), hvd.size()
     global_batch = a.batch_size * size
     reporter, keeper = outputs(job, rank, size, global_batch, state.step)
-    meta = run_meta(a, job.info, size, global_batch)
+    meta = run_meta(a, job.info, size, global_batch, job.share)
     val = None
     while state.epoch < a.epochs:
         epoch = state.epoch
@@ -163,7 +166,8 @@ def one_epoch(job: Job, state, reporter, keeper, meta: dict, global_batch: int) 
     epoch_total = pipeline.epoch_samples(n, global_batch, a.steps_per_epoch)
     ds, _ = pipeline.train_dataset(job.train_src, batch_size=a.batch_size, rank=job.hvd.rank(), size=size,
                                    epoch=epoch, seed=a.seed, cap=a.steps_per_epoch, augment_on=not a.no_augment,
-                                   start=state.step_in_epoch, start_sample=state.sample)
+                                   start=state.step_in_epoch, start_sample=state.sample,
+                                   foreground_fraction=a.foreground_fraction)
     reporter.epoch_start(epoch)
     for x, y in ds:
         lr = lr_at(a, state.step, size, per_epoch)
@@ -220,9 +224,10 @@ def outputs(job: Job, rank: int, size: int, global_batch: int, step: int) -> tup
     return reporter, keeper
 
 
-def run_meta(a, info, size: int, global_batch: int) -> dict:
+def run_meta(a, info, size: int, global_batch: int, share: list | None = None) -> dict:
     """What model.json and each checkpoint record of the run: the data (and its file, which unet-export
     --int8 calibrates on), the model's flags, the seed, the ranks."""
     data = dict(info.to_json(), **({"file": os.path.abspath(a.data)} if a.data else {}))
-    return {"data": data, "model": {"use_upsampling": a.use_upsampling, "dropout": a.dropout, "norm": a.norm,
-                                    "loss": a.loss}, "seed": a.seed, "ranks": size, "global_batch": global_batch}
+    model = {"use_upsampling": a.use_upsampling, "dropout": a.dropout, "norm": a.norm, "activation": a.activation,
+             "loss": a.loss, "head_bias": a.head_bias, **({"foreground_share": share} if share else {})}
+    return {"data": data, "model": model, "seed": a.seed, "ranks": size, "global_batch": global_batch}
