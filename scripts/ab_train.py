@@ -142,7 +142,8 @@ def step_cpu(first: dict, last: dict, seconds: float) -> dict:
     faults = sum(last[p][2] - first[p][2] for p in pids)
     n = max(len(pids), 1)
     return {"kernel_share": sys_ / max(user + sys_, 1e-9), "cpu_s": user + sys_,
-            "minflt_per_s_rank": faults / max(seconds, 1e-9) / n, "busy_per_rank": (user + sys_) / max(seconds, 1e-9) / n}
+            "minflt_per_s_rank": faults / max(seconds, 1e-9) / n,
+            "busy_per_rank": (user + sys_) / max(seconds, 1e-9) / n}
 
 
 def cores_of(v: Variant) -> int:
@@ -211,13 +212,15 @@ def describe(label: str, i: int, r: dict, gflop_per_img: float, peak_gflops: flo
              f"{r['minflt_per_s_rank']:,.0f} minflt/s/rank, ranks busy {r['busy_per_rank']:.2f} cores each; "
              if "kernel_share" in r else "")
     return (f"run {i} {label}: {r['img_s']:.2f} img/s ({r['windows']} windows), {g:.1f} GFLOP/s; "
-            f"{steps}whole run kernel {r['run_kernel_share']:.1%} of {r['run_cpu_s']:.0f} CPU-s, wall {r['wall']:.0f} s; "
+            f"{steps}whole run kernel {r['run_kernel_share']:.1%} of {r['run_cpu_s']:.0f} CPU-s, "
+            f"wall {r['wall']:.0f} s; "
             f"load {r['load'][0]:.2f}->{r['load'][1]:.2f}, others {r['others_cores']:.2f} cores; sha256 {r['sha']}")
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ab_train.py", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 1)[1])
     for s in ("a", "b"):
         ap.add_argument(f"--{s}_rev", default=None, help=f"git revision for {s.upper()} (default: this checkout)")
         ap.add_argument(f"--{s}_env", action="append", default=[], metavar="NAME=VALUE",
@@ -225,8 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
         ap.add_argument(f"--{s}_args", default="", help=f"extra train_hvd.py flags of {s.upper()} (one string)")
         ap.add_argument(f"--{s}_label", default=s.upper(), help="name printed for it (default: %(default)s)")
         ap.add_argument(f"--{s}_np", type=int, default=0, help=f"ranks of {s.upper()} (default: --np)")
-        ap.add_argument(f"--{s}_batch_size", type=int, default=0, help=f"batch per rank of {s.upper()} (default: --batch_size)")
-        ap.add_argument(f"--{s}_mpirun_args", default=None, help=f"mpirun options of {s.upper()} (default: --mpirun_args)")
+        ap.add_argument(f"--{s}_batch_size", type=int, default=0,
+                        help=f"batch per rank of {s.upper()} (default: --batch_size)")
+        ap.add_argument(f"--{s}_mpirun_args", default=None,
+                        help=f"mpirun options of {s.upper()} (default: --mpirun_args)")
     ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="environment of every run")
     ap.add_argument("--isa", choices=("AVX2", "native"), default="AVX2",
                     help="AVX2: ONEDNN_MAX_CPU_ISA=AVX2 in every run and the AVX2 peak; native: oneDNN's "

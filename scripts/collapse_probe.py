@@ -26,6 +26,7 @@ def main(argv=None) -> int:
     p.add_argument("--slices", type=int, default=32, help="training slices with tumour to probe")
     a = p.parse_args(argv)
     import keras
+
     from unet.data.sources import H5Source
     from unet.model import build_unet
     from unet.training.checkpoint import load_checkpoint

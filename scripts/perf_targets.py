@@ -40,7 +40,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from unet.perf import flops, peak, measure as perf  # noqa: E402  (pure modules: no TensorFlow in this process)
+from unet.perf import flops, peak  # noqa: E402  (pure modules: no TensorFlow in this process)
+from unet.perf import measure as perf  # noqa: E402
 
 PY = sys.executable
 BENCH = re.compile(r"^benchmark: (.*)$", re.M)

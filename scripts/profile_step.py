@@ -108,6 +108,7 @@ def op_times(space) -> tuple[collections.Counter, collections.Counter, dict]:
 
 def build(args, info):
     import keras
+
     from unet.model import build_unet
     from unet.training.losses import get_loss
     model = build_unet(info[0], info[1], info[2], info[3], use_upsampling=args.use_upsampling, dropout=0.0)
@@ -133,6 +134,7 @@ def main(argv=None) -> int:
     print(setup.line(), flush=True)
     hvd = init_horovod(setup)
     import tensorflow as tf
+
     from unet.data import pipeline
     from unet.data.sources import H5Source
     from unet.training.losses import dice_from_sums, dice_sums
@@ -191,7 +193,8 @@ def main(argv=None) -> int:
 def table(r: dict) -> str:
     n, wall = r["steps"], r["wall_ms"]
     ops = sum(v for k, v in r["kind"].items() if not k.startswith(("input", "step wall"))) / n
-    rows = [f"rank {r['rank']} (--jit {r['jit']}): {wall:.0f} ms per step (wall, {n} steps); ops {ops:.0f} ms; not in any op "
+    rows = [f"rank {r['rank']} (--jit {r['jit']}): {wall:.0f} ms per step (wall, {n} steps); ops {ops:.0f} ms; "
+            f"not in any op "
             f"{max(wall - ops, 0):.0f} ms ({max(wall - ops, 0) / wall:.0%})",
             "| kind | ms/step | share of step |", "|---|---|---|"]
     for k, v in sorted(r["kind"].items(), key=lambda kv: -kv[1]):

@@ -7,7 +7,8 @@ as the demo scores it (``unet-evaluate --model --tta``, default post-processing,
 ``--slices tumour`` run's epoch length (ceil(training slices / 8) steps) caps the epochs of the others
 (``--steps_per_epoch``), so every run trains the same number of images with the same warmup, decay and
 validation points. oneDNN runs at ONEDNN_MAX_CPU_ISA (default AVX2, the project's target machine;
-another instruction set rounds differently and sends training down another path). Also printed: how many of the images trained on held tumour and enhancing tumour
+another instruction set rounds differently and sends training down another path). Also printed: how many of the
+images trained on held tumour and enhancing tumour
 (counted from the file's masks and the trainer's own sample order, ``unet.data.pipeline.rank_batches``).
 
     .venv/bin/python scripts/sampling_runs.py --cases runs/demo/cases --out runs/sampling [--fractions 0,0.33,0.5]

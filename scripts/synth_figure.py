@@ -16,8 +16,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from unet.data import mni152                      # noqa: E402
-from unet.data.contrast import MODALITIES         # noqa: E402
+from unet.data import mni152  # noqa: E402
+from unet.data.contrast import MODALITIES  # noqa: E402
 
 COLOURS = {1: (230, 40, 40), 2: (40, 200, 60), 4: (250, 230, 40)}
 

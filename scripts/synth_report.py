@@ -19,8 +19,8 @@ import numpy as np
 from scipy import ndimage
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from unet.data import anatomy, mni152               # noqa: E402
-from unet.data.contrast import MODALITIES          # noqa: E402
+from unet.data import anatomy, mni152  # noqa: E402
+from unet.data.contrast import MODALITIES  # noqa: E402
 
 
 def nearest_ventricle(case, centre) -> float:

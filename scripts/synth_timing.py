@@ -17,7 +17,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from unet.data import anatomy, synth     # noqa: E402
+from unet.data import anatomy, synth  # noqa: E402
 
 
 def main(argv=None) -> int:

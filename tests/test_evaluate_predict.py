@@ -15,7 +15,6 @@ import h5py
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from conftest import HANG, ROOT, run_mpi
 
 pytestmark = pytest.mark.mpi
@@ -59,7 +58,8 @@ def trained(tmp_path_factory):
 @pytest.fixture(scope="module")
 def predicted(trained):
     """unet-predict (the trained model) in batch mode over the dataset root."""
-    p = py("unet.inference.predict", "--model", trained / "logs", "--case", trained / "cases", "--out", trained / "pred")
+    p = py("unet.inference.predict", "--model", trained / "logs", "--case", trained / "cases",
+           "--out", trained / "pred")
     assert p.returncode == 0, p.stderr
     return trained / "pred"
 
@@ -133,7 +133,8 @@ def test_predict_writes_labels_on_the_input_grid_and_scores_round_trip(trained, 
     assert pred.GetSpacing() == ref.GetSpacing() and pred.GetOrigin() == ref.GetOrigin()
     assert pred.GetDirection() == ref.GetDirection()
     assert set(np.unique(sitk.GetArrayFromImage(pred))) <= {0, 1, 2, 4}
-    e = py("unet.evaluation.evaluate", "--pred_dir", predicted, "--ref_dir", trained / "cases", "--csv", tmp_path / "s.csv")
+    e = py("unet.evaluation.evaluate", "--pred_dir", predicted, "--ref_dir", trained / "cases",
+           "--csv", tmp_path / "s.csv")
     assert e.returncode == 0, e.stderr
     rows = read_csv(tmp_path / "s.csv")
     assert [r["case"] for r in rows] == [f"BraTS20_Training_00{i}" for i in (1, 2, 3)]
@@ -338,7 +339,8 @@ def test_case_takes_the_files_of_one_case_in_any_layout(trained, oracle, oracle_
     assert want.any()
     files = [src / f"{ONE}_{m}.nii.gz" for m in MODS]
     # BraTS 2017-22 names, in any order
-    assert predict_with(oracle, "--model", trained / "logs", "--case", *files[::-1], "--out", tmp_path / "a.nii.gz") == 0
+    assert predict_with(oracle, "--model", trained / "logs", "--case", *files[::-1],
+                        "--out", tmp_path / "a.nii.gz") == 0
     assert np.array_equal(array(tmp_path / "a.nii.gz"), want)
     # BraTS 2023 names
     gli = tmp_path / "gli"; gli.mkdir()
@@ -420,6 +422,7 @@ def test_a_bad_case_under_model_is_one_line(trained, tmp_path, capsys):
 
 def test_png_shows_input_prediction_and_reference_in_region_colours(trained, oracle_predicted):
     import cv2
+
     from unet.data.labels import regions_from_labels
     png = cv2.imread(str(trained / "oracle_png" / f"{ONE}.png"))
     ref = regions_from_labels(array(trained / "cases" / ONE / f"{ONE}_seg.nii.gz"), "brats")

@@ -107,6 +107,7 @@ def test_leaky_relu_network_replaces_every_relu_and_adds_no_parameter():
 
 def test_dice_loss_equals_hand_computation():
     import tensorflow as tf
+
     from unet.training.losses import dice_from_sums, dice_loss, dice_sums
     y = np.zeros((1, 4, 4, 1), np.float32); y[0, :2, :2] = 1          # 4 pixels
     p = np.zeros((1, 4, 4, 1), np.float32); p[0, :2, :] = 0.5         # 8 pixels at 0.5
@@ -119,6 +120,7 @@ def test_dice_loss_equals_hand_computation():
 
 def test_dice_bce_is_dice_plus_binary_cross_entropy_by_hand():
     import tensorflow as tf
+
     from unet.training.losses import get_loss
     y = np.zeros((1, 4, 4, 1), np.float32); y[0, :2, :2] = 1
     p = np.zeros((1, 4, 4, 1), np.float32); p[0, :2, :] = 0.5
@@ -131,6 +133,7 @@ def test_dice_bce_is_dice_plus_binary_cross_entropy_by_hand():
 
 def test_perfect_prediction_gives_zero_loss():
     import tensorflow as tf
+
     from unet.training.losses import dice_loss
     y = np.zeros((2, 8, 8, 1), np.float32); y[:, 2:5, 2:6] = 1
     assert float(dice_loss(tf.constant(y), tf.constant(y))) == pytest.approx(0.0, abs=1e-6)
@@ -139,6 +142,7 @@ def test_perfect_prediction_gives_zero_loss():
 def test_bf16_model_keeps_float32_variables_and_output():
     import keras
     import tensorflow as tf
+
     from unet.model import build_unet
     m = build_unet(128, 128, 1, 1, precision="bf16")
     assert m.count_params() == 7_759_521
@@ -157,9 +161,10 @@ def test_bf16_model_keeps_float32_variables_and_output():
 def test_bf16_checkpoint_and_export_round_trip(tmp_path):
     import keras
     import tensorflow as tf
+
+    from unet.model import build_unet
     from unet.modelfolder import save_model as export_model
     from unet.training.checkpoint import load_checkpoint, save_checkpoint
-    from unet.model import build_unet
     m = build_unet(32, 32, 2, 1, precision="bf16")
     opt = keras.optimizers.Adam()
     opt.build(m.trainable_variables)
@@ -185,6 +190,7 @@ def _two_regions():
 
 def test_region_dice_averages_regions_where_pooled_dice_lets_the_large_one_dominate():
     import tensorflow as tf
+
     from unet.training.losses import dice_loss, region_dice_loss
     y, p = _two_regions()
     # pooled over both regions: sum(y*p) = 4, sum(y) = 9, sum(p) = 4 -> -log((8+1)/(13+1))
@@ -201,6 +207,7 @@ def test_region_dice_averages_regions_where_pooled_dice_lets_the_large_one_domin
 
 def test_region_dice_leaves_regions_absent_from_the_batch_out_of_the_mean():
     import tensorflow as tf
+
     from unet.training.losses import region_dice_loss
     y, p = _two_regions()
     y[..., 1] = 0                      # no pixel of region 1 in this batch
@@ -213,6 +220,7 @@ def test_region_dice_leaves_regions_absent_from_the_batch_out_of_the_mean():
 
 def test_region_dice_bce_is_the_default_and_adds_cross_entropy():
     import tensorflow as tf
+
     from unet.training.config import parse_args
     from unet.training.losses import bce_loss, get_loss, region_dice_loss
     assert parse_args(["--synthetic"]).loss == "region_dice_bce"

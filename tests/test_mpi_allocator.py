@@ -3,8 +3,8 @@ import json
 import os
 
 import pytest
-
 from conftest import ROOT, mpi_env, run_mpi
+
 from unet import malloc
 from unet.errors import UsageError
 

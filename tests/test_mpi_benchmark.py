@@ -3,8 +3,8 @@ import os
 import re
 
 import pytest
-
 from conftest import ROOT, run_mpi
+
 from unet.perf.flops import training_flops
 
 pytestmark = pytest.mark.mpi

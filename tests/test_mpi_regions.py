@@ -7,7 +7,6 @@ import os
 import re
 
 import pytest
-
 from conftest import HANG, ROOT, run_mpi
 
 pytestmark = pytest.mark.mpi

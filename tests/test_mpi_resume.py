@@ -7,7 +7,6 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import HANG, ROOT, mpi_env, run_mpi, train_args
 from h5fixture import write_h5
 

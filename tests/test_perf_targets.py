@@ -4,7 +4,8 @@ import sys
 
 import pytest
 
-from unet.perf import flops, measure as perf
+from unet.perf import flops
+from unet.perf import measure as perf
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 

@@ -111,6 +111,7 @@ def test_augment_scales_and_shifts_intensity_within_bounds():
 def test_validation_batches_are_the_stored_slices_unaugmented(tmp_path):
     import h5py
     from h5fixture import write_h5
+
     from unet.data.pipeline import val_batches
     from unet.data.sources import H5Source
     path = write_h5(str(tmp_path / "d.h5"), n_val=11)
@@ -127,6 +128,7 @@ def test_validation_batches_are_the_stored_slices_unaugmented(tmp_path):
 @pytest.mark.needs_stack
 def test_training_dataset_prefetches_and_augments(tmp_path):
     from h5fixture import write_h5
+
     from unet.data.pipeline import train_dataset
     from unet.data.sources import H5Source
     src = H5Source(write_h5(str(tmp_path / "d.h5"), n_train=8), "train")

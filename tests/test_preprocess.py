@@ -2,8 +2,18 @@ import numpy as np
 import pytest
 
 from unet.data.labels import regions_from_labels
-from unet.data.preprocess import (CROP_MARGIN, NetworkInput, apply_inplane, head_box, inplane_plan, network_input,
-                                  select_slices, to_case_grid, undo_inplane, zscore)
+from unet.data.preprocess import (
+    CROP_MARGIN,
+    NetworkInput,
+    apply_inplane,
+    head_box,
+    inplane_plan,
+    network_input,
+    select_slices,
+    to_case_grid,
+    undo_inplane,
+    zscore,
+)
 from unet.data.synth import MODALITIES, make_case
 from unet.metrics import dice
 

@@ -5,10 +5,10 @@ import os
 import h5py
 import numpy as np
 import pytest
-
 from h5fixture import write_h5
-from unet.training.config import UsageError
+
 from unet.data.sources import open_sources
+from unet.training.config import UsageError
 
 
 def args(path):

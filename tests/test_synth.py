@@ -8,9 +8,9 @@ import struct
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import IN_CI
 from scipy import ndimage
 
-from conftest import IN_CI
 from unet.data import labels as L
 from unet.data import synth
 

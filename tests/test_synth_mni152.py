@@ -15,9 +15,9 @@ import h5py
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import HANG, IN_CI, ROOT
 from scipy import ndimage
 
-from conftest import HANG, IN_CI, ROOT
 from unet.data import anatomy, mni152, synth, tumour
 from unet.data.contrast import MODALITIES
 

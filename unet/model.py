@@ -42,7 +42,7 @@ def prior_bias(share) -> list[float]:
 def build_unet(height: int, width: int, channels: int, regions: int, *,
                use_upsampling: bool = False, dropout: float = 0.2,
                precision: str = "fp32", norm: str = "none", activation: str = "relu",
-               head_bias=None) -> keras.Model:
+               head_bias=None):
     import keras  # here, so the constants above import without Keras (unet.perf.flops)
     from keras import layers
     if precision not in PRECISIONS:

@@ -25,12 +25,12 @@ import zlib
 
 import numpy as np
 
+from unet.cli import command
 from unet.data import labels as L
 from unet.data import preprocess as P
 from unet.data.h5io import H5Writer, merge_parts, write_folds, write_npy
 from unet.data.layouts import MODALITIES, Case, detect_layout, find_cases
 from unet.data.nifti import DataError, Options, read_case
-from unet.cli import command
 from unet.distributed.ranks import agree, world
 from unet.errors import UsageError
 

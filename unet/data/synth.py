@@ -31,9 +31,9 @@ import sys
 
 import numpy as np
 
+from unet.cli import command
 from unet.data import anatomy, mni152
 from unet.data.layouts import SUFFIXES
-from unet.cli import command
 from unet.errors import UsageError
 
 SHAPE = (155, 240, 240)            # (z, y, x) as SimpleITK arrays

@@ -33,22 +33,22 @@ import sys
 
 import numpy as np
 
+from unet.cli import command
 from unet.data import labels as L
 from unet.data.layouts import LayoutError, detect_layout, find_cases
-from unet.cli import command
 from unet.distributed.ranks import agree, inference_threads, world
-from unet.inference.engines import add_flags as add_engine_flags
-from unet.inference.engines import flag_error as engine_flag_error
-from unet.inference.engines import int8_cost_line
+from unet.errors import UsageError
+from unet.evaluation.crossval import EvalError, model_fold, plan
 from unet.evaluation.lesionwise import REGIONS as LW_REGIONS
 from unet.evaluation.lesionwise import SUMMARY as LW_SUMMARY
 from unet.evaluation.lesionwise import columns as lw_columns
 from unet.evaluation.lesionwise import region_means, score_lesionwise
-from unet.evaluation.crossval import EvalError, model_fold, plan
 from unet.evaluation.stats import RESAMPLES, SEED, bootstrap_mean_ci, per_fold_means
-from unet.metrics import score_regions, summarise
+from unet.inference.engines import add_flags as add_engine_flags
+from unet.inference.engines import flag_error as engine_flag_error
+from unet.inference.engines import int8_cost_line
 from unet.inference.postprocess import add_flags, options_from_args
-from unet.errors import UsageError
+from unet.metrics import score_regions, summarise
 
 GEOMETRY_TOL = 1e-3
 

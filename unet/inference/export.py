@@ -18,7 +18,6 @@ with the volume Dice it costs on the validation cases measured and recorded (``u
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -30,13 +29,13 @@ import numpy as np
 
 from unet.cli import add_threads_flag, command, threads_error
 from unet.distributed.ranks import inference_threads
+from unet.errors import UsageError
 from unet.inference import engines as E
+from unet.inference.postprocess import add_flags as add_post_flags
+from unet.inference.postprocess import options_from_args
 from unet.inference.quantize import add_int8, data_file
 from unet.inference.timing import interleaved
 from unet.modelfolder import io_record, locate, read_meta, write_meta
-from unet.inference.postprocess import options_from_args
-from unet.inference.postprocess import add_flags as add_post_flags
-from unet.errors import UsageError
 
 KERAS_FORMAT = {"openvino": "openvino", "onnx": "onnx", "saved_model": "tf_saved_model"}
 

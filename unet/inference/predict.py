@@ -27,9 +27,9 @@ import numpy as np
 from unet.cli import command
 from unet.data import labels as L
 from unet.data.layouts import Case, LayoutError, case_from_files, find_cases
+from unet.errors import UsageError
 from unet.inference import engines as E
 from unet.inference.benchmark import run as benchmark
-from unet.errors import UsageError
 from unet.inference.postprocess import add_flags, options_from_args
 from unet.inference.predictor import Predictor, reference_image, write_labels
 

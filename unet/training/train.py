@@ -18,8 +18,15 @@ from dataclasses import dataclass, field
 
 from unet.cli import launcher_rank
 from unet.distributed import elastic
-from unet.distributed.ranks import (Watchdog, agree, check_replicas, collective_failure, init_horovod, is_elastic,
-                                    prepare_rank)
+from unet.distributed.ranks import (
+    Watchdog,
+    agree,
+    check_replicas,
+    collective_failure,
+    init_horovod,
+    is_elastic,
+    prepare_rank,
+)
 from unet.errors import UsageError
 from unet.training import config
 from unet.training.schedule import learning_rate
