@@ -7,17 +7,19 @@
 #   validation cases (--val_fraction at conversion), the ensemble of the K models scores them
 #   (LOGDIR/ensemble.csv and .txt).
 # Options: --data FILE (default data/brats.h5), --logdir DIR (default runs/crossval), --np N ranks
-#          (default 2), --metrics legacy|lesionwise|all (unet-evaluate's, default all), --dry-run
-#          (print the commands, run nothing), --help; anything else goes to every train_hvd.py run.
+#          (default 2), --metrics legacy|lesionwise|all (unet-evaluate's, default all), --tta (score
+#          with flip TTA), --dry-run (print the commands, run nothing), --help; anything else goes to
+#          every train_hvd.py run.
 #          To train a finished fold further (say more --epochs), remove its model.json first.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-DATA="$ROOT/data/brats.h5"; LOGDIR="$ROOT/runs/crossval"; NP=2; METRICS=all; DRY=0; EXTRA=()
+DATA="$ROOT/data/brats.h5"; LOGDIR="$ROOT/runs/crossval"; NP=2; METRICS=all; DRY=0; EXTRA=(); SCORE=()
 die() { echo "crossval.sh: error: $*" >&2; exit 2; }
 while (($#)); do
   case "$1" in
-    --help|-h) sed -n '2,12p' "$0"; exit 0 ;;
+    --help|-h) sed -n '2,13p' "$0"; exit 0 ;;
     --dry-run) DRY=1 ;;
+    --tta) SCORE+=(--tta) ;;
     --data|--logdir|--np|--metrics) [[ $# -ge 2 ]] || die "$1 needs a value"
       case "$1" in --data) DATA="$2" ;; --logdir) LOGDIR="$2" ;; --np) NP="$2" ;; --metrics) METRICS="$2" ;; esac
       shift ;;
@@ -50,9 +52,9 @@ train_cmd() {
   TRAIN=("${MPI[@]}" "$PY" "$ROOT/train_hvd.py" --data "$DATA" --fold "$1" --logdir "$LOGDIR/fold_$1" "${EXTRA[@]}")
 }
 OOF=("${MPI[@]}" "$PY" -m unet.evaluation.evaluate --model "${MODELS[@]}" --data "$DATA" --metrics "$METRICS"
-     --csv "$LOGDIR/out_of_fold.csv")
+     "${SCORE[@]}" --csv "$LOGDIR/out_of_fold.csv")
 ENS=("${MPI[@]}" "$PY" -m unet.evaluation.evaluate --model "${MODELS[@]}" --ensemble --data "$DATA"
-     --metrics "$METRICS" --csv "$LOGDIR/ensemble.csv")
+     --metrics "$METRICS" "${SCORE[@]}" --csv "$LOGDIR/ensemble.csv")
 if ((DRY)); then
   for ((k = 0; k < K; k++)); do train_cmd "$k"; printf '%q ' "${TRAIN[@]}"; echo; done
   printf '%q ' "${OOF[@]}"; echo "| tee $(printf '%q' "$LOGDIR/out_of_fold.txt")"
