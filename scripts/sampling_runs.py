@@ -69,13 +69,13 @@ def images_seen(h5: str, epochs: int, cap: int, fraction: float, seed: int = 816
     return len(idx), int(tumour[idx].sum()), int(et[idx].sum())
 
 
-def train_and_score(name: str, h5: str, out: str, epochs: int, cap: int, fraction: float) -> dict:
+def train_and_score(name: str, h5: str, out: str, epochs: int, cap: int, fraction: float, seed: int) -> dict:
     logs = os.path.join(out, f"logs-{name}")
     t0 = time.time()
     run(["mpirun", "-np", str(RANKS), "--oversubscribe", PY, os.path.join(ROOT, "train_hvd.py"), "--data", h5,
          "--batch_size", str(BATCH), "--learningrate", "0.0001", "--epochs", str(epochs), "--steps_per_epoch",
-         str(cap), "--foreground_fraction", str(fraction), "--log_every", "10", "--logdir", logs, "--fresh"],
-        os.path.join(out, f"train-{name}.log"))
+         str(cap), "--foreground_fraction", str(fraction), "--seed", str(seed), "--log_every", "10",
+         "--logdir", logs, "--fresh"], os.path.join(out, f"train-{name}.log"))
     seconds = time.time() - t0
     with open(os.path.join(logs, "training.log")) as fh:
         val = [tuple(float(x) for x in re.findall(r"dice_\w+ ([0-9.]+)", l)) for l in fh if l.startswith("validation")]
@@ -87,7 +87,7 @@ def train_and_score(name: str, h5: str, out: str, epochs: int, cap: int, fractio
     volume = {c: float(np.mean([float(r[c]) for r in rows])) for c in rows[0] if c != "case"}
     per_case_et = [float(r["dice_ET"]) for r in rows]
     return dict(name=name, val=val, volume=volume, per_case_et=per_case_et, seconds=seconds,
-                seen=images_seen(h5, epochs, cap, fraction))
+                seen=images_seen(h5, epochs, cap, fraction, seed))
 
 
 def main(argv=None) -> int:
@@ -99,11 +99,13 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=4, help="epochs of every run (the demo's 4)")
     ap.add_argument("--size", type=int, default=128, help="in-plane size (pixels)")
     ap.add_argument("--inplane", default="resize", help="in-plane mode of the conversion")
+    ap.add_argument("--seed", type=int, default=816, help="train_hvd.py --seed (weights, sample order, augmentation)")
     a = ap.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
-    tag = f"{a.inplane}{a.size}"
-    tumour_h5 = convert(a.cases, os.path.join(a.out, f"tumour-{tag}.h5"), "tumour", a.size, a.inplane)
-    brain_h5 = convert(a.cases, os.path.join(a.out, f"brain-{tag}.h5"), "brain", a.size, a.inplane)
+    tag = f"{a.inplane}{a.size}" + (f"-seed{a.seed}" if a.seed != 816 else "")
+    files = f"{a.inplane}{a.size}"
+    tumour_h5 = convert(a.cases, os.path.join(a.out, f"tumour-{files}.h5"), "tumour", a.size, a.inplane)
+    brain_h5 = convert(a.cases, os.path.join(a.out, f"brain-{files}.h5"), "brain", a.size, a.inplane)
     with h5py.File(tumour_h5) as f:
         cap = math.ceil(len(f["train"]["images"]) / (RANKS * BATCH))
     runs = [] if a.no_tumour_run else [("tumour-slices", tumour_h5, 0.0)]
@@ -111,7 +113,7 @@ def main(argv=None) -> int:
     results = []
     for name, h5, fraction in runs:
         print(f"  {name}: training {a.epochs} x {cap} steps", file=sys.stderr, flush=True)
-        results.append(train_and_score(f"{name}-{tag}", h5, a.out, a.epochs, cap, fraction))
+        results.append(train_and_score(f"{name}-{tag}", h5, a.out, a.epochs, cap, fraction, a.seed))
     print(f"{a.epochs} epochs x {cap} steps x {RANKS * BATCH} images; validation Dice (slices, WT / TC / ET) "
           f"after each epoch; volume Dice with --tta, mean over the validation cases")
     print("| run | images: with tumour / with ET | validation Dice per epoch | volume Dice WT / TC / ET "
