@@ -21,14 +21,18 @@ while (($#)); do
   esac; shift
 done
 PY="$ROOT/.venv/bin/python"
-SYNTH=("$PY" -m unet.data.synth --out "$OUT/cases" --cases "$CASES" --seed 0 --workers 2)
+SYNTH=("$PY" -m unet.data.synth --out "$OUT/cases" --cases "$CASES" --seed 0 --workers 2 --anatomy sphere)
 # training slices: those with tumour plus a tenth of the others (validation keeps every slice), so the
 # 4 epochs below see 1,312 images where 2 epochs of every brain slice saw 1,552 (docs/TRAINING.md)
 CONVERT=("$PY" -m unet.data.convert --input "$OUT/cases" --output "$OUT/brats.h5" --size 128 --workers 2
          --slices tumour)
 # batch 4 per rank (global 8): twice the updates of batch 8 for the same images; rate 0.0001 (the
 # default loss collapsed to all-background with --learningrate 0.0002 at this batch; docs/TRAINING.md)
-TRAIN=(mpirun -np 2 --oversubscribe "$PY" "$ROOT/train_hvd.py" --data "$OUT/brats.h5" --batch_size 4 --learningrate 0.0001
+# each rank preloads tcmalloc (scripts/setup.sh installs it): 1.57x the img/s of glibc's malloc on the AVX2 machines
+# (docs/PERFORMANCE.md); your own LD_PRELOAD, or UNET_MALLOC=system, is kept instead
+MALLOC=()
+[[ -z "${LD_PRELOAD:-}" && "${UNET_MALLOC:-tcmalloc}" != system ]] && MALLOC=(-x LD_PRELOAD=libtcmalloc_minimal.so.4)
+TRAIN=(mpirun -np 2 --oversubscribe "${MALLOC[@]}" "$PY" "$ROOT/train_hvd.py" --data "$OUT/brats.h5" --batch_size 4 --learningrate 0.0001
        --epochs "$EPOCHS" --log_every 10 --logdir "$OUT/logs" "${EXTRA[@]}")
 # --tta: mirrored slices too (4x the inference; TC Dice 0.61 -> 0.70 on the demo, docs/TRAINING.md);
 # --metrics all: the BraTS 2017-22 volume-level figures and the lesion-wise ones of brats-evaluation

@@ -48,7 +48,8 @@ def main(argv: list[str]) -> int:
         if "mpi_ops.cc" in text and "xla_mpi_ops.cc" not in text:
             print(f"horovod_patch: {path}: already patched")
             return 0
-        print(f"horovod_patch: {path}: no TF_SOURCES line for xla_mpi_ops.cc; unexpected Horovod version", file=sys.stderr)
+        print(f"horovod_patch: {path}: no TF_SOURCES line for xla_mpi_ops.cc; unexpected Horovod version",
+              file=sys.stderr)
         return 1
     path.write_text(new)
     print(f"horovod_patch: {path}: removed xla_mpi_ops.cc from TF_SOURCES ({removed} line)")

@@ -66,7 +66,8 @@ def main(argv=None) -> int:
             Metric.DSC(r8, p8), Metric.HD95(r8, p8)
 
     print(f"one {'x'.join(map(str, shape[::-1]))} case, median of {a.repeats}:")
-    print(f"  lesion-wise scoring, 5 regions (panoptica):     {median_seconds(lambda: score_lesionwise(pred, ref, (1.0, 1.0, 1.0), 'brats2023'), a.repeats):6.2f} s")
+    seconds = median_seconds(lambda: score_lesionwise(pred, ref, (1.0, 1.0, 1.0), 'brats2023'), a.repeats)
+    print(f"  lesion-wise scoring, 5 regions (panoptica):     {seconds:6.2f} s")
     print(f"  global Dice + HD95, WT/TC/ET, hand-written:      {median_seconds(hand, a.repeats):6.2f} s")
     print(f"  global Dice + HD95, WT/TC/ET, panoptica's funcs: {median_seconds(panoptica_fns, a.repeats):6.2f} s")
     return 0

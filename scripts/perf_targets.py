@@ -40,7 +40,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from unet.perf import flops, peak, measure as perf  # noqa: E402  (pure modules: no TensorFlow in this process)
+from unet.perf import flops, peak  # noqa: E402  (pure modules: no TensorFlow in this process)
+from unet.perf import measure as perf  # noqa: E402
 
 PY = sys.executable
 BENCH = re.compile(r"^benchmark: (.*)$", re.M)
@@ -81,7 +82,7 @@ def make_data(tmp: str, log: list) -> tuple[str, str, dict]:
     Also returns the converter's peak RSS and time for each: {cases: (maxrss MB, seconds)}."""
     cases, many = os.path.join(tmp, "cases"), os.path.join(tmp, "cases10x")
     run("unet-synth 4 cases", [PY, "-m", "unet.data.synth", "--out", cases, "--cases", "4", "--seed", "0",
-                               "--workers", "2"], log, timed=False)
+                               "--workers", "2", "--anatomy", "sphere"], log, timed=False)
     for d in sorted(os.listdir(cases)):
         for r in range(10):
             dst = os.path.join(many, f"{d}_copy{r}")
@@ -149,7 +150,7 @@ def demo_dice(a, log: list) -> dict:
     """The demo's training budget for each precision: slice-pooled validation Dice and rate."""
     cases, data = os.path.join(a.tmp, "demo_cases"), os.path.join(a.tmp, "demo.h5")
     run("unet-synth 8 cases", [PY, "-m", "unet.data.synth", "--out", cases, "--cases", "8", "--seed", "0",
-                               "--workers", "2"], log, timed=False)
+                               "--workers", "2", "--anatomy", "sphere"], log, timed=False)
     run("unet-convert 8 cases", [PY, "-m", "unet.data.convert", "--input", cases, "--output", data,
                                  "--size", "128", "--workers", "2", "--no_progress"], log, timed=False)
     res = {}

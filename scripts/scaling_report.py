@@ -5,7 +5,8 @@ baseline in the same run, and write a Markdown table (stdout and --out).
     .venv/bin/python scripts/scaling_report.py [--global_batch 16] [--steps 20] [--out runs/scaling.md] [--dry-run]
 
 Rows: the baseline (1 rank x all cores), 2 ranks x 1 thread at the same global
-batch (plain mpirun, and through the mpirun launch script), the same with Horovod's and Open MPI's own defaults (what the trainer's
+batch (plain mpirun, and through the mpirun launch script), the same with Horovod's and Open MPI's own defaults
+(what the trainer's
 defaults buy), 2 ranks at the same per-rank batch, and MultiWorkerMirroredStrategy
 on the same 2 processes (the outside baseline). Efficiency = img/s / baseline img/s.
 """

@@ -13,7 +13,8 @@ Usage: scripts/setup.sh [--help] [--dry-run] [--no-checks]
 Installs, in order, skipping what is already there:
   1. apt packages openmpi-bin libopenmpi-dev cmake build-essential python3-dev
      python3-venv rsync openssh-client iproute2 slurm-wlm munge numactl
-     (Slurm, namespaces: for the launch tests)
+     libtcmalloc-minimal4 (Slurm, namespaces: for the launch tests; tcmalloc: the
+     allocator every training rank preloads, docs/PERFORMANCE.md)
      (when root; otherwise prints the apt-get line to run)
   2. .venv in the repository root (Python 3.11)
   3. tensorflow-cpu and Horovod's build requirements, pinned by
@@ -57,7 +58,7 @@ TF_VER=$(pin 'tensorflow[-_]cpu')
 HVD_VERSION=$(pin horovod)
 TF_PKG="tensorflow-cpu==$TF_VER"
 APT_PKGS=(openmpi-bin libopenmpi-dev cmake build-essential python3-dev python3-venv rsync openssh-client
-          iproute2 slurm-wlm munge numactl)
+          iproute2 slurm-wlm munge numactl libtcmalloc-minimal4)
 # How Horovod is built (part of the cache key: other settings, another wheel).
 # CMAKE_POLICY_VERSION_MINIMUM lets Horovod's bundled third-party CMake files
 # configure under current CMake; MAKEFLAGS is speed only and stays out of the key.
@@ -85,6 +86,15 @@ if ((${#missing[@]})); then
     echo "setup.sh: not root; run as root:  apt-get update && $line" >&2; exit 1
   fi
 else echo "    present: ${APT_PKGS[*]}"; fi
+# tcmalloc: each training rank preloads it (unet/distributed/ranks.py); without it the ranks spend
+# ~40 % of their CPU in the kernel and train ~1.5x slower. CI must have it: a run without it would
+# measure another program.
+if ((!DRY)) && ! ldconfig -p | grep 'libtcmalloc_minimal\.so\.4 ' >/dev/null; then
+  if [[ "${CI:-}" == true ]]; then
+    echo "setup.sh: CI=true and libtcmalloc_minimal.so.4 is missing (Debian package libtcmalloc-minimal4)" >&2; exit 1
+  fi
+  echo "setup.sh: warning: libtcmalloc_minimal.so.4 missing (apt-get install libtcmalloc-minimal4): ranks keep glibc's malloc" >&2
+fi
 
 step "2/6 virtual environment"
 if [[ ! -x "$VENV/bin/python" ]]; then

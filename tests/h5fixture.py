@@ -5,7 +5,9 @@ import h5py
 import numpy as np
 
 
-def write_h5(path, n_train=24, n_val=8, size=32, channels=2, regions=3, seed=0):
+def write_h5(path, n_train=24, n_val=8, size=32, channels=2, regions=3, seed=0, tumour_every=1):
+    """Each slice a bright disc with nested regions; with ``tumour_every`` k > 1 only every k-th slice
+    has them (the others: noise and empty masks)."""
     rng = np.random.default_rng(seed)
     with h5py.File(path, "w") as f:
         f.attrs["modalities"] = json.dumps(["FLAIR", "T1ce"][:channels])
@@ -22,7 +24,7 @@ def write_h5(path, n_train=24, n_val=8, size=32, channels=2, regions=3, seed=0):
                 cy, cx = rng.integers(8, size - 8, 2)
                 r2 = (yy - cy) ** 2 + (xx - cx) ** 2
                 for k in range(regions):
-                    msks[i, ..., k] = r2 <= (6 - 2 * k) ** 2
+                    msks[i, ..., k] = (r2 <= (6 - 2 * k) ** 2) & (i % tumour_every == 0)
                 imgs[i, ..., 0] += 2.0 * msks[i, ..., 0]
             kw = dict(compression="gzip") if n else {}
             g.create_dataset("images", data=imgs, chunks=(1, size, size, channels) if n else None, **kw)

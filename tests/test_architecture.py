@@ -1,9 +1,11 @@
 """The package's import rules, read from the code's own imports (an ast scan: nothing is imported).
 
 Stages import one way, data -> training -> perf -> inference -> evaluation -> run (the trainer's command
-line, which hands the loop its end-of-training export); `distributed` and `launch` sit below the stages; the leaves (the model, the pure metrics, the errors, the model folder) import
-only leaves and may be imported from anywhere. No module cycle, and sub-package `__init__.py` files stay
-empty, so importing a sub-package never loads TensorFlow before the rank's threads are set.
+line, which hands the loop its end-of-training export); `distributed` and `launch` sit below the stages;
+the leaves (the model, the pure metrics, the errors and the command lines' error path, the model folder,
+the allocator)
+import only leaves and may be imported from anywhere. No module cycle, and sub-package `__init__.py` files
+stay empty, so importing a sub-package never loads TensorFlow before the rank's threads are set.
 """
 import ast
 import pathlib
@@ -15,7 +17,7 @@ import pytest
 PKG = pathlib.Path(__file__).resolve().parent.parent / "unet"
 
 # the lower the number, the more of the package may import it
-LEAVES = {"unet.model", "unet.metrics", "unet.errors", "unet.modelfolder"}
+LEAVES = {"unet.model", "unet.metrics", "unet.errors", "unet.cli", "unet.modelfolder", "unet.malloc"}
 LAYERS = {"distributed": 1, "launch": 1, "data": 2, "training": 3, "perf": 4, "inference": 5, "evaluation": 6, "run": 7}
 
 

@@ -7,8 +7,8 @@ import sys
 import time
 
 import numpy as np
-
 from conftest import HANG, ROOT
+
 from unet.training.checkpoint import list_checkpoints
 
 

@@ -31,6 +31,12 @@ def test_data_defaults_to_data_brats_h5_unless_synthetic():
     (["--synthetic", "--synthetic_size", "100"], "--synthetic_size"),
     (["--synthetic", "--data", "x.h5"], "--data"),
     (["--synthetic", "--export", "openvino,tflite"], "--export"),
+    (["--synthetic", "--bce_weight", "-1"], "--bce_weight"),
+    (["--synthetic", "--clipnorm", "-0.5"], "--clipnorm"),
+    (["--synthetic", "--foreground_fraction", "1.5"], "--foreground_fraction"),
+    (["--synthetic", "--foreground_fraction", "-0.1"], "--foreground_fraction"),
+    (["--synthetic", "--foreground_fraction", "0.1", "--batch_size", "4"],
+     "--foreground_fraction 0.1 x --batch_size 4"),
 ])
 def test_bad_values_name_the_flag(argv, flag):
     with pytest.raises(UsageError, match=flag):
@@ -41,3 +47,8 @@ def test_export_formats_default_to_openvino_and_onnx_and_none_means_model_keras_
     assert parse_args(["--synthetic"]).export_formats == ["openvino", "onnx"]
     assert parse_args(["--synthetic", "--export", "none"]).export_formats == []
     assert parse_args(["--synthetic", "--export", "saved_model"]).export_formats == ["saved_model"]
+
+
+def test_foreground_fraction_is_off_by_default():
+    assert parse_args(["--synthetic"]).foreground_fraction == 0.0
+    assert parse_args(["--synthetic", "--foreground_fraction", "0.33", "--batch_size", "2"]).foreground_fraction == 0.33

@@ -9,8 +9,8 @@ import h5py
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from conftest import HANG, ROOT, run_mpi
+
 from unet.data.convert import CONVERTER_VERSION
 
 # The label tables, written out here independently of unet.data.labels.
@@ -21,7 +21,7 @@ SMALL = ["--shape", "40,64,64"]
 
 def synth(out, *args):
     from unet.data.synth import main
-    assert main(["--out", str(out), *args]) == 0
+    assert main(["--out", str(out), "--anatomy", "sphere", *args]) == 0
 
 
 def convert(*args):
@@ -150,6 +150,7 @@ def test_npy_format_is_the_seeds_four_files(small_h5, tmp_path):
 
 def test_trainer_source_reads_a_two_modality_three_region_npy_conversion(small_h5, tmp_path):
     import argparse
+
     from unet.data.sources import open_sources
     cases, h5 = small_h5
     p = convert("--input", cases, "--output", tmp_path / "npy", "--size", 64, "--format", "npy",
@@ -194,7 +195,8 @@ def test_files_are_found_by_suffix_and_appledouble_files_ignored(small_h5, tmp_p
     got, want = rows(tmp_path / "d.h5"), rows(h5)
     assert got.keys() == want.keys()
     for k in want:
-        assert got[k][0] == want[k][0] and np.array_equal(got[k][1], want[k][1]) and np.array_equal(got[k][2], want[k][2])
+        assert got[k][0] == want[k][0]
+        assert np.array_equal(got[k][1], want[k][1]) and np.array_equal(got[k][2], want[k][2])
 
 
 # -- bad input ---------------------------------------------------------------------------------------
@@ -218,7 +220,7 @@ def write_like(path, arr):
 def bad(root, out):
     p = convert("--input", root, "--output", out, "--size", 64)
     lines = p.stderr.strip().splitlines()
-    assert p.returncode == 1 and not os.path.exists(out) and not glob.glob(f"{out}*")
+    assert p.returncode == 2 and not os.path.exists(out) and not glob.glob(f"{out}*")
     assert len(lines) == 1 and lines[0].startswith("unet-convert: error: case BraTS20_Training_002: "), p.stderr
     return lines[0]
 
@@ -308,6 +310,7 @@ def test_skip_bad_carries_on_and_lists_the_skipped(small_cases, tmp_path):
 
 def test_help_states_each_default_once():
     import re
+
     from unet.data.convert import build_parser
     text = build_parser().format_help()
     options = re.split(r"\n  (?=-)", text)

@@ -12,8 +12,8 @@ import h5py
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from conftest import HANG, ROOT, mpi_env
+
 from unet.data.convert import assign_folds
 
 SMALL = ["--shape", "40,64,64"]
@@ -367,6 +367,7 @@ def test_bootstrap_interval_follows_its_recipe_and_a_hand_computation():
 
 def test_bootstrap_interval_matches_scipy_and_normal_theory():
     from scipy import stats
+
     from unet.evaluation.stats import bootstrap_mean_ci
     x = np.random.default_rng(11).normal(0.8, 0.1, 60)
     lo, hi = bootstrap_mean_ci(x)

@@ -1,8 +1,8 @@
 import os
 
 import pytest
-
 from conftest import HANG
+
 from unet.distributed.ranks import physical_cores, threads_for_rank
 
 
@@ -88,7 +88,8 @@ print(json.dumps(dict(env, line=s.line(), intra=tf.config.threading.get_intra_op
     assert d["OMP_NUM_THREADS"] == str(cores) and d["intra"] == cores and d["inter"] == 3
     assert d["KMP_BLOCKTIME"] == "30" and d["KMP_AFFINITY"] == "granularity=fine,compact,1,0"
     assert d["HOROVOD_CYCLE_TIME"] == "7"          # the user's setting wins over the trainer's default
-    assert d["line"].startswith("rank 0/1 host ") and f"cores {cores} intra {cores} inter 3 KMP_BLOCKTIME 30" in d["line"]
+    assert d["line"].startswith("rank 0/1 host ")
+    assert f"cores {cores} intra {cores} inter 3 KMP_BLOCKTIME 30" in d["line"]
     late = _run_py("import tensorflow\nfrom unet.distributed.ranks import prepare_rank\nprepare_rank(0, 2, 0)")
     assert late.returncode != 0 and "prepare_rank must run before TensorFlow is imported" in late.stderr
 

@@ -8,7 +8,6 @@ import threading
 import time
 
 import pytest
-
 from conftest import ROOT, mpi_env, run_mpi
 
 pytestmark = pytest.mark.mpi

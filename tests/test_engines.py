@@ -14,7 +14,6 @@ import sys
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from conftest import HANG, ROOT
 
 pytestmark = [pytest.mark.needs_stack, pytest.mark.needs_engines]
@@ -33,13 +32,14 @@ def exported(tmp_path_factory):
     """model.keras + model.json as the trainer writes them, then ``unet-export --format openvino onnx``."""
     import keras
 
-    from unet.modelfolder import save_model as export_model
     from unet.data import preprocess as P
     from unet.data.synth import main as synth
     from unet.inference.export import main as export
     from unet.model import build_unet
+    from unet.modelfolder import save_model as export_model
     root = tmp_path_factory.mktemp("engines")
-    assert synth(["--out", str(root / "cases"), "--cases", "1", "--shape", "24,40,40", "--seed", "3"]) == 0
+    assert synth(["--out", str(root / "cases"), "--cases", "1", "--shape", "24,40,40", "--seed", "3",
+                  "--anatomy", "sphere"]) == 0
     keras.utils.set_random_seed(7)
     model = build_unet(32, 32, 4, 3, dropout=0.0)
     head = model.get_layer("mask")

@@ -15,7 +15,6 @@ import h5py
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from conftest import HANG, ROOT, run_mpi
 
 pytestmark = pytest.mark.mpi
@@ -44,7 +43,8 @@ def evaluate(*args):
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     from unet.data.synth import main as synth
-    assert synth(["--out", str(root / "cases"), "--cases", "3", "--shape", "40,80,80", "--seed", "4"]) == 0
+    assert synth(["--out", str(root / "cases"), "--cases", "3", "--shape", "40,80,80", "--seed", "4",
+                  "--anatomy", "sphere"]) == 0
     p = py("unet.data.convert", "--input", root / "cases", "--output", root / "d.h5", "--size", 64,
            "--val_fraction", 0.5, "--no_progress")
     assert p.returncode == 0, p.stderr
@@ -58,7 +58,8 @@ def trained(tmp_path_factory):
 @pytest.fixture(scope="module")
 def predicted(trained):
     """unet-predict (the trained model) in batch mode over the dataset root."""
-    p = py("unet.inference.predict", "--model", trained / "logs", "--case", trained / "cases", "--out", trained / "pred")
+    p = py("unet.inference.predict", "--model", trained / "logs", "--case", trained / "cases",
+           "--out", trained / "pred")
     assert p.returncode == 0, p.stderr
     return trained / "pred"
 
@@ -132,7 +133,8 @@ def test_predict_writes_labels_on_the_input_grid_and_scores_round_trip(trained, 
     assert pred.GetSpacing() == ref.GetSpacing() and pred.GetOrigin() == ref.GetOrigin()
     assert pred.GetDirection() == ref.GetDirection()
     assert set(np.unique(sitk.GetArrayFromImage(pred))) <= {0, 1, 2, 4}
-    e = py("unet.evaluation.evaluate", "--pred_dir", predicted, "--ref_dir", trained / "cases", "--csv", tmp_path / "s.csv")
+    e = py("unet.evaluation.evaluate", "--pred_dir", predicted, "--ref_dir", trained / "cases",
+           "--csv", tmp_path / "s.csv")
     assert e.returncode == 0, e.stderr
     rows = read_csv(tmp_path / "s.csv")
     assert [r["case"] for r in rows] == [f"BraTS20_Training_00{i}" for i in (1, 2, 3)]
@@ -300,7 +302,8 @@ def test_evaluate_scores_each_label_convention(tmp_path, capsys, layout):
     from unet.data.layouts import find_cases
     from unet.data.synth import main as synth
     root, pred = tmp_path / "ref", tmp_path / "pred"
-    assert synth(["--out", str(root), "--cases", "1", "--shape", "24,64,64", "--layout", layout, "--seed", "1"]) == 0
+    assert synth(["--out", str(root), "--cases", "1", "--shape", "24,64,64", "--layout", layout, "--seed", "1",
+                  "--anatomy", "sphere"]) == 0
     case = find_cases(str(root))[0]
     pred.mkdir()
     shutil.copy(case.seg, pred / f"{case.case_id}.nii.gz")
@@ -336,7 +339,8 @@ def test_case_takes_the_files_of_one_case_in_any_layout(trained, oracle, oracle_
     assert want.any()
     files = [src / f"{ONE}_{m}.nii.gz" for m in MODS]
     # BraTS 2017-22 names, in any order
-    assert predict_with(oracle, "--model", trained / "logs", "--case", *files[::-1], "--out", tmp_path / "a.nii.gz") == 0
+    assert predict_with(oracle, "--model", trained / "logs", "--case", *files[::-1],
+                        "--out", tmp_path / "a.nii.gz") == 0
     assert np.array_equal(array(tmp_path / "a.nii.gz"), want)
     # BraTS 2023 names
     gli = tmp_path / "gli"; gli.mkdir()
@@ -418,6 +422,7 @@ def test_a_bad_case_under_model_is_one_line(trained, tmp_path, capsys):
 
 def test_png_shows_input_prediction_and_reference_in_region_colours(trained, oracle_predicted):
     import cv2
+
     from unet.data.labels import regions_from_labels
     png = cv2.imread(str(trained / "oracle_png" / f"{ONE}.png"))
     ref = regions_from_labels(array(trained / "cases" / ONE / f"{ONE}_seg.nii.gz"), "brats")
@@ -438,3 +443,88 @@ def test_png_shows_input_prediction_and_reference_in_region_colours(trained, ora
             assert (r - g >= 100)[et].all()                       # ET: red over both
         assert ref[z, ..., 0].any()
     assert all(pred[chosen, ..., k].any() for k in range(3))   # every region's colour is in the prediction tiles
+
+
+@pytest.fixture(scope="module")
+def cropped(trained):
+    """The module's cases converted with --inplane crop_resize (each head's square box, 60-70 voxels
+    of the 80 x 80 grid, resized to 48 x 48), and a model trained on them."""
+    p = py("unet.data.convert", "--input", trained / "cases", "--output", trained / "crop.h5", "--size", 48,
+           "--inplane", "crop_resize", "--val_fraction", 0.5, "--no_progress")
+    assert p.returncode == 0, p.stderr
+    t = run_mpi(1, [os.path.join(ROOT, "train_hvd.py"), "--data", str(trained / "crop.h5"),
+                    "--logdir", str(trained / "crop_logs"), "--batch_size", "4", "--epochs", "1",
+                    "--steps_per_epoch", "1", "--export", "none"])
+    assert t.returncode == 0, t.stderr[-2000:]
+    return trained
+
+
+def reference_round_trip(case, pred):
+    """The case's reference regions carried to the network grid as unet-convert carries masks and
+    returned as a perfect network's probabilities are (to_case_grid, threshold 0.5): (z, y, x, 3)."""
+    from unet.data import preprocess as P
+    from unet.data.labels import regions_from_labels
+    chans, seg, _ = pred.read(case)
+    inp = pred.network_input(chans)
+    ref = regions_from_labels(seg, case.layout)
+    small = np.stack([P.apply_inplane(r, inp.plan, is_mask=True) for r in ref]).astype(np.float32)
+    return P.to_case_grid(small, inp) > 0.5, ref, inp.plan
+
+
+def test_crop_resize_model_cuts_the_head_box_and_returns_predictions_into_it(cropped, tmp_path):
+    from unet.data.layouts import find_cases
+    from unet.inference.predict import Predictor
+    from unet.metrics import dice
+    logs = cropped / "crop_logs"
+    with open(logs / "model.json") as f:
+        attrs = json.load(f)["data"]["attrs"]
+    assert (attrs["inplane"], attrs["crop_margin"]) == ("crop_resize", 2)   # recorded from the file
+    pred = Predictor(str(logs))
+    cases = {c.case_id: c for c in find_cases(str(cropped / "cases"))}
+    with h5py.File(cropped / "crop.h5") as f:                 # the slices it was trained on, bit for bit
+        g, geometry = f["val"], {k: json.loads(v) for k, v in f["cases"].attrs.items()}
+        ids = g["case_id"].asstr()[:]
+        for cid in sorted(set(ids)):
+            chans, _, _ = pred.read(cases[cid])
+            inp = pred.network_input(chans)
+            assert inp.plan == geometry[cid]["plan"] and 48 < inp.plan["side"] < 80
+            assert np.array_equal(inp.slices, g["images"][np.flatnonzero(ids == cid)])
+    # the trained model through unet-predict: labels on the 80 x 80 x 40 input grid
+    assert predict("--model", logs, "--case", cropped / "cases" / ONE, "--out", tmp_path / "p.nii.gz") == 0
+    assert array(tmp_path / "p.nii.gz").shape == (40, 80, 80)
+    # a perfect network through unet-evaluate --model scores what the reference carried through scores
+    oracle_net = OracleNetwork(cropped / "crop.h5")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Predictor, "model", property(lambda self: oracle_net))
+        assert evaluate("--model", logs, "--data", cropped / "crop.h5", "--csv", tmp_path / "s.csv",
+                        "--metrics", "legacy", "--pred_dir", tmp_path / "pred", *RAW) == 0
+    rows = read_csv(tmp_path / "s.csv")
+    assert [r["case"] for r in rows] == val_ids(cropped / "crop.h5")
+    for row in rows:
+        want, ref, plan = reference_round_trip(cases[row["case"]], pred)
+        got = brats_regions(array(tmp_path / "pred" / f"{row['case']}.nii.gz"))
+        assert np.array_equal(got, want)                       # voxel for voxel, box placed where it was cut
+        y0, x0, side = plan["y0"], plan["x0"], plan["side"]
+        outside = np.ones((80, 80), bool)
+        outside[max(y0, 0):y0 + side, max(x0, 0):x0 + side] = False
+        assert outside.any() and not got[:, outside].any()      # outside the box: background
+        for k, r in enumerate(("WT", "TC", "ET")):
+            assert float(row[f"dice_{r}"]) == pytest.approx(dice(want[..., k], ref[..., k]), abs=1e-6)
+            assert float(row[f"dice_{r}"]) > 0.5    # 48 pixels for a ~65-voxel head: a thin ET suffers
+
+
+def brats_regions(labels):
+    from unet.data.labels import regions_from_labels
+    return regions_from_labels(labels, "brats").astype(bool)
+
+
+def test_crop_resize_model_without_its_margin_is_refused(cropped, tmp_path, capsys):
+    with open(cropped / "crop_logs" / "model.json") as f:
+        meta = json.load(f)
+    meta["data"]["attrs"].pop("crop_margin")
+    (tmp_path / "model.json").write_text(json.dumps(meta))
+    os.symlink(cropped / "crop_logs" / "model.keras", tmp_path / "model.keras")
+    assert predict("--model", tmp_path, "--case", cropped / "cases" / ONE, "--out", tmp_path / "x.nii.gz") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"unet-predict: error: {tmp_path / 'model.json'}: data.attrs.crop_margin None: ")
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "x.nii.gz").exists()

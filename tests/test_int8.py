@@ -14,7 +14,6 @@ import shutil
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from test_engines import dice, without
 
 pytestmark = [pytest.mark.needs_stack, pytest.mark.needs_engines]
@@ -42,12 +41,13 @@ def quantised(tmp_path_factory):
     import h5py
     import keras
 
-    from unet.modelfolder import save_model as export_model
     from unet.data.convert import main as convert
     from unet.data.synth import main as synth
     from unet.model import build_unet
+    from unet.modelfolder import save_model as export_model
     root = tmp_path_factory.mktemp("int8")
-    assert synth(["--out", str(root / "cases"), "--cases", "2", "--shape", "24,40,40", "--seed", "5"]) == 0
+    assert synth(["--out", str(root / "cases"), "--cases", "2", "--shape", "24,40,40", "--seed", "5",
+                  "--anatomy", "sphere"]) == 0
     assert convert(["--input", str(root / "cases"), "--output", str(root / "d.h5"), "--size", "32",
                     "--slices", "all", "--val_fraction", "0.5", "--no_progress"]) == 0
     with h5py.File(root / "d.h5") as f:
@@ -81,8 +81,8 @@ def test_the_int8_ir_is_quantised_and_recorded_with_its_calibration(quantised):
     assert types.count("FakeQuantize") >= 20, "the convolutions' inputs are quantised"
     assert "FakeQuantize" not in [op.get_type_name() for op in
                                   ov.Core().read_model(str(folder / "model.xml")).get_ordered_ops()]
-    from unet.perf import flops
     from unet.inference.quantize import fp32_convolutions
+    from unet.perf import flops
     layers = [n for n, _ in flops.unet_convs(32, 32, 4, 3)]
     # the detector of fp32 weights sees every convolution of the fp32 IR, and none in the default int8 one
     assert fp32_convolutions(ov.Core().read_model(str(folder / "model.xml")), layers) == layers
@@ -231,8 +231,8 @@ def test_max_dice_drop_records_its_budget_and_the_fp32_convolutions_the_file_hol
     the record says what the written file holds."""
     import openvino as ov
 
-    from unet.perf import flops
     from unet.inference.quantize import fp32_convolutions
+    from unet.perf import flops
     root, _ = quantised
     m = tmp_path / "m"
     shutil.copytree(root / "model", m)

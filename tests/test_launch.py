@@ -5,12 +5,12 @@ import shlex
 import subprocess
 
 import pytest
-
 from conftest import ROOT
 from test_distributed import fake_sysfs
+
 from unet.distributed.ranks import physical_cores, threads_for_rank
-from unet.launch.hostfile import HostfileError, check, parse
 from unet.launch.commands import DISCOVER, TRAINER, horovodrun_cmd, load_profile, mpirun_cmd
+from unet.launch.hostfile import HostfileError, check, parse
 
 LAUNCHERS = ("launch_mpirun.sh", "launch_horovodrun.sh")
 

@@ -14,8 +14,8 @@ import time
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from conftest import HANG
+
 from unet.evaluation.lesionwise import MAX_HD95, columns, evaluator, score_lesionwise
 from unet.metrics import hd95
 
@@ -195,7 +195,8 @@ def test_unet_evaluate_equals_the_official_brats_evaluate_and_parse_metrics(tmp_
 def test_hand_written_global_dice_and_hd95_equal_panoptica_where_both_define_them():
     # 1 mm voxels, both masks present and overlapping: the figures must agree (elsewhere the two
     # follow different conventions on purpose, see README: empty regions, no overlap, spacing)
-    from unet.data.labels import REGIONS as VOLUME_REGIONS, regions_from_labels
+    from unet.data.labels import REGIONS as VOLUME_REGIONS
+    from unet.data.labels import regions_from_labels
     from unet.metrics import score_regions
     compared = 0
     for ref, pred in list(official_cases().values())[:2]:

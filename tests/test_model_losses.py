@@ -75,8 +75,39 @@ def test_bf16_model_is_rebuilt_in_float32_for_export_with_its_normalisation(norm
         np.testing.assert_array_equal(a, b)
 
 
+def test_head_bias_prior_starts_the_network_at_each_regions_foreground_share():
+    from unet.model import PRIOR_FLOOR, build_unet, prior_bias
+    share = [0.02, 0.0016, 0.0005]
+    bias = prior_bias(share)
+    assert bias == pytest.approx([np.log(0.02 / 0.98), np.log(0.0016 / 0.9984), np.log(0.0005 / 0.9995)], rel=1e-12)
+    assert prior_bias([0.0]) == pytest.approx([np.log(PRIOR_FLOOR / (1 - PRIOR_FLOOR))])   # absent region: finite
+    m = build_unet(32, 32, 2, 3, head_bias=bias, dropout=0.0)
+    np.testing.assert_allclose(m.get_layer("mask").bias.numpy(), bias, rtol=1e-6)
+    # an input that leaves every ReLU at 0 (zero image, zero conv biases): the output is the prior itself
+    out = np.asarray(m(np.zeros((1, 32, 32, 2), np.float32), training=False))
+    np.testing.assert_allclose(out.reshape(-1, 3), np.tile(share, (32 * 32, 1)), rtol=1e-5)
+    assert not np.any(build_unet(32, 32, 2, 3).get_layer("mask").bias.numpy())   # the seed's: zero, 0.5 everywhere
+    with pytest.raises(ValueError, match="head_bias has 2 values for 3 regions"):
+        build_unet(32, 32, 2, 3, head_bias=bias[:2])
+
+
+def test_leaky_relu_network_replaces_every_relu_and_adds_no_parameter():
+    from unet.model import LEAKY_SLOPE, build_unet
+    m = build_unet(128, 128, 1, 1, activation="leaky_relu")
+    assert m.count_params() == 7_759_521
+    convs = [l for l in m.layers if type(l).__name__ == "Conv2D" and l.kernel_size == (3, 3)]
+    leaky = [l for l in m.layers if type(l).__name__ == "LeakyReLU"]
+    assert len(convs) == len(leaky) == 18 and all(c.activation.__name__ == "linear" for c in convs)
+    assert all(l.negative_slope == pytest.approx(LEAKY_SLOPE) for l in leaky) and LEAKY_SLOPE == 0.01
+    names = [l.name for l in m.layers]
+    assert all(names[names.index(c.name) + 1] == "relu" + c.name[4:] for c in convs)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        build_unet(32, 32, 2, 3, activation="gelu")
+
+
 def test_dice_loss_equals_hand_computation():
     import tensorflow as tf
+
     from unet.training.losses import dice_from_sums, dice_loss, dice_sums
     y = np.zeros((1, 4, 4, 1), np.float32); y[0, :2, :2] = 1          # 4 pixels
     p = np.zeros((1, 4, 4, 1), np.float32); p[0, :2, :] = 0.5         # 8 pixels at 0.5
@@ -89,6 +120,7 @@ def test_dice_loss_equals_hand_computation():
 
 def test_dice_bce_is_dice_plus_binary_cross_entropy_by_hand():
     import tensorflow as tf
+
     from unet.training.losses import get_loss
     y = np.zeros((1, 4, 4, 1), np.float32); y[0, :2, :2] = 1
     p = np.zeros((1, 4, 4, 1), np.float32); p[0, :2, :] = 0.5
@@ -101,6 +133,7 @@ def test_dice_bce_is_dice_plus_binary_cross_entropy_by_hand():
 
 def test_perfect_prediction_gives_zero_loss():
     import tensorflow as tf
+
     from unet.training.losses import dice_loss
     y = np.zeros((2, 8, 8, 1), np.float32); y[:, 2:5, 2:6] = 1
     assert float(dice_loss(tf.constant(y), tf.constant(y))) == pytest.approx(0.0, abs=1e-6)
@@ -109,6 +142,7 @@ def test_perfect_prediction_gives_zero_loss():
 def test_bf16_model_keeps_float32_variables_and_output():
     import keras
     import tensorflow as tf
+
     from unet.model import build_unet
     m = build_unet(128, 128, 1, 1, precision="bf16")
     assert m.count_params() == 7_759_521
@@ -127,9 +161,10 @@ def test_bf16_model_keeps_float32_variables_and_output():
 def test_bf16_checkpoint_and_export_round_trip(tmp_path):
     import keras
     import tensorflow as tf
+
+    from unet.model import build_unet
     from unet.modelfolder import save_model as export_model
     from unet.training.checkpoint import load_checkpoint, save_checkpoint
-    from unet.model import build_unet
     m = build_unet(32, 32, 2, 1, precision="bf16")
     opt = keras.optimizers.Adam()
     opt.build(m.trainable_variables)
@@ -155,6 +190,7 @@ def _two_regions():
 
 def test_region_dice_averages_regions_where_pooled_dice_lets_the_large_one_dominate():
     import tensorflow as tf
+
     from unet.training.losses import dice_loss, region_dice_loss
     y, p = _two_regions()
     # pooled over both regions: sum(y*p) = 4, sum(y) = 9, sum(p) = 4 -> -log((8+1)/(13+1))
@@ -171,6 +207,7 @@ def test_region_dice_averages_regions_where_pooled_dice_lets_the_large_one_domin
 
 def test_region_dice_leaves_regions_absent_from_the_batch_out_of_the_mean():
     import tensorflow as tf
+
     from unet.training.losses import region_dice_loss
     y, p = _two_regions()
     y[..., 1] = 0                      # no pixel of region 1 in this batch
@@ -183,6 +220,7 @@ def test_region_dice_leaves_regions_absent_from_the_batch_out_of_the_mean():
 
 def test_region_dice_bce_is_the_default_and_adds_cross_entropy():
     import tensorflow as tf
+
     from unet.training.config import parse_args
     from unet.training.losses import bce_loss, get_loss, region_dice_loss
     assert parse_args(["--synthetic"]).loss == "region_dice_bce"
@@ -190,3 +228,5 @@ def test_region_dice_bce_is_the_default_and_adds_cross_entropy():
     y, p = tf.constant(y), tf.constant(p)
     assert float(get_loss("region_dice_bce")(y, p)) == \
         pytest.approx(float(region_dice_loss(y, p)) + float(bce_loss(y, p)), rel=1e-6)
+    assert float(get_loss("region_dice_bce", bce_weight=0.25)(y, p)) == \
+        pytest.approx(float(region_dice_loss(y, p)) + 0.25 * float(bce_loss(y, p)), rel=1e-6)

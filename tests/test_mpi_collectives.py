@@ -1,7 +1,6 @@
 import json
 
 import pytest
-
 from conftest import ROOT
 
 pytestmark = pytest.mark.mpi

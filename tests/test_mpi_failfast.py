@@ -5,7 +5,6 @@ import signal
 import sys
 
 import pytest
-
 from conftest import rank_pid, signal_rank_once_training, train_args
 
 pytestmark = pytest.mark.mpi

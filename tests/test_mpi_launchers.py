@@ -3,7 +3,6 @@ import os
 import subprocess
 
 import pytest
-
 from conftest import HANG, ROOT, mpi_env, signal_rank_once_training
 
 pytestmark = pytest.mark.mpi

@@ -7,7 +7,6 @@ import os
 import re
 
 import pytest
-
 from conftest import HANG, ROOT, run_mpi
 
 pytestmark = pytest.mark.mpi
@@ -28,7 +27,7 @@ def small_cases(tmp_path_factory):
     # 240 -> 128; few axial slices, and for training only those with tumour, as the demo does
     # (95 instead of 128 slices with the brain: 12 steps an epoch, not 16)
     assert synth(["--out", str(root / "cases"), "--cases", "6", "--shape", "40,192,192", "--seed", "3",
-                  "--workers", "2"]) == 0
+                  "--workers", "2", "--anatomy", "sphere"]) == 0
     assert convert(["--input", str(root / "cases"), "--output", str(root / "d.h5"), "--size", "96",
                     "--val_fraction", "0.3", "--slices", "tumour", "--no_progress"]) == 0
     return root

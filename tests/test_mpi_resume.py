@@ -7,8 +7,8 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import HANG, ROOT, mpi_env, run_mpi, train_args
+from h5fixture import write_h5
 
 pytestmark = pytest.mark.mpi
 FLAGS = ["--loss", "bce", "--dropout", "0", "--epochs", "2", "--checkpoint_every", "2", "--no_validation",
@@ -20,13 +20,24 @@ def weights(path):
         return [z[k] for k in sorted(z.files) if k[0] == "m" and k[1:].isdigit()]
 
 
-def test_killed_run_resumes_to_the_same_weights(tmp_path):
+def run_args(logdir, data, oversampled):
+    """train_args, or with ``oversampled`` the same run on an HDF5 file where a third of the 32
+    training slices hold tumour, 2 of every batch of 4 drawn from them."""
+    if not oversampled:
+        return train_args(logdir, *FLAGS)
+    return [os.path.join(ROOT, "train_hvd.py"), "--logdir", logdir, "--data", data, "--batch_size", "4",
+            "--export", "none", "--foreground_fraction", "0.5", *FLAGS]
+
+
+@pytest.mark.parametrize("oversampled", [False, True], ids=["plain", "oversampled"])
+def test_killed_run_resumes_to_the_same_weights(tmp_path, oversampled):
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
-    p = run_mpi(2, train_args(full, *FLAGS))
+    data = write_h5(str(tmp_path / "d.h5"), n_train=32, tumour_every=3)
+    p = run_mpi(2, run_args(full, data, oversampled))
     assert p.returncode == 0, p.stderr[-2000:]
     assert "resumed" not in p.stdout
 
-    cmd = ["mpirun", "-np", "2", "--oversubscribe", sys.executable, *train_args(cut, *FLAGS)]
+    cmd = ["mpirun", "-np", "2", "--oversubscribe", sys.executable, *run_args(cut, data, oversampled)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=mpi_env(),
                             cwd=ROOT, start_new_session=True)
     first = os.path.join(cut, "checkpoints", "ckpt-00000002.npz")
@@ -39,7 +50,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     done = sorted(os.listdir(os.path.join(cut, "checkpoints")))
     assert "ckpt-00000008.npz" not in done, "killed too late to test anything"
 
-    again = run_mpi(2, train_args(cut, *FLAGS))                # the same command again
+    again = run_mpi(2, run_args(cut, data, oversampled))       # the same command again
     assert again.returncode == 0, again.stderr[-2000:]
     resumed = [l for l in again.stdout.splitlines() if l.startswith("resumed from step ")]
     assert len(resumed) == 1 and int(resumed[0].split()[3]) in (2, 4, 6)

@@ -9,9 +9,9 @@ import urllib.request
 
 import numpy as np
 import pytest
-
 from conftest import HANG, ROOT, mpi_env
 from h5fixture import write_h5
+
 from unet.training.schedule import learning_rate
 
 pytestmark = pytest.mark.mpi

@@ -5,9 +5,9 @@ import re
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, run_mpi, train_args
 from h5fixture import write_h5
+
 from unet.distributed.ranks import physical_cores
 
 pytestmark = pytest.mark.mpi

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import HANG, IN_CI, ROOT, mpi_env, train_args
 
 pytestmark = pytest.mark.mpi

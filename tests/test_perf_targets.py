@@ -4,7 +4,8 @@ import sys
 
 import pytest
 
-from unet.perf import flops, measure as perf
+from unet.perf import flops
+from unet.perf import measure as perf
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -35,6 +36,16 @@ def test_flop_count_matches_the_keras_model(upsampling):
         grid = layer.input.shape if "transConv" in layer.name else layer.output.shape
         counted[layer.name] = 2 * grid[1] * grid[2] * k * k * a * b
     assert counted == dict(flops.unet_convs(64, 64, 4, 3, use_upsampling=upsampling))
+
+
+@pytest.mark.needs_stack
+@pytest.mark.parametrize("upsampling", [False, True])
+def test_the_training_benchmark_counts_the_same_flops_from_the_live_model(upsampling):
+    """unet/training/benchmark.py counts from the built layers (it may not import unet.perf)."""
+    from unet.model import build_unet
+    from unet.training.benchmark import training_flops
+    m = build_unet(64, 64, 4, 3, use_upsampling=upsampling)
+    assert training_flops(m) == flops.training_flops(64, 64, 4, 3, use_upsampling=upsampling)
 
 
 def test_steady_rate_drops_the_first_window():

@@ -111,6 +111,7 @@ def test_augment_scales_and_shifts_intensity_within_bounds():
 def test_validation_batches_are_the_stored_slices_unaugmented(tmp_path):
     import h5py
     from h5fixture import write_h5
+
     from unet.data.pipeline import val_batches
     from unet.data.sources import H5Source
     path = write_h5(str(tmp_path / "d.h5"), n_val=11)
@@ -127,6 +128,7 @@ def test_validation_batches_are_the_stored_slices_unaugmented(tmp_path):
 @pytest.mark.needs_stack
 def test_training_dataset_prefetches_and_augments(tmp_path):
     from h5fixture import write_h5
+
     from unet.data.pipeline import train_dataset
     from unet.data.sources import H5Source
     src = H5Source(write_h5(str(tmp_path / "d.h5"), n_train=8), "train")
@@ -138,3 +140,98 @@ def test_training_dataset_prefetches_and_augments(tmp_path):
     assert not np.array_equal(x, stored_x)
     for i in range(4):   # each image is a flipped/rotated, scaled and shifted stored slice
         assert undo_augment(stored_x[i], stored_y[i], x[i], y[i]) is not None
+
+
+# ---- tumour oversampling (--foreground_fraction) ----
+
+def test_foreground_places_are_round_f_times_b():
+    from unet.data.pipeline import foreground_per_batch
+    cases = {(0.33, 2): 1, (0.33, 4): 1, (0.33, 8): 3, (0.5, 1): 1, (0.5, 3): 2, (0.1, 4): 0, (1.0, 4): 4, (0.0, 8): 0}
+    assert {fb: foreground_per_batch(*fb) for fb in cases} == cases
+
+
+def oversampled(n=100, b=6, size=3, k=2, epoch=0, seed=1, **kw):
+    fg = np.arange(3, n, 7)                     # 14 of the 100 slices hold tumour
+    return fg, [rank_batches(n, b, r, size, epoch, seed, foreground=fg, k=k, **kw) for r in range(size)]
+
+
+def test_every_batch_of_every_rank_holds_k_tumour_slices_and_the_rest_follow_the_epoch_order():
+    n, b, size, k = 100, 6, 3, 2
+    fg, per_rank = oversampled(n, b, size, k)
+    assert {len(p) for p in per_rank} == {steps_per_epoch(n, b * size)} == {6}    # equal steps, as without
+    assert all(len(idx) == b for p in per_rank for idx in p)
+    assert all(np.isin(idx[-k:], fg).all() for p in per_rank for idx in p)       # the last k of each batch
+    # the other places take the epoch's permutation of all slices in turn: global batch by global batch,
+    # rank by rank, as without oversampling
+    rest = np.concatenate([per_rank[r][t][:b - k] for t in range(6) for r in range(size)])
+    assert np.array_equal(rest, epoch_order(n, 0, 1)[:len(rest)]) and len(rest) == 6 * 3 * 4
+    # the tumour places walk through a permutation of the tumour slices, repeated when it ends
+    drawn = np.concatenate([per_rank[r][t][b - k:] for t in range(6) for r in range(size)])
+    assert sorted(drawn[:len(fg)].tolist()) == fg.tolist()
+    assert np.array_equal(drawn[len(fg):], drawn[:len(drawn) - len(fg)])
+    # share of tumour slices per batch: k/B from the tumour places and what the permutation brings
+    share = np.mean([np.isin(idx, fg).mean() for p in per_rank for idx in p])
+    assert share >= k / b
+
+
+def test_oversampled_order_is_a_function_of_seed_epoch_and_position():
+    fg, a = oversampled(epoch=2, seed=5)
+    assert all(np.array_equal(x, y) for p, q in zip(a, oversampled(epoch=2, seed=5)[1]) for x, y in zip(p, q))
+    for other in (dict(epoch=3, seed=5), dict(epoch=2, seed=6)):
+        b = oversampled(**other)[1]
+        assert not np.array_equal(a[0][0][-2:], b[0][0][-2:]) or not np.array_equal(a[0][1][-2:], b[0][1][-2:])
+    # k = 0 is the plain order, whatever the foreground
+    assert all(np.array_equal(x, y) for x, y in zip(rank_batches(100, 6, 1, 3, 0, 1, foreground=fg, k=0),
+                                                     rank_batches(100, 6, 1, 3, 0, 1)))
+
+
+def test_oversampled_epoch_resumes_and_resizes_where_it_stopped():
+    n, b, k = 100, 6, 2
+    fg, full = oversampled(n, b, 2, k, epoch=1, seed=3)
+    _, later = oversampled(n, b, 2, k, epoch=1, seed=3, start_sample=3 * 12)      # resumed after 3 steps
+    assert all(len(later[r]) == len(full[r]) - 3 for r in range(2))
+    assert all(np.array_equal(x, y) for r in range(2) for x, y in zip(full[r][3:], later[r]))
+    # begun on 2 ranks, continued on 3 at sample 36: the same sample at every position as on 2 ranks throughout
+    _, resized = oversampled(n, b, 3, k, epoch=1, seed=3, start_sample=36)
+    by_pos = lambda batches, size, start: {start + t * b * size + r * b + i: int(v) for r in range(size)
+                                           for t, idx in enumerate(batches[r]) for i, v in enumerate(idx)}
+    plain, cont = by_pos(full, 2, 0), by_pos(resized, 3, 36)
+    assert all(plain[p] == cont[p] for p in cont if p in plain) and len(set(cont) & set(plain)) == 100 - 36 + 8
+    assert all(np.isin(idx[-k:], fg).all() for p in resized for idx in p)
+
+
+def test_oversampling_needs_places_and_tumour_slices():
+    with pytest.raises(ValueError):
+        rank_batches(10, 4, 0, 1, 0, 0, foreground=np.array([], int), k=1)
+    with pytest.raises(ValueError):
+        rank_batches(10, 4, 0, 1, 0, 0, foreground=np.arange(3), k=5)
+
+
+def h5_with_empty_slices(path, n_train=24, every=3):
+    from h5fixture import write_h5
+    return write_h5(path, n_train=n_train, tumour_every=every)
+
+
+def test_tumour_slices_are_the_slices_with_any_mask_voxel(tmp_path):
+    from unet.data.sources import H5Source, SyntheticSource
+    src = H5Source(h5_with_empty_slices(str(tmp_path / "d.h5"), n_train=600), "train")   # more than one block
+    assert src.tumour_slices().tolist() == list(range(0, 600, 3))
+    assert SyntheticSource(5, 32, 1, 2, 0, "train").tumour_slices().tolist() == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.needs_stack
+def test_training_dataset_oversamples_and_resumes_to_the_same_batches(tmp_path):
+    from unet.data.pipeline import train_dataset
+    from unet.data.sources import H5Source
+    src = H5Source(h5_with_empty_slices(str(tmp_path / "d.h5"), n_train=24), "train")
+    kw = dict(batch_size=4, size=2, epoch=1, seed=9, foreground_fraction=0.5)   # 2 of every 4 with tumour
+    full = [[tuple(np.asarray(t) for t in xy) for xy in train_dataset(src, rank=r, **kw)[0]] for r in range(2)]
+    assert [len(f) for f in full] == [3, 3]
+    for batches in full:
+        for x, y in batches:       # augmentation moves the tumour but keeps it: the last 2 hold some
+            assert all(y[i].any() for i in (2, 3))
+    tumour_share = np.mean([y[i].any() for f in full for _, y in f for i in range(4)])
+    assert tumour_share >= 0.5
+    for r in range(2):             # resumed after step 1: the same images, augmented alike
+        rest = [tuple(np.asarray(t) for t in xy) for xy in train_dataset(src, rank=r, start=1, **kw)[0]]
+        assert len(rest) == 2 and all(np.array_equal(a, b) for p, q in zip(full[r][1:], rest) for a, b in zip(p, q))

@@ -5,7 +5,14 @@ import numpy as np
 import pytest
 
 from unet.data import labels as L
-from unet.inference.postprocess import PostError, PostOptions, add_flags, components_to_keep, options_from_args, postprocess
+from unet.inference.postprocess import (
+    PostError,
+    PostOptions,
+    add_flags,
+    components_to_keep,
+    options_from_args,
+    postprocess,
+)
 
 REGIONS = ("WT", "TC", "ET")
 OFF = PostOptions(wt_components="all", et_min_mm3=0)
@@ -143,7 +150,8 @@ def test_flip_tta_is_the_mean_of_the_four_mirrored_predictions():
 def test_a_bad_post_processing_flag_is_one_line_before_any_work(tool, tmp_path, capsys):
     import importlib
     main = importlib.import_module(tool).main
-    argv = (["--model", str(tmp_path / "none"), "--data", str(tmp_path / "none.h5")] if tool == "unet.evaluation.evaluate"
+    argv = (["--model", str(tmp_path / "none"), "--data", str(tmp_path / "none.h5")]
+            if tool == "unet.evaluation.evaluate"
             else ["--model", str(tmp_path / "none"), "--case", str(tmp_path), "--out", str(tmp_path / "o")])
     assert main(argv + ["--et_min_mm3", "-5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

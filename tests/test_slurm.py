@@ -8,7 +8,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import HANG, IN_CI, ROOT, mpi_env
 
 pytestmark = pytest.mark.mpi

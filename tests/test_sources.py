@@ -5,10 +5,10 @@ import os
 import h5py
 import numpy as np
 import pytest
-
 from h5fixture import write_h5
-from unet.training.config import UsageError
+
 from unet.data.sources import open_sources
+from unet.training.config import UsageError
 
 
 def args(path):
@@ -102,3 +102,27 @@ def test_npy_files_replaced_by_hand_do_not_match_their_metadata(tmp_path):
     np.save(tmp_path / "npy" / "imgs_test.npy", np.zeros((3, 32, 32, 2), np.float32))
     with pytest.raises(UsageError, match="imgs_test.npy has shape .*: files from different conversions"):
         open_sources(args(tmp_path / "npy"))
+
+
+def test_foreground_share_is_each_regions_mean_over_the_training_masks(tmp_path):
+    from unet.data.sources import foreground_share
+    path = write_h5(str(tmp_path / "d.h5"), n_train=24, size=32, regions=3)
+    train, _, _ = open_sources(args(path))
+    with h5py.File(path, "r") as f:
+        masks = f["train"]["masks"][:].astype(np.float64)
+    exact = masks.mean(axis=(0, 1, 2))
+    assert exact[0] > exact[1] > exact[2] > 0       # discs of radius 6, 4, 2 pixels: nested regions
+    np.testing.assert_allclose(foreground_share(train, chunk=5), exact, rtol=1e-12)
+    # a cap reads evenly strided slices only: slices 0, 23 and the two between (rounded)
+    four = np.unique(np.linspace(0, 23, 4).round().astype(int))
+    np.testing.assert_allclose(foreground_share(train, max_slices=4), masks[four].mean(axis=(0, 1, 2)), rtol=1e-12)
+
+
+def test_foreground_fraction_needs_a_training_slice_with_tumour(tmp_path):
+    path = write_h5(str(tmp_path / "d.h5"))
+    with h5py.File(path, "a") as f:
+        f["train"]["masks"][...] = 0
+    a = argparse.Namespace(synthetic=False, data=path, seed=0, foreground_fraction=0.5)
+    with pytest.raises(UsageError, match=r"^--foreground_fraction 0.5: no training slice of .*d.h5 holds tumour"):
+        open_sources(a)
+    assert open_sources(argparse.Namespace(synthetic=False, data=path, seed=0, foreground_fraction=0.0))[0]

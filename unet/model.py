@@ -7,6 +7,11 @@ convolution of levels 3 and 4; decoder by 2x2 stride-2 transposed convolution
 region. With 1 input channel and 1 region the transposed variant has
 7,759,521 parameters.
 
+Options beyond the seed's network (whose defaults stay the seed's here): ``activation="leaky_relu"``
+(LeakyReLU, slope 0.01, in place of every ReLU) and ``head_bias``: the sigmoid head's initial bias per
+region, e.g. ``prior_bias`` of each region's foreground share, so the untrained network predicts the
+prior instead of 0.5 everywhere (Lin et al., "Focal Loss for Dense Object Detection", 2017).
+
 Precision is set per layer, never globally: ``fp32`` everywhere, or ``bf16``
 (Keras policy ``mixed_bfloat16``: float32 variables, bfloat16 compute) with the
 sigmoid head in float32, so the output, losses and metrics stay float32.
@@ -19,17 +24,35 @@ GROUPS = 8  # --norm group: channels per group = filters / 8 (Wu & He, "Group No
 BOTTLENECK = 512
 DROPOUT_LEVELS = (3, 4)  # 1-based encoder levels with dropout, as in the seed
 PRECISIONS = {"fp32": "float32", "bf16": "mixed_bfloat16"}  # flag value -> Keras dtype policy
+ACTIVATIONS = ("relu", "leaky_relu")
+LEAKY_SLOPE = 0.01
+PRIOR_FLOOR = 1e-5   # a region absent from the training masks gets the bias of this share, not -inf
+
+
+def prior_bias(share) -> list[float]:
+    """log(p / (1 - p)) per region: the bias that makes sigmoid(bias) = p, the region's foreground share."""
+    import math
+    out = []
+    for p in share:
+        p = min(max(float(p), PRIOR_FLOOR), 1.0 - PRIOR_FLOOR)
+        out.append(math.log(p / (1.0 - p)))
+    return out
 
 
 def build_unet(height: int, width: int, channels: int, regions: int, *,
                use_upsampling: bool = False, dropout: float = 0.2,
-               precision: str = "fp32", norm: str = "none") -> keras.Model:
+               precision: str = "fp32", norm: str = "none", activation: str = "relu",
+               head_bias=None):
     import keras  # here, so the constants above import without Keras (unet.perf.flops)
     from keras import layers
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if head_bias is not None and len(head_bias) != regions:
+        raise ValueError(f"head_bias has {len(head_bias)} values for {regions} regions")
     dt = PRECISIONS[precision]
     kw = dict(kernel_size=3, padding="same", kernel_initializer="he_uniform", dtype=dt)
 
@@ -37,11 +60,14 @@ def build_unet(height: int, width: int, channels: int, regions: int, *,
         """3x3 convolution + ReLU; with ``norm``, conv -> normalisation -> ReLU (the same statistics
         in training and inference: nothing to drift between the two, nothing to synchronise)."""
         def apply(x):
-            if norm == "none":
+            if norm == "none" and activation == "relu":
                 return layers.Conv2D(f, activation="relu", name=name, **kw)(x)
             x = layers.Conv2D(f, name=name, **kw)(x)
-            x = layers.GroupNormalization(GROUPS if norm == "group" else f, name=f"norm{name[4:]}",
-                                          dtype=dt)(x)
+            if norm != "none":
+                x = layers.GroupNormalization(GROUPS if norm == "group" else f, name=f"norm{name[4:]}",
+                                              dtype=dt)(x)
+            if activation == "leaky_relu":
+                return layers.LeakyReLU(LEAKY_SLOPE, name=f"relu{name[4:]}", dtype=dt)(x)
             return layers.Activation("relu", name=f"relu{name[4:]}", dtype=dt)(x)
         return apply
     inputs = keras.Input((height, width, channels), name="images")
@@ -64,5 +90,6 @@ def build_unet(height: int, width: int, channels: int, regions: int, *,
         x = layers.Concatenate(axis=-1, name=f"concat{level}", dtype=dt)([up, skip])
         x = conv(f, f"conv{level}a")(x)
         x = conv(f, f"conv{level}b")(x)
-    outputs = layers.Conv2D(regions, 1, activation="sigmoid", name="mask", dtype="float32")(x)
+    bias = "zeros" if head_bias is None else keras.initializers.Constant([float(b) for b in head_bias])
+    outputs = layers.Conv2D(regions, 1, activation="sigmoid", bias_initializer=bias, name="mask", dtype="float32")(x)
     return keras.Model(inputs, outputs, name="unet")

@@ -1,9 +1,9 @@
 """Run under mpirun: Horovod allreduce of known values and a broadcast from rank 0."""
 import json
 
+import horovod.tensorflow as hvd
 import numpy as np
 import tensorflow as tf
-import horovod.tensorflow as hvd
 
 hvd.init()
 r, n = hvd.rank(), hvd.size()

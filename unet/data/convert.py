@@ -25,11 +25,14 @@ import zlib
 
 import numpy as np
 
+from unet.cli import command
 from unet.data import labels as L
 from unet.data import preprocess as P
 from unet.data.h5io import H5Writer, merge_parts, write_folds, write_npy
-from unet.data.layouts import MODALITIES, Case, LayoutError, detect_layout, find_cases
+from unet.data.layouts import MODALITIES, Case, detect_layout, find_cases
 from unet.data.nifti import DataError, Options, read_case
+from unet.distributed.ranks import agree, world
+from unet.errors import UsageError
 
 CONVERTER_VERSION = "2"   # 2: masks resized centre-aligned (INTER_NEAREST_EXACT), as the images are
 
@@ -168,8 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list from WT,TC,ET (default: WT,TC,ET for h5, WT for npy)")
     p.add_argument("--size", type=int, default=128,
                    help="in-plane size in pixels (multiple of 16); 240 keeps the BraTS grid untouched")
-    p.add_argument("--inplane", choices=("resize", "crop"), default="resize",
-                   help="resize the whole slice (keeps all the brain) or centre-crop it")
+    p.add_argument("--inplane", choices=P.INPLANE_MODES, default="resize",
+                   help="resize the whole slice (keeps all the brain), centre-crop it, or crop_resize: cut the "
+                        f"square around the case's head (non-zero voxels of all modalities, {P.CROP_MARGIN} voxels "
+                        "of margin) and resize that, so the head fills the input")
     p.add_argument("--slices", choices=("all", "brain", "tumour"), default="brain",
                    help="training slices kept: all; brain (the default: those with brain, which drops the "
                         "empty slices above/below the head and keeps the class balance inference sees); "
@@ -195,61 +200,42 @@ def _opts(a) -> Options:
     regs = tuple(x.strip() for x in (a.regions or fmt_default[1]).split(",") if x.strip())
     for m in mods:
         if m not in MODALITIES:
-            raise ValueError(f"--modalities: unknown modality {m!r} (choose from {','.join(MODALITIES)})")
+            raise UsageError(f"--modalities: unknown modality {m!r} (choose from {','.join(MODALITIES)})")
     for r in regs:
         if r not in L.REGIONS:
-            raise ValueError(f"--regions: unknown region {r!r} (choose from WT,TC,ET)")
+            raise UsageError(f"--regions: unknown region {r!r} (choose from WT,TC,ET)")
     if len(set(mods)) != len(mods) or not mods:
-        raise ValueError("--modalities: give each modality once")
+        raise UsageError("--modalities: give each modality once")
     if len(set(regs)) != len(regs) or not regs:
-        raise ValueError("--regions: give each region once")
+        raise UsageError("--regions: give each region once")
     if a.size < 16 or a.size % 16:
-        raise ValueError(f"--size must be a multiple of 16 (got {a.size})")
+        raise UsageError(f"--size must be a multiple of 16 (got {a.size})")
     if not 0 <= a.val_fraction < 1:
-        raise ValueError(f"--val_fraction must be in [0, 1) (got {a.val_fraction})")
+        raise UsageError(f"--val_fraction must be in [0, 1) (got {a.val_fraction})")
     if a.workers < 1:
-        raise ValueError(f"--workers must be >= 1 (got {a.workers})")
+        raise UsageError(f"--workers must be >= 1 (got {a.workers})")
     if a.folds == 1 or a.folds < 0:
-        raise ValueError(f"--folds must be 0 (no folds) or >= 2 (got {a.folds})")
+        raise UsageError(f"--folds must be 0 (no folds) or >= 2 (got {a.folds})")
     if a.folds and a.format != "h5":
-        raise ValueError("--folds needs --format h5 (the npy files have no place for folds)")
+        raise UsageError("--folds needs --format h5 (the npy files have no place for folds)")
     return Options(mods, regs, a.size, a.inplane, a.slices, a.background_fraction, a.seed)
 
 
-def _comm():
-    from unet.distributed.ranks import under_mpirun
-    if not under_mpirun():
-        return None
-    from mpi4py import MPI
-    return MPI.COMM_WORLD if MPI.COMM_WORLD.Get_size() > 1 else None
-
-
+@command("unet-convert")
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
-    comm = _comm()
+    comm = world()
     rank, size = (comm.Get_rank(), comm.Get_size()) if comm else (0, 1)
-
-    def fail(msg: str, code: int = 1) -> int:
-        if rank == 0:
-            print(f"unet-convert: error: {msg}", file=sys.stderr)
-        return code
-
-    try:
-        opts = _opts(a)
-    except ValueError as e:
-        return fail(str(e), 2)
-    try:
-        layout = detect_layout(a.input) if a.layout == "auto" else a.layout
-        cases = find_cases(a.input, layout)
-    except LayoutError as e:
-        return fail(str(e))
+    opts = _opts(a)           # every rank finds the same bad flag or input folder
+    layout = detect_layout(a.input) if a.layout == "auto" else a.layout
+    cases = find_cases(a.input, layout)
     if not cases:
-        return fail(f"{a.input}: no cases found for layout {layout}")
+        raise UsageError(f"{a.input}: no cases found for layout {layout}")
     splits = split_by_patient([c.case_id for c in cases], a.val_fraction, a.seed)
     n_train = sum(s == "train" for s in splits.values())
     if a.folds > n_train:
-        return fail(f"--folds {a.folds}: more folds than the {n_train} training case(s) of {a.input} "
-                    f"(--val_fraction {a.val_fraction} keeps {len(cases) - n_train} for validation)", 2)
+        raise UsageError(f"--folds {a.folds}: more folds than the {n_train} training case(s) of {a.input} "
+                         f"(--val_fraction {a.val_fraction} keeps {len(cases) - n_train} for validation)")
     out = os.path.abspath(a.output)
     h5_final = out if a.format == "h5" else os.path.join(out, ".unet-convert.h5")
     os.makedirs(os.path.dirname(h5_final) or ".", exist_ok=True)
@@ -261,9 +247,8 @@ def main(argv=None) -> int:
             progress=(rank == 0 and not a.no_progress and sys.stderr.isatty()))
     except DataError as e:
         error, counts, skipped, volumes = str(e), {}, [], {}
+    error = agree(comm, error)   # the first error any rank found, on every rank: all exit together
     if comm:
-        errors = comm.allgather(error)
-        error = next((e for e in errors if e), None)
         skipped = sum(comm.allgather(skipped), [])
         totals = comm.allgather(counts)
         volumes = {k: v for part in comm.allgather(volumes) for k, v in part.items()}
@@ -272,13 +257,13 @@ def main(argv=None) -> int:
     parts = [f"{h5_final}.part{r}-of-{size}.tmp" for r in range(size)]
     try:
         if error:
-            return fail(error)
+            raise UsageError(error)      # agreed: the same on every rank
         folds = None
         if a.folds:
             train_volumes = {c: v for c, v in volumes.items() if splits[c] == "train"}
             if len(train_volumes) < a.folds:
-                return fail(f"--folds {a.folds}: only {len(train_volumes)} training case(s) left after "
-                            f"--skip_bad skipped {len(skipped)}")
+                raise UsageError(f"--folds {a.folds}: only {len(train_volumes)} training case(s) left after "
+                                 f"--skip_bad skipped {len(skipped)}")
             folds = assign_folds(train_volumes, a.folds, a.seed)
         if rank == 0:
             _finish(a, opts, layout, cases, splits, parts, tmp, h5_final, out, totals, skipped, volumes, folds)
@@ -298,6 +283,7 @@ def _finish(a, opts, layout, cases, splits, parts, tmp, h5_final, out, totals, s
     attrs = {"modalities": json.dumps(list(opts.modalities)), "regions": json.dumps(list(opts.regions)),
              "size": opts.size, "normalisation": P.NORMALISATION,
              "inplane": opts.inplane, "slices_train": opts.slices, "slices_val": "all",
+             **({"crop_margin": P.CROP_MARGIN} if opts.inplane == "crop_resize" else {}),
              "layout": layout, "converter_version": CONVERTER_VERSION,
              "val_fraction": a.val_fraction, "seed": a.seed, "source": os.path.abspath(a.input)}
     staged = f"{h5_final}.tmp-{os.getpid()}"

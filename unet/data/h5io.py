@@ -17,7 +17,6 @@ import numpy as np
 
 from unet.data.layouts import NPY_FILES, NPY_SIDECAR
 
-
 SPLITS = ("train", "val")
 REST = "rest"            # files with folds: the training cases' slices --slices left out
 FIELDS = ("images", "masks", "case_id", "slice_index")

@@ -101,13 +101,15 @@ def read_case(case: Case, opts: Options, need_seg: bool = True):
     """-> (channels (C,z,y,x) float32, seg (z,y,x) int or None, geometry of the first file)."""
     folder = os.path.dirname(next(iter(case.files.values()), case.seg or case.case_id))
     if case.seg is None and need_seg:
-        suf = {"msd": "labelsTr/<case>.nii.gz"}.get(case.layout, f"*{SUFFIXES.get(case.layout, {}).get('seg', '_seg')}.nii.gz")
+        seg = SUFFIXES.get(case.layout, {}).get('seg', '_seg')
+        suf = {"msd": "labelsTr/<case>.nii.gz"}.get(case.layout, f"*{seg}.nii.gz")
         raise DataError(case.case_id, folder, f"missing segmentation ({suf})")
     vols, ref, ref_path = [], None, None
     if case.layout == "msd":
         img, arr = _read(case, case.files["image"])
         if arr.ndim != 4 or arr.shape[0] < 4:
-            raise DataError(case.case_id, case.files["image"], f"expected a 4-D image with 4 channels, got array {arr.shape}")
+            raise DataError(case.case_id, case.files["image"],
+                            f"expected a 4-D image with 4 channels, got array {arr.shape}")
         vols = [arr[MSD_CHANNELS[m]] for m in opts.modalities]
         ref, ref_path, geom = img, case.files["image"], _geometry(img)
         ref_shape, ref_spacing = arr.shape[1:], img.GetSpacing()[:3]

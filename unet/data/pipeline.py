@@ -13,6 +13,16 @@ A position inside an epoch is a count of samples, not of steps: a run resumed
 (or an elastic job resized) at sample ``s`` continues with ``perm[s:]`` cut
 into global batches of whatever size the job now has, so no sample of the
 epoch is skipped or repeated when the number of ranks changes.
+
+Tumour oversampling (``--foreground_fraction F``, nnU-Net's): the last k = round(F x B)
+places of every rank's batch of B take slices that hold tumour, from a second
+permutation of those slices (drawn from (seed, epoch), repeated when it runs out);
+the other B - k places take the epoch's permutation of all slices in turn. Which
+slice sits at a position is a pure function of (seed, epoch, position), and a
+position's place in its rank's batch is position mod B, so every rank's batch holds
+exactly k of them, resume and resizing keep working as above, and an epoch has the
+same steps as without oversampling (it then reaches only the first (1 - k/B) of its
+permutation of all slices: each epoch a different part).
 """
 from __future__ import annotations
 
@@ -35,18 +45,40 @@ def epoch_order(n: int, epoch: int, seed: int) -> np.ndarray:
     return np.random.default_rng([seed, 7919, epoch]).permutation(n)
 
 
+def foreground_per_batch(fraction: float, batch_size: int) -> int:
+    """Places of a rank's batch that take tumour slices: round(fraction x batch_size), halves up."""
+    return int(math.floor(fraction * batch_size + 0.5))
+
+
+def stream(n: int, batch_size: int, epoch: int, seed: int, positions: np.ndarray,
+           foreground: np.ndarray | None = None, k: int = 0) -> np.ndarray:
+    """The sample at each position (sample count from the epoch's start) of ``epoch``'s stream: the
+    epoch's permutation in turn (repeated past its end), or with ``k`` > 0 the last ``k`` places of each
+    ``batch_size`` positions from a permutation of the ``foreground`` indices instead."""
+    j = np.asarray(positions, np.int64)
+    order = epoch_order(n, epoch, seed)
+    if not k:
+        return order[j % n]
+    fg = np.asarray(foreground, np.int64)
+    fg = fg[np.random.default_rng([seed, 15485863, epoch]).permutation(len(fg))]
+    place = j % batch_size
+    fg_before = (j // batch_size) * k + np.maximum(place - (batch_size - k), 0)   # tumour places before j
+    return np.where(place >= batch_size - k, fg[fg_before % len(fg)], order[(j - fg_before) % n])
+
+
 def rank_batches(n: int, batch_size: int, rank: int, size: int, epoch: int, seed: int,
-                 cap: int = 0, start_sample: int = 0) -> list[np.ndarray]:
-    """Index arrays this rank reads, one per remaining step of ``epoch`` from ``start_sample``."""
+                 cap: int = 0, start_sample: int = 0, foreground: np.ndarray | None = None,
+                 k: int = 0) -> list[np.ndarray]:
+    """Index arrays this rank reads, one per remaining step of ``epoch`` from ``start_sample``;
+    with ``k`` > 0 the last ``k`` of each are slices among ``foreground`` (tumour oversampling)."""
+    if k and (not 0 < k <= batch_size or foreground is None or not len(foreground)):
+        raise ValueError(f"{k} tumour places per batch of {batch_size} need 1..{batch_size} places and tumour slices")
     g = batch_size * size
     total = epoch_samples(n, g, cap)
     steps = max(math.ceil((total - start_sample) / g), 0)
-    order = epoch_order(n, epoch, seed)
-    need = start_sample + steps * g
-    if need > n:
-        order = np.concatenate([order, np.resize(order, need - n)])
     base = start_sample + rank * batch_size
-    return [order[base + t * g: base + t * g + batch_size] for t in range(steps)]
+    pos = base + np.arange(steps)[:, None] * g + np.arange(batch_size)[None, :]
+    return list(stream(n, batch_size, epoch, seed, pos, foreground, k))
 
 
 def val_shard(n: int, rank: int, size: int) -> np.ndarray:
@@ -78,19 +110,22 @@ def augment(imgs: np.ndarray, msks: np.ndarray, rng: np.random.Generator):
 
 def train_dataset(source, *, batch_size: int, rank: int, size: int, epoch: int, seed: int,
                   cap: int = 0, augment_on: bool = True, prefetch: int = 2, start: int = 0,
-                  start_sample: int | None = None):
+                  start_sample: int | None = None, foreground_fraction: float = 0.0):
     """tf.data.Dataset of this rank's (images, masks) batches for the rest of one epoch.
 
     The epoch continues at sample ``start_sample`` (default ``start`` global batches in),
     and ``start`` numbers the first step. Augmentation draws from a generator seeded by
     (seed, epoch, rank, step), so a run resumed mid-epoch sees exactly the batches an
-    uninterrupted run would.
+    uninterrupted run would. ``foreground_fraction`` > 0: round(F x batch_size) of each batch
+    are slices with tumour (``source.tumour_slices()``).
     """
     import tensorflow as tf
     h, w, c, r = source.shape
     if start_sample is None:
         start_sample = start * batch_size * size
-    batches = rank_batches(len(source), batch_size, rank, size, epoch, seed, cap, start_sample)
+    k = foreground_per_batch(foreground_fraction, batch_size)
+    batches = rank_batches(len(source), batch_size, rank, size, epoch, seed, cap, start_sample,
+                           source.tumour_slices() if k else None, k)
 
     def gen():
         for i, idx in enumerate(batches):

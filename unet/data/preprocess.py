@@ -14,7 +14,10 @@ import numpy as np
 # the only normalisation implemented; unet-convert stores this text in the file's attributes
 # and unet-predict refuses a model whose metadata names another
 NORMALISATION = "zscore over brain (non-zero) voxels per modality"
-INPLANE_MODES = ("resize", "crop")
+INPLANE_MODES = ("resize", "crop", "crop_resize")
+# crop_resize: voxels of background kept on each side of the head's box (unet-convert records it in the
+# file's attribute ``crop_margin``; unet-predict reads it from there)
+CROP_MARGIN = 2
 
 
 def brain_mask(channels: np.ndarray) -> np.ndarray:
@@ -33,13 +36,32 @@ def zscore(volume: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def inplane_plan(shape_yx: tuple[int, int], size: int, mode: str) -> dict:
+def head_box(brain: np.ndarray, margin: int = CROP_MARGIN) -> tuple[int, int, int] | None:
+    """(y0, x0, side) of the square around the head: the bounding box of ``brain`` ((z, y, x) or (y, x)
+    booleans) over all slices, its short side widened to the long one (the box centred in it) and
+    ``margin`` voxels added on every side. It may reach beyond the grid (that part reads as zeros).
+    None for a case without a non-zero voxel."""
+    footprint = brain.reshape((-1,) + brain.shape[-2:]).any(0)
+    ys, xs = np.flatnonzero(footprint.any(1)), np.flatnonzero(footprint.any(0))
+    if not ys.size:
+        return None
+    h, w = int(ys[-1] - ys[0] + 1), int(xs[-1] - xs[0] + 1)
+    side = max(h, w) + 2 * margin
+    return int(ys[0]) - (side - h) // 2, int(xs[0]) - (side - w) // 2, side
+
+
+def inplane_plan(shape_yx: tuple[int, int], size: int, mode: str, box: tuple[int, int, int] | None = None) -> dict:
     """How a (y, x) slice becomes size x size, in a form that can be undone.
 
-    ``resize``: scale the whole slice; ``crop``: centre crop (padding if smaller);
-    a slice already size x size is left untouched either way.
+    ``resize``: scale the whole slice; ``crop``: centre crop (padding if smaller); a slice already
+    size x size is left untouched by either. ``crop_resize``: cut the square ``box`` = (y0, x0, side)
+    (``head_box``; the whole grid, squared, when None), then scale it to size x size (no scaling when
+    side == size).
     """
     h, w = shape_yx
+    if mode == "crop_resize":
+        y0, x0, side = box if box is not None else (0, 0, max(h, w))
+        return {"mode": "crop_resize", "shape": [h, w], "size": size, "y0": int(y0), "x0": int(x0), "side": int(side)}
     if (h, w) == (size, size):
         return {"mode": "none", "shape": [h, w], "size": size}
     if mode == "resize":
@@ -66,21 +88,30 @@ def apply_inplane(img: np.ndarray, plan: dict, *, is_mask: bool) -> np.ndarray:
     s = plan["size"]
     if plan["mode"] == "crop":
         return _crop_or_pad(img, plan["y0"], plan["x0"], s)
+    if plan["mode"] == "crop_resize":
+        img = _crop_or_pad(img, plan["y0"], plan["x0"], plan["side"])
+        if plan["side"] == s:
+            return img
     interp = cv2.INTER_NEAREST_EXACT if is_mask else cv2.INTER_AREA
     out = cv2.resize(img, (s, s), interpolation=interp)
     return out.reshape((s, s) + img.shape[2:])
 
 
 def undo_inplane(img: np.ndarray, plan: dict, *, is_mask: bool) -> np.ndarray:
-    """Inverse of apply_inplane back to the original (y, x) grid (cropped-away border = 0); images
-    are resized by bicubic interpolation, which keeps the peak of a structure one or two pixels wide
-    that linear interpolation flattens (values may overshoot their range)."""
+    """Inverse of apply_inplane back to the original (y, x) grid (cropped-away border = 0, and so is
+    everything outside a crop_resize box); images are resized by bicubic interpolation, which keeps
+    the peak of a structure one or two pixels wide that linear interpolation flattens (values may
+    overshoot their range)."""
     if plan["mode"] == "none":
         return img
     h, w = plan["shape"]
-    if plan["mode"] == "crop":
-        return _crop_or_pad(img, -plan["y0"], -plan["x0"], max(h, w))[:h, :w]
     interp = cv2.INTER_NEAREST_EXACT if is_mask else cv2.INTER_CUBIC
+    if plan["mode"] == "crop_resize":
+        side = plan["side"]
+        if side != plan["size"]:
+            img = cv2.resize(img, (side, side), interpolation=interp).reshape((side, side) + img.shape[2:])
+    if plan["mode"] in ("crop", "crop_resize"):
+        return _crop_or_pad(img, -plan["y0"], -plan["x0"], max(h, w))[:h, :w]
     out = cv2.resize(img, (w, h), interpolation=interp)
     return out.reshape((h, w) + img.shape[2:])
 
@@ -114,16 +145,18 @@ class NetworkInput(NamedTuple):
 
 
 def network_input(channels: np.ndarray, size: int, inplane: str,
-                  normalisation: str = NORMALISATION) -> NetworkInput:
+                  normalisation: str = NORMALISATION, crop_margin: int = CROP_MARGIN) -> NetworkInput:
     """(C, z, y, x) raw intensities -> brain mask, in-plane plan and the network's input slices:
-    z-score per modality over brain voxels, then every axial slice brought to size x size."""
+    z-score per modality over brain voxels, then every axial slice brought to size x size (for
+    ``crop_resize`` through the one square box of the case's head, ``head_box`` with ``crop_margin``)."""
     if normalisation != NORMALISATION:
         raise ValueError(f"unknown normalisation {normalisation!r}")
     if inplane not in INPLANE_MODES:
         raise ValueError(f"unknown in-plane mode {inplane!r}")
     brain = brain_mask(channels)
     norm = np.stack([zscore(v, brain) for v in channels])
-    plan = inplane_plan(norm.shape[2:], size, inplane)
+    box = head_box(brain, crop_margin) if inplane == "crop_resize" else None
+    plan = inplane_plan(norm.shape[2:], size, inplane, box)
     slices = np.zeros((norm.shape[1], size, size, len(norm)), np.float32)
     for z in range(norm.shape[1]):
         slices[z] = apply_inplane(np.moveaxis(norm[:, z], 0, -1), plan, is_mask=False)

@@ -1,7 +1,9 @@
 """Where training slices come from, behind one small interface.
 
-A source has ``len(source)``, ``source.shape`` = (H, W, C, R) and
-``source.read(indices) -> (images float32 (B,H,W,C), masks float32 (B,H,W,R))``.
+A source has ``len(source)``, ``source.shape`` = (H, W, C, R),
+``source.read(indices) -> (images float32 (B,H,W,C), masks float32 (B,H,W,R))`` and
+``source.tumour_slices()``: the sorted indices of the slices whose masks hold any region
+(found once, by reading the masks only, when ``--foreground_fraction`` asks for them).
 Reads are random access and streamed: nothing holds the dataset in memory.
 
 * ``H5Source``: the HDF5 file of ``unet-convert`` (groups ``train``/``val`` with
@@ -34,7 +36,20 @@ from unet.errors import UsageError
 # links its converted synthetic cases there when nothing is.
 DEFAULT_DATA = "data/brats.h5"
 
+H5_MAGIC = b"\x89HDF\r\n\x1a\n"            # the first 8 bytes of every HDF5 file
+
 SEED_NPY = {"modalities": ["FLAIR"], "regions": ["WT"], "layout": "seed-npy"}  # the seed's own four files
+
+
+def _tumour_slices(source, masks_of) -> np.ndarray:
+    """Indices of the slices with any mask voxel set, cached on ``source``; ``masks_of(start, stop)``
+    returns the masks of slices start..stop-1, read 256 at a time."""
+    if getattr(source, "_tumour", None) is None:
+        n = len(source)
+        source._tumour = np.concatenate(
+            [s + np.flatnonzero(np.asarray(masks_of(s, min(s + 256, n))).reshape(min(256, n - s), -1).any(1))
+             for s in range(0, n, 256)] or [np.zeros(0, np.int64)]).astype(np.int64)
+    return source._tumour
 
 
 @dataclass
@@ -91,6 +106,9 @@ class SyntheticSource:
         pairs = [self.sample(i) for i in indices]
         return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
+    def tumour_slices(self) -> np.ndarray:
+        return _tumour_slices(self, lambda a, b: self.read(range(a, b))[1])
+
 
 class _ArraySource:
     """images (N,H,W,C) and masks (N,H,W,R) array-likes (h5py datasets or memory maps)."""
@@ -106,6 +124,9 @@ class _ArraySource:
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    def tumour_slices(self) -> np.ndarray:
+        return _tumour_slices(self, lambda a, b: self.masks[a:b])
+
 
 class H5Source(_ArraySource):
     """A group of the HDF5 file; with ``rows``, only those rows of it (in that order)."""
@@ -118,6 +139,11 @@ class H5Source(_ArraySource):
 
     def __len__(self) -> int:
         return super().__len__() if self.rows is None else len(self.rows)
+
+    def tumour_slices(self) -> np.ndarray:
+        if self.rows is None:
+            return super().tumour_slices()
+        return _tumour_slices(self, lambda a, b: self.read(range(a, b))[1])   # positions among ``rows``
 
     def read(self, indices) -> tuple[np.ndarray, np.ndarray]:
         # One chunk-aligned read per slice: h5py's point selection over a list of
@@ -142,6 +168,10 @@ class ConcatSource:
 
     def __len__(self) -> int:
         return int(self.starts[-1])
+
+    def tumour_slices(self) -> np.ndarray:
+        return np.concatenate([start + p.tumour_slices() for start, p in zip(self.starts, self.parts)]
+                              or [np.zeros(0, np.int64)]).astype(np.int64)
 
     def read(self, indices) -> tuple[np.ndarray, np.ndarray]:
         idx = np.asarray(indices, np.int64)
@@ -209,8 +239,54 @@ def _attr_list(value) -> list[str]:
     return [x.decode() if isinstance(x, bytes) else str(x) for x in value]
 
 
+def decoded(attrs) -> dict:
+    """HDF5 attributes as plain values: str for bytes, lists for arrays."""
+    return {k: (v.decode() if isinstance(v, bytes) else v.tolist() if hasattr(v, "tolist") else v)
+            for k, v in attrs.items()}
+
+
+@dataclass(frozen=True)
+class H5Contents:
+    """What ``check_h5`` found in a unet-convert HDF5 file."""
+    attrs: dict          # root attributes, decoded (str, list, number)
+    images: dict         # split -> shape (N, H, W, C) of its images
+    masks: dict          # split -> shape (N, H, W, R) of its masks
+
+
+def check_h5(path: str, named: str | None = None, *, converted: bool = False) -> H5Contents:
+    """The one check of a unet-convert HDF5 file, whoever reads it (the trainer's --data, unet-evaluate's,
+    int8's): it exists, is HDF5, and holds groups ``train`` and ``val`` with ``images`` and ``masks``; with
+    ``converted`` it also names the folder and layout it was converted from and the case of every
+    validation slice (what finding the validation cases again needs). A UsageError ``<named>: ...``
+    (``named`` by default ``--data PATH``) otherwise; what was found, when it holds."""
+    import h5py
+    named = named or f"--data {path}"
+    if not os.path.exists(path):
+        raise UsageError(f"{named}: no such file")
+    if not os.path.isfile(path):
+        raise UsageError(f"{named}: not an HDF5 file")
+    with open(path, "rb") as fh:
+        if fh.read(8) != H5_MAGIC:
+            raise UsageError(f"{named}: not an HDF5 file")
+    try:
+        with h5py.File(path, "r") as f:
+            for split in ("train", "val"):
+                if split not in f or "images" not in f[split] or "masks" not in f[split]:
+                    raise UsageError(f"{named}: missing group '{split}' with 'images' and 'masks'")
+            for key in ("source", "layout") if converted else ():
+                if key not in f.attrs:
+                    raise UsageError(f"{named}: not written by unet-convert (no {key!r})")
+            if converted and "case_id" not in f["val"]:
+                raise UsageError(f"{named}: not written by unet-convert (no 'case_id')")
+            return H5Contents(decoded(f.attrs), {s: tuple(f[s]["images"].shape) for s in ("train", "val")},
+                              {s: tuple(f[s]["masks"].shape) for s in ("train", "val")})
+    except (OSError, ValueError, KeyError) as e:
+        raise UsageError(f"{named}: cannot read ({str(e).splitlines()[0]})") from None
+
+
 def check_data(path: str) -> None:
-    """Cheap checks of --data that every rank runs before any heavy work."""
+    """--data as the trainer takes it, checked on every rank before any heavy work: a unet-convert HDF5
+    file (``check_h5``) or a folder of the seed's npy files."""
     if not os.path.exists(path):
         hint = (" (the default --data: convert BraTS with `unet-convert --input DIR --output "
                 f"{DEFAULT_DATA}`, run scripts/demo.sh, or pass --synthetic)") if path == DEFAULT_DATA else ""
@@ -221,9 +297,7 @@ def check_data(path: str) -> None:
                 if not os.path.isfile(os.path.join(path, name)):
                     raise UsageError(f"--data {path}: folder lacks {name} (the seed's npy layout)")
         return
-    with open(path, "rb") as fh:
-        if fh.read(8) != b"\x89HDF\r\n\x1a\n":
-            raise UsageError(f"--data {path}: not an HDF5 file")
+    check_h5(path)
 
 
 def _check_pair(path: str, split: str, src) -> None:
@@ -234,6 +308,22 @@ def _check_pair(path: str, split: str, src) -> None:
     if nm != ni or tuple(src.masks.shape[1:3]) != (h, w):
         raise UsageError(f"--data {path}: {split} images {tuple(src.images.shape)} and masks "
                          f"{tuple(src.masks.shape)} do not match")
+
+
+SHARE_SLICES = 2048   # foreground_share reads at most this many training slices, evenly strided
+
+
+def foreground_share(source, max_slices: int = SHARE_SLICES, chunk: int = 64) -> list[float]:
+    """Each region's share of foreground pixels over the training slices (all of them, or ``max_slices``
+    evenly strided ones): the prior that ``--head_bias prior`` starts the network's output at."""
+    n = len(source)
+    h, w, _, r = source.shape
+    idx = np.unique(np.linspace(0, n - 1, min(n, max_slices)).round().astype(np.int64))
+    total = np.zeros(r, np.float64)
+    for s in range(0, len(idx), chunk):
+        _, msks = source.read(idx[s:s + chunk])
+        total += msks.sum(axis=(0, 1, 2), dtype=np.float64)
+    return (total / (len(idx) * h * w)).tolist()
 
 
 def file_folds(f) -> tuple[int, dict[str, int]]:
@@ -287,11 +377,7 @@ def open_sources(args) -> tuple[object, object | None, DataInfo]:
         else:
             import h5py
             with h5py.File(path, "r") as f:
-                for split in ("train", "val"):
-                    if split not in f or "images" not in f[split] or "masks" not in f[split]:
-                        raise UsageError(f"--data {path}: missing group '{split}' with 'images' and 'masks'")
-                attrs = {k: (v.decode() if isinstance(v, bytes) else v.tolist() if hasattr(v, "tolist") else v)
-                         for k, v in f.attrs.items()}
+                attrs = decoded(f.attrs)
                 modalities = _attr_list(f.attrs.get("modalities"))
                 regions = _attr_list(f.attrs.get("regions"))
                 k = file_folds(f)[0]
@@ -321,6 +407,9 @@ def open_sources(args) -> tuple[object, object | None, DataInfo]:
         raise UsageError(f"--data {path}: attribute 'regions' names {len(regions)} regions, masks have {r}")
     info = DataInfo(h, w, c, r, modalities or [f"channel{i}" for i in range(c)],
                     regions or [f"region{i}" for i in range(r)], attrs, folds=k, fold=fold)
+    if getattr(args, "foreground_fraction", 0) and not len(train.tumour_slices()):
+        raise UsageError(f"--foreground_fraction {args.foreground_fraction}: no training slice of {path} "
+                         f"holds tumour (every mask is empty)")
     return train, (val if len(val) else None), info
 
 
@@ -331,19 +420,11 @@ def file_cases(data: str) -> tuple[list[str], int, dict[str, int]]:
 
 def _file_index(data: str) -> tuple[str, str, list[str], int, dict[str, int]]:
     import h5py
-    if not os.path.isfile(data):
-        raise UsageError(f"--data {data}: no such file")
-    try:
-        with h5py.File(data, "r") as f:
-            source, layout = f.attrs["source"], f.attrs["layout"]
-            val_ids = sorted(set(f["val"]["case_id"].asstr()[:]))
-            k, folds = file_folds(f)
-    except OSError:
-        raise UsageError(f"--data {data}: not an HDF5 file") from None
-    except KeyError as e:
-        raise UsageError(f"--data {data}: not written by unet-convert (no {e.args[0]!r})") from None
-    source = source.decode() if isinstance(source, bytes) else str(source)
-    return source, str(layout), val_ids, k, folds
+    attrs = check_h5(data, converted=True).attrs
+    with h5py.File(data, "r") as f:
+        val_ids = sorted(set(f["val"]["case_id"].asstr()[:]))
+        k, folds = file_folds(f)
+    return str(attrs["source"]), str(attrs["layout"]), val_ids, k, folds
 
 
 def find_file_cases(data: str, ids, what: str = "validation") -> list:

@@ -20,7 +20,7 @@ broadcast and assigned (Horovod's own ``TensorFlowKerasState`` predates Keras 3)
 """
 from __future__ import annotations
 
-from unet.distributed.ranks import broadcast_from_root, collective_failure
+from unet.distributed.ranks import broadcast_from_root, collective_failure, is_elastic
 
 COUNTERS = ("epoch", "step", "sample", "step_in_epoch")
 
@@ -37,6 +37,12 @@ class FixedState:
 
     def run(self, fn):
         return fn(self)
+
+
+def start_state(hvd, model, optimizer, **counters):
+    """The run's progress from ``counters`` (``COUNTERS``; missing ones 0): an elastic state when an
+    elastic launcher started this worker, else a fixed one."""
+    return elastic_state(hvd, model, optimizer, **counters) if is_elastic() else FixedState(**counters)
 
 
 def elastic_state(hvd, model, optimizer, **counters):

@@ -13,6 +13,9 @@ import socket
 import sys
 from dataclasses import dataclass
 
+from unet.cli import launcher_rank
+from unet.malloc import allocator_note, reexec_with_allocator
+
 # Defaults for a box where ranks get one or a few cores each: Horovod's
 # background thread polls every 1 ms and Open MPI busy-waits, both stealing
 # the core TensorFlow computes on. Measured on 2 ranks x 1 core (docs/PERFORMANCE.md):
@@ -47,7 +50,6 @@ ELASTIC_UNSAFE = ("HOROVOD_FUSION_THRESHOLD",)
 # gradients go in one grouped allreduce, so that costs one negotiation per step.
 ELASTIC_SETTINGS = {"HOROVOD_CACHE_CAPACITY": "0"}
 
-LAUNCHER_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "HOROVOD_RANK")
 LAUNCHER_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "HOROVOD_SIZE")
 
 
@@ -61,14 +63,6 @@ def collective_failure(e: BaseException) -> bool:
     import tensorflow as tf
     return isinstance(e, (tf.errors.UnknownError, tf.errors.AbortedError, tf.errors.FailedPreconditionError)) \
         and "Horovod" in str(e)
-
-
-def launcher_rank(env=os.environ) -> int:
-    """This process's rank as the launcher set it (0 outside a launcher)."""
-    for k in LAUNCHER_RANK_VARS:
-        if k in env:
-            return int(env[k])
-    return 0
 
 
 def under_mpirun(env=os.environ) -> bool:
@@ -127,16 +121,19 @@ class RankSetup:
     inter: int
     blocktime: str
     comm: object = None  # mpi4py communicator when launched by mpirun
+    malloc: str = ""     # allocator_note()
 
     def line(self) -> str:
         c = sorted(self.cpus)
         cpus = f"{c[0]}-{c[-1]}" if c and c == list(range(c[0], c[-1] + 1)) else ",".join(map(str, c))
         return (f"rank {self.rank}/{self.size} host {self.host} cpus [{cpus}] ({len(c)}) cores {self.cores} "
-                f"intra {self.intra} inter {self.inter} KMP_BLOCKTIME {self.blocktime}")
+                f"intra {self.intra} inter {self.inter} KMP_BLOCKTIME {self.blocktime}"
+                + (f" malloc {self.malloc}" if self.malloc else ""))
 
 
-def _mpi_comm():
-    """COMM_WORLD from mpi4py when launched by mpirun, else None."""
+def world():
+    """COMM_WORLD from mpi4py when launched by mpirun (every command's ranks: the trainer's, unet-convert's,
+    unet-evaluate's), else None."""
     if not under_mpirun():
         return None
     import mpi4py
@@ -149,6 +146,7 @@ def prepare_rank(num_threads: int, num_inter_threads: int, blocktime: int) -> Ra
     """Decide and export this rank's thread settings; call before importing TensorFlow."""
     if "tensorflow" in sys.modules:
         raise RuntimeError("prepare_rank must run before TensorFlow is imported")
+    reexec_with_allocator()              # a bad UNET_MALLOC raises a UsageError before MPI starts: every rank exits
     for k, v in RUNTIME_DEFAULTS.items():
         os.environ.setdefault(k, v)
     if is_elastic():
@@ -163,7 +161,7 @@ def prepare_rank(num_threads: int, num_inter_threads: int, blocktime: int) -> Ra
             os.environ[k] = v
     host = socket.gethostname()
     cpus = frozenset(os.sched_getaffinity(0))
-    comm = _mpi_comm()
+    comm = world()
     if comm is not None:
         rank, size = comm.Get_rank(), comm.Get_size()
         peers = comm.allgather((host, cpus))
@@ -179,7 +177,7 @@ def prepare_rank(num_threads: int, num_inter_threads: int, blocktime: int) -> Ra
     os.environ["KMP_BLOCKTIME"] = bt
     os.environ.setdefault("KMP_AFFINITY", "granularity=fine,compact,1,0")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    return RankSetup(rank, size, host, cpus, cores, intra, num_inter_threads, bt, comm)
+    return RankSetup(rank, size, host, cpus, cores, intra, num_inter_threads, bt, comm, malloc=allocator_note())
 
 
 def agree(comm, error: str | None) -> str | None:
@@ -269,3 +267,4 @@ class Watchdog:
                                  f"a rank is hung, ending the job\n")
                 sys.stderr.flush()
                 os._exit(3)
+

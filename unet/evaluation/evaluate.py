@@ -33,21 +33,22 @@ import sys
 
 import numpy as np
 
+from unet.cli import command
 from unet.data import labels as L
 from unet.data.layouts import LayoutError, detect_layout, find_cases
-from unet.distributed.ranks import launcher_rank
-from unet.inference.engines import add_flags as add_engine_flags
-from unet.inference.engines import flag_error as engine_flag_error
-from unet.inference.engines import int8_cost_line
+from unet.distributed.ranks import agree, inference_threads, world
+from unet.errors import UsageError
+from unet.evaluation.crossval import EvalError, model_fold, plan
 from unet.evaluation.lesionwise import REGIONS as LW_REGIONS
 from unet.evaluation.lesionwise import SUMMARY as LW_SUMMARY
 from unet.evaluation.lesionwise import columns as lw_columns
 from unet.evaluation.lesionwise import region_means, score_lesionwise
-from unet.evaluation.crossval import EvalError, model_fold, plan
 from unet.evaluation.stats import RESAMPLES, SEED, bootstrap_mean_ci, per_fold_means
+from unet.inference.engines import add_flags as add_engine_flags
+from unet.inference.engines import flag_error as engine_flag_error
+from unet.inference.engines import int8_cost_line
+from unet.inference.postprocess import add_flags, options_from_args
 from unet.metrics import score_regions, summarise
-from unet.inference.postprocess import PostError, add_flags, options_from_args
-from unet.errors import UsageError
 
 GEOMETRY_TOL = 1e-3
 
@@ -214,12 +215,8 @@ def plan_line(a, work: list[tuple]) -> str:
 
 def evaluate_model(a, post) -> int:
     """Predict the cases the models score and score them (sharded over MPI ranks)."""
-    from unet.distributed.ranks import inference_threads, under_mpirun
     from unet.inference.predictor import Predictor, reference_image, write_labels
-    comm = None
-    if under_mpirun():
-        from mpi4py import MPI
-        comm = MPI.COMM_WORLD
+    comm = world()
     rank, size = (comm.Get_rank(), comm.Get_size()) if comm else (0, 1)
     # each rank its own engine, with its share of the cores (collective: before anything can fail)
     threads = a.num_threads or inference_threads(comm)
@@ -251,12 +248,9 @@ def evaluate_model(a, post) -> int:
                              os.path.join(a.pred_dir, f"{case.case_id}.nii.gz"))
     except UsageError as e:
         error = str(e)
-    if comm:
-        error = next((e for e in comm.allgather(error) if e), None)
+    error = agree(comm, error)   # the first error any rank found, on every rank: all exit together
     if error:
-        if rank == 0:
-            raise EvalError(error)
-        return 2
+        raise UsageError(error)
     # one write per line: print() writes the text and its newline separately, and mpirun may put
     # another rank's output between the two
     sys.stdout.write(f"rank {rank} scored {len(rows)} case(s): {', '.join(r['case'] for r in rows)}\n")
@@ -296,6 +290,7 @@ def _tensorboard(model: str, rows: list[dict], metrics: str = "all") -> None:
                         tf.summary.scalar(f"{m}_{region.lower()}", v)
 
 
+@command("unet-evaluate")
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="unet-evaluate", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -320,27 +315,18 @@ def main(argv=None) -> int:
                          "Dice/HD95/NSD; seconds per 240x240x155 case: 8.6 s with four tumours); all: both")
     add_flags(ap)
     a = ap.parse_args(argv)
-    try:
-        if a.model or a.data or a.ensemble or a.cases:
-            if not a.model:
-                raise EvalError("--data, --ensemble and --cases score trained models: give --model")
-            if not (a.data or a.cases):
-                raise EvalError("--model needs --data (the unet-convert file) or --cases (a dataset root)")
-            try:   # every rank finds the same bad value; rank 0 says so
-                post = options_from_args(a)
-                if engine_flag_error(a):
-                    raise PostError(engine_flag_error(a))
-            except PostError as e:
-                if launcher_rank() != 0:
-                    return 2
-                raise EvalError(str(e)) from None
-            return evaluate_model(a, post)
-        if not (a.pred_dir and a.ref_dir):
-            raise EvalError("give --pred_dir and --ref_dir, or --model and --data")
-        return evaluate_folders(a)
-    except UsageError as e:
-        print(f"unet-evaluate: error: {e}", file=sys.stderr)
-        return 2
+    if a.model or a.data or a.ensemble or a.cases:
+        if not a.model:
+            raise EvalError("--data, --ensemble and --cases score trained models: give --model")
+        if not (a.data or a.cases):
+            raise EvalError("--model needs --data (the unet-convert file) or --cases (a dataset root)")
+        post = options_from_args(a)     # every rank finds the same bad value; rank 0 says so
+        if engine_flag_error(a):
+            raise UsageError(engine_flag_error(a))
+        return evaluate_model(a, post)
+    if not (a.pred_dir and a.ref_dir):
+        raise EvalError("give --pred_dir and --ref_dir, or --model and --data")
+    return evaluate_folders(a)
 
 
 if __name__ == "__main__":

@@ -62,11 +62,15 @@ def label_groups(layout: str) -> dict[str, tuple[int, ...]]:
 @functools.lru_cache(maxsize=None)
 def evaluator(layout: str):
     """A panoptica evaluator with the official ``gli`` settings and the label groups of ``layout``."""
-    from panoptica import (ConnectedComponentsInstanceApproximator, InputType, MaxBipartiteMatching,
-                           Metric, Panoptica_Evaluator)
+    from panoptica import (
+        ConnectedComponentsInstanceApproximator,
+        InputType,
+        MaxBipartiteMatching,
+        Metric,
+        Panoptica_Evaluator,
+    )
     from panoptica.utils.citation_reminder import disable_citation_reminder
-    from panoptica.utils.edge_case_handling import (EdgeCaseHandler, EdgeCaseResult,
-                                                    MetricZeroTPEdgeCaseHandling)
+    from panoptica.utils.edge_case_handling import EdgeCaseHandler, EdgeCaseResult, MetricZeroTPEdgeCaseHandling
     from panoptica.utils.label_group import LabelGroup, LabelMergeGroup
     from panoptica.utils.segmentation_class import SegmentationClassGroups
     disable_citation_reminder()   # printed on every first evaluation; the README cites panoptica

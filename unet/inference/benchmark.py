@@ -27,37 +27,21 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 import numpy as np
 
+from unet.distributed.ranks import inference_threads
 from unet.inference import engines as E
-from unet.perf import flops
-from unet.data import preprocess as P
-from unet.perf.peak import fp32_peak
-from unet.inference.postprocess import postprocess
 from unet.inference.predictor import Predictor, reference_image
+from unet.inference.timing import interleaved, segment_case, warm_up
+from unet.perf import flops
+from unet.perf.peak import fp32_peak
 
 INT8_ROW = "openvino-int8"
 
 
-def time_case(pred, chans, spacing, post) -> tuple[float, float, int, np.ndarray, np.ndarray]:
-    """(seconds of the forward passes, seconds of the whole case, slices, probabilities on the case
-    grid, post-processed region masks)."""
-    t0 = time.perf_counter()
-    inp = pred.network_input(chans)
-    t1 = time.perf_counter()
-    out = pred.network_output(inp.slices, post.tta)
-    t2 = time.perf_counter()
-    probs = P.to_case_grid(out, inp)
-    masks = postprocess(probs, inp.brain, pred.regions, spacing, post)
-    return t2 - t1, time.perf_counter() - t0, len(inp.slices) * (4 if post.tta else 1), probs, masks
-
-
-def run(model: str, cases, post, *, threads: int = 0, repeats: int = 3, engines=None, eager: bool = False,
-        int8: bool = False) -> int:
-    from unet.distributed.ranks import inference_threads
-    threads = threads or inference_threads()
+def predictors(model: str, threads: int, engines=None, eager: bool = False, int8: bool = False):
+    """(name -> Predictor of every engine that can run ``model``, why the others cannot)."""
     preds, skipped = {}, []
     for name in engines or E.ENGINES:
         try:
@@ -71,6 +55,13 @@ def run(model: str, cases, post, *, threads: int = 0, repeats: int = 3, engines=
     if eager and "tensorflow" in preds:     # the same model.keras called eagerly: the path before the engines
         preds["tf-eager"] = Predictor(model, engine="tensorflow", threads=threads)
         preds["tf-eager"]._model = E.TensorFlowEngine(preds["tf-eager"].model_path, threads, traced=False)
+    return preds, skipped
+
+
+def run(model: str, cases, post, *, threads: int = 0, repeats: int = 3, engines=None, eager: bool = False,
+        int8: bool = False) -> int:
+    threads = threads or inference_threads()
+    preds, skipped = predictors(model, threads, engines, eager, int8)
     first = next(iter(preds.values()))
     data = []
     for case in cases:
@@ -79,53 +70,55 @@ def run(model: str, cases, post, *, threads: int = 0, repeats: int = 3, engines=
     # the peak first, on the cores the engines will use, under the same load
     peak, how = fp32_peak(min(threads, len(os.sched_getaffinity(0))))
     load0 = os.getloadavg()[0]
-    for name, pred in preds.items():           # warm-up: engine start, compilation, tracing
-        pred.network_output(pred.network_input(data[0][1]).slices[:pred.batch_size])
-    forward = {n: 0.0 for n in preds}
-    slices = {n: 0 for n in preds}
-    latency = {n: [] for n in preds}
-    probs0 = {}
-    order = list(preds)
-    for r in range(repeats):
-        for k, (cid, chans, spacing) in enumerate(data):
-            shift = (r * len(data) + k) % len(order)
-            for name in order[shift:] + order[:shift]:
-                fwd, total, n, probs, _ = time_case(preds[name], chans, spacing, post)
-                forward[name] += fwd
-                slices[name] += n
-                latency[name].append(total)
-                if r == 0 and k == 0:
-                    probs0[name] = probs
+    for pred in preds.values():
+        warm_up(pred)
+    probs0 = {}      # each engine's probabilities of the first case, to compare with TensorFlow's
+
+    def call(name):
+        def segment(item):
+            _, chans, spacing = item
+            fwd, n, probs, _ = segment_case(preds[name], chans, spacing, post)
+            probs0.setdefault(name, probs)
+            return fwd, n
+        return segment
+
+    timed = interleaved({name: call(name) for name in preds}, data, repeats)
     load1 = os.getloadavg()[0]
-    meta = first.meta
-    d = meta["data"]
+    d, m = first.meta["data"], first.meta.get("model") or {}
     fwd_flops = flops.forward_flops(d["height"], d["width"], d["channels"], d["regions"],
-                                    use_upsampling=bool((meta.get("model") or {}).get("use_upsampling")))
+                                    use_upsampling=bool(m.get("use_upsampling")))
     rows = {}
-    for name in preds:
-        rate = slices[name] / forward[name]
-        rows[name] = dict(rate=rate, p50=float(np.percentile(latency[name], 50)),
-                          p90=float(np.percentile(latency[name], 90)), gflops=rate * fwd_flops / 1e9,
-                          share=rate * fwd_flops / peak, threads=preds[name].model.threads,
+    for name, calls in timed.items():
+        rate = sum(n for _, (_, n) in calls) / sum(fwd for _, (fwd, _) in calls)
+        latency = [total for total, _ in calls]
+        rows[name] = dict(rate=rate, p50=float(np.percentile(latency, 50)), p90=float(np.percentile(latency, 90)),
+                          gflops=rate * fwd_flops / 1e9, share=rate * fwd_flops / peak,
+                          threads=preds[name].model.threads,
                           diff=float(np.abs(probs0[name] - probs0["tensorflow"]).max()) if "tensorflow" in probs0
                           else float("nan"))
-    tf_rate = rows["tensorflow"]["rate"] if "tensorflow" in rows else float("nan")
-    print(f"benchmark: model {model}; {len(data)} case(s) x {repeats} round(s), {slices[order[0]]} slices per engine"
+    slices = sum(n for _, (_, n) in next(iter(timed.values())))
+    print(f"benchmark: model {model}; {len(data)} case(s) x {repeats} round(s), {slices} slices per engine"
           f"{' (flip TTA: 4 passes each)' if post.tta else ''}; batch {first.batch_size}; threads {threads} per "
           f"engine; {fwd_flops / 1e9:.2f} GFLOP per slice; fp32 peak {peak / 1e9:.0f} GFLOP/s ({how}); "
           f"load average {load0:.2f} before, {load1:.2f} after")
     for line in skipped:
         print(f"benchmark: skipped: {line}")
+    print_rows(rows)
+    if int8:
+        print(f"benchmark: {E.int8_cost_line(preds[INT8_ROW].meta)}")
+    sys.stdout.flush()
+    return 0
+
+
+def print_rows(rows: dict) -> None:
+    """The table, then one parseable line per engine."""
+    tf_rate = rows["tensorflow"]["rate"] if "tensorflow" in rows else float("nan")
     print(f"{'engine':<14}{'slices/s':>10}{'vs TF':>8}{'case p50 s':>12}{'case p90 s':>12}{'GFLOP/s':>10}"
           f"{'% peak':>8}{'max |dp| vs TF':>16}")
     for name, w in rows.items():
         print(f"{name:<14}{w['rate']:>10.2f}{w['rate'] / tf_rate:>8.2f}{w['p50']:>12.2f}{w['p90']:>12.2f}"
               f"{w['gflops']:>10.1f}{100 * w['share']:>8.1f}{w['diff']:>16.2e}")
-    for name, w in rows.items():   # one parseable line per engine
+    for name, w in rows.items():
         print(f"benchmark: engine={name} slices_per_s={w['rate']:.3f} ratio_vs_tensorflow={w['rate'] / tf_rate:.3f} "
               f"latency_p50_s={w['p50']:.3f} latency_p90_s={w['p90']:.3f} peak_share={w['share']:.3f} "
               f"max_abs_diff_vs_tensorflow={w['diff']:.3g} threads={w['threads']}")
-    if int8:
-        print(f"benchmark: {E.int8_cost_line(preds[INT8_ROW].meta)}")
-    sys.stdout.flush()
-    return 0

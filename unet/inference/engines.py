@@ -22,6 +22,7 @@ import os
 
 import numpy as np
 
+from unet.cli import add_threads_flag, threads_error
 from unet.errors import UsageError
 from unet.modelfolder import EXPORT_FORMATS, EXPORT_NEEDS, FILES, INT8, export_missing  # noqa: F401 (re-exported)
 
@@ -194,14 +195,12 @@ def add_flags(ap) -> None:
     ap.add_argument("--int8", action="store_true",
                     help="run the int8 OpenVINO IR (unet-export --int8 makes it, and records the Dice it costs "
                          "on the validation cases, printed when it runs); never the default")
-    ap.add_argument("--num_threads", type=int, default=0,
-                    help="threads of the engine (per rank under mpirun); 0 = the physical cores this process "
-                         "is bound to, shared among the ranks bound to the same ones")
+    add_threads_flag(ap, "threads of the engine (per rank under mpirun)")
 
 
 def flag_error(a) -> str | None:
-    if a.num_threads < 0:
-        return f"--num_threads must be >= 0 (got {a.num_threads})"
+    if threads_error(a.num_threads):
+        return threads_error(a.num_threads)
     if a.int8 and a.engine not in (None, "openvino"):
         return f"--int8 runs the quantised OpenVINO IR on the openvino engine, not --engine {a.engine}"
     return None

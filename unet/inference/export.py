@@ -18,7 +18,6 @@ with the volume Dice it costs on the validation cases measured and recorded (``u
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -28,13 +27,15 @@ import warnings
 
 import numpy as np
 
-from unet.inference import engines as E
+from unet.cli import add_threads_flag, command, threads_error
 from unet.distributed.ranks import inference_threads
-from unet.inference.quantize import add_int8, data_file
-from unet.modelfolder import io_record, locate, read_meta, write_meta
-from unet.inference.postprocess import PostError, options_from_args
-from unet.inference.postprocess import add_flags as add_post_flags
 from unet.errors import UsageError
+from unet.inference import engines as E
+from unet.inference.postprocess import add_flags as add_post_flags
+from unet.inference.postprocess import options_from_args
+from unet.inference.quantize import add_int8, data_file
+from unet.inference.timing import interleaved
+from unet.modelfolder import io_record, locate, read_meta, write_meta
 
 KERAS_FORMAT = {"openvino": "openvino", "onnx": "onnx", "saved_model": "tf_saved_model"}
 
@@ -101,8 +102,8 @@ def _version(distribution: str) -> str:
 
 def measure_speeds(folder: str, meta: dict, threads: int, *, batch: int = 8, rounds: int = 5) -> dict:
     """slices/s of every engine that can run ``folder`` on one batch of random slices: one warm-up
-    call each, then ``rounds`` rounds with the engines interleaved (a change of load on a shared
-    machine hits all alike); the median round per engine."""
+    call each, then ``rounds`` rounds with the engines interleaved (``unet.inference.timing``: a change
+    of load on a shared machine hits all alike); the median round per engine."""
     d = meta["data"]
     x = np.random.default_rng(0).normal(size=(batch, d["height"], d["width"], d["channels"])).astype(np.float32)
     runs = {}
@@ -112,13 +113,9 @@ def measure_speeds(folder: str, meta: dict, threads: int, *, batch: int = 8, rou
         except E.EngineError:
             continue
         runs[name](x)
-    times = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, run in runs.items():
-            t = time.perf_counter()
-            run(x)
-            times[name].append(time.perf_counter() - t)
-    return {"slices_per_s": {n: round(batch / statistics.median(t), 3) for n, t in times.items()},
+    times = interleaved(runs, [x], rounds)
+    return {"slices_per_s": {n: round(batch / statistics.median(t for t, _ in calls), 3)
+                             for n, calls in times.items()},
             "threads": threads, "batch": batch, "rounds": rounds,
             "load_average_1min": round(os.getloadavg()[0], 2),
             "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -174,6 +171,7 @@ def speeds_line(meta: dict) -> str:
             f"load average {b['load_average_1min']}): {each}")
 
 
+@command("unet-export")
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="unet-export", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -198,41 +196,34 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None,
                     help="folder to write into (default: the model's own); another folder gets a copy of "
                          "model.keras and its own model.json, so it can be deployed alone")
-    ap.add_argument("--num_threads", type=int, default=0,
-                    help="threads per engine for the speed measurement; 0 = the physical cores this process "
-                         "is bound to")
+    add_threads_flag(ap, "threads per engine for the speed measurement")
     ap.add_argument("--no_measure", action="store_true",
                     help="do not time the engines (unet-predict then picks by a fixed order)")
     a = ap.parse_args(argv)
-    try:
-        if a.calibration_slices < 1:
-            raise ExportError(f"--calibration_slices must be >= 1 (got {a.calibration_slices})")
-        if a.max_dice_drop is not None and not 0 < a.max_dice_drop < 1:
-            raise ExportError(f"--max_dice_drop must be in (0, 1) (got {a.max_dice_drop})")
-        if not a.int8 and (a.max_dice_drop is not None or a.data):
-            raise ExportError(f"{'--max_dice_drop' if a.max_dice_drop is not None else '--data'} goes with --int8")
-        try:
-            post = options_from_args(a)
-        except PostError as e:
-            raise ExportError(str(e)) from None
-        folder, named = locate(a.model)
-        keras_path = named or os.path.join(folder, E.FILES["keras"])
-        if not os.path.isfile(keras_path):
-            raise ExportError(f"--model {a.model}: {keras_path}: no such file")
-        meta = read_meta(folder)
-        if a.format is None:   # --int8 alone: the fp32 IR it quantises, unless the model's folder has it
-            has_ir = not a.out and "openvino" in (meta.get("exports") or {}) and \
-                os.path.isfile(E.model_file("openvino", folder, meta))
-            a.format = ([] if has_ir else ["openvino"]) if a.int8 else ["openvino", "onnx"]
-        check_formats(a.format)
-        if a.int8:
-            why = E.export_missing(E.INT8)
-            if why:
-                raise ExportError(f"--int8: {why}")
-            data_file(meta, a.data)
-    except UsageError as e:
-        print(f"unet-export: error: {e}", file=sys.stderr)
-        return 2
+    if threads_error(a.num_threads):
+        raise ExportError(threads_error(a.num_threads))
+    if a.calibration_slices < 1:
+        raise ExportError(f"--calibration_slices must be >= 1 (got {a.calibration_slices})")
+    if a.max_dice_drop is not None and not 0 < a.max_dice_drop < 1:
+        raise ExportError(f"--max_dice_drop must be in (0, 1) (got {a.max_dice_drop})")
+    if not a.int8 and (a.max_dice_drop is not None or a.data):
+        raise ExportError(f"{'--max_dice_drop' if a.max_dice_drop is not None else '--data'} goes with --int8")
+    post = options_from_args(a)
+    folder, named = locate(a.model)
+    keras_path = named or os.path.join(folder, E.FILES["keras"])
+    if not os.path.isfile(keras_path):
+        raise ExportError(f"--model {a.model}: {keras_path}: no such file")
+    meta = read_meta(folder)
+    if a.format is None:   # --int8 alone: the fp32 IR it quantises, unless the model's folder has it
+        has_ir = not a.out and "openvino" in (meta.get("exports") or {}) and \
+            os.path.isfile(E.model_file("openvino", folder, meta))
+        a.format = ([] if has_ir else ["openvino"]) if a.int8 else ["openvino", "onnx"]
+    check_formats(a.format)
+    if a.int8:
+        why = E.export_missing(E.INT8)
+        if why:
+            raise ExportError(f"--int8: {why}")
+        data_file(meta, a.data)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     threads = a.num_threads or inference_threads()
     out = a.out or folder
@@ -250,13 +241,9 @@ def main(argv=None) -> int:
     for fmt in a.format:
         print(f"unet-export: {fmt} -> {os.path.join(out, E.FILES[fmt])}")
     print(f"unet-export: {speeds_line(meta)}; default engine: {E.default_engine(out, meta)}")
-    if a.int8:
-        try:     # nothing is left of the int8 IR when this fails
-            meta = add_int8(out, meta, data=a.data, slices=a.calibration_slices, threads=threads,
-                            max_drop=a.max_dice_drop, post=post)
-        except UsageError as e:
-            print(f"unet-export: error: {e}", file=sys.stderr)
-            return 2
+    if a.int8:     # nothing is left of the int8 IR when this fails
+        meta = add_int8(out, meta, data=a.data, slices=a.calibration_slices, threads=threads,
+                        max_drop=a.max_dice_drop, post=post)
         print(f"unet-export: int8 -> {os.path.join(out, E.FILES[E.INT8])}")
         print(f"unet-export: {E.int8_cost_line(meta)}")
     return 0

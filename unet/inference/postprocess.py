@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
+
 from unet.errors import UsageError
 
 # defaults measured on the demo's validation cases (docs/TRAINING.md, "Post-processing")

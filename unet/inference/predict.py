@@ -8,7 +8,7 @@
     unet-predict --model LOGDIR --case DATASET_ROOT --benchmark        # every engine, timed
 
 The preprocessing (modalities and their order, z-score over brain voxels,
-in-plane size and crop/resize) is read from the model's ``model.json``, written
+in-plane size and crop/resize/crop_resize with its margin) is read from the model's ``model.json``, written
 at training time from the data file's metadata; nothing is re-typed. Every axial
 slice is predicted (with ``--tta``, mirrored too), the in-plane step undone, and the
 probabilities post-processed (``unet.inference.postprocess``: head mask, threshold, nesting,
@@ -24,14 +24,14 @@ import sys
 
 import numpy as np
 
+from unet.cli import command
 from unet.data import labels as L
 from unet.data.layouts import Case, LayoutError, case_from_files, find_cases
-from unet.data.nifti import DataError
+from unet.errors import UsageError
 from unet.inference import engines as E
 from unet.inference.benchmark import run as benchmark
-from unet.inference.postprocess import PostError, add_flags, options_from_args
+from unet.inference.postprocess import add_flags, options_from_args
 from unet.inference.predictor import Predictor, reference_image, write_labels
-from unet.modelfolder import ModelError
 
 LABEL_SETS = ("brats", "brats2023", "msd")
 
@@ -76,6 +76,7 @@ def _cases(paths: list[str]) -> list[Case]:
     return [case_from_files(paths)]
 
 
+@command("unet-predict")
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="unet-predict", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -99,26 +100,18 @@ def main(argv=None) -> int:
     add_flags(ap)
     a = ap.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    try:
-        post = options_from_args(a)
-        bad = E.flag_error(a) or (None if a.benchmark or a.out else "--out is required (or --benchmark)") \
-            or (f"--repeats must be >= 1 (got {a.repeats})" if a.repeats < 1 else None)
-        if bad:
-            raise PostError(bad)
-    except PostError as e:
-        print(f"unet-predict: error: {e}", file=sys.stderr)
-        return 2
-    try:
-        cases = _cases(a.case)
-        if not cases:
-            raise LayoutError(f"--case {' '.join(a.case)}: no case found")
-        if a.benchmark:
-            return benchmark(a.model, cases, post, threads=a.num_threads, repeats=a.repeats,
-                             engines=[a.engine] if a.engine else None, eager=a.eager, int8=a.int8)
-        pred = Predictor(a.model, engine=a.engine, threads=a.num_threads, int8=a.int8)
-    except (LayoutError, ModelError, E.EngineError, DataError) as e:
-        print(f"unet-predict: error: {e}", file=sys.stderr)
-        return 2
+    post = options_from_args(a)
+    bad = E.flag_error(a) or (None if a.benchmark or a.out else "--out is required (or --benchmark)") \
+        or (f"--repeats must be >= 1 (got {a.repeats})" if a.repeats < 1 else None)
+    if bad:
+        raise UsageError(bad)
+    cases = _cases(a.case)
+    if not cases:
+        raise LayoutError(f"--case {' '.join(a.case)}: no case found")
+    if a.benchmark:
+        return benchmark(a.model, cases, post, threads=a.num_threads, repeats=a.repeats,
+                         engines=[a.engine] if a.engine else None, eager=a.eager, int8=a.int8)
+    pred = Predictor(a.model, engine=a.engine, threads=a.num_threads, int8=a.int8)
     print(f"unet-predict: engine {pred.engine}{' int8' if pred.int8 else ''} ({pred.model_path})", flush=True)
     if pred.int8:
         print(f"unet-predict: {E.int8_cost_line(pred.meta)}", flush=True)
@@ -127,11 +120,7 @@ def main(argv=None) -> int:
     if a.png:
         os.makedirs(a.png, exist_ok=True)
     for case in cases:
-        try:
-            chans, seg, _ = pred.read(case)
-        except DataError as e:
-            print(f"unet-predict: error: {e}", file=sys.stderr)
-            return 1
+        chans, seg, _ = pred.read(case)
         ref_img = reference_image(case)
         masks = pred.regions_mask(chans, ref_img.GetSpacing()[::-1], post)
         labels = pred.label_map(masks, a.labels)

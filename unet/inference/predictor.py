@@ -50,6 +50,13 @@ class Predictor:
                 raise ModelError(f"{meta_path}: data.attrs.{key} {attrs[key]!r} is not implemented "
                                  f"(known: {', '.join(map(repr, known))})")
         self.normalisation, self.inplane = attrs["normalisation"], attrs["inplane"]
+        self.crop_margin = P.CROP_MARGIN
+        if self.inplane == "crop_resize":   # the head box's margin, as the file was converted
+            margin = attrs.get("crop_margin")
+            if not isinstance(margin, int) or isinstance(margin, bool) or margin < 0:
+                raise ModelError(f"{meta_path}: data.attrs.crop_margin {margin!r}: crop_resize needs the head "
+                                 f"box's margin in voxels, an integer >= 0 (unet-convert records it)")
+            self.crop_margin = margin
         # --model naming the int8 IR itself is --int8
         int8 = int8 or (named == "openvino" and os.path.abspath(model_path) ==
                         os.path.abspath(E.model_file("openvino", folder, self.meta, int8=True)))
@@ -71,7 +78,7 @@ class Predictor:
 
     def network_input(self, chans: np.ndarray) -> P.NetworkInput:
         """(C,z,y,x) raw intensities -> what the model sees: the training file's preprocessing."""
-        return P.network_input(chans, self.size, self.inplane, self.normalisation)
+        return P.network_input(chans, self.size, self.inplane, self.normalisation, self.crop_margin)
 
     def _forward(self, slices: np.ndarray) -> np.ndarray:
         return np.concatenate([np.asarray(self.model(slices[i:i + self.batch_size], training=False))

@@ -27,12 +27,12 @@ import time
 import numpy as np
 
 from unet.data import labels as L
-from unet.data.sources import validation_cases
+from unet.data.sources import check_h5, validation_cases
 from unet.errors import UsageError
 from unet.inference import engines as E
-from unet.inference.benchmark import time_case
 from unet.inference.postprocess import PostOptions
 from unet.inference.predictor import Predictor, reference_image
+from unet.inference.timing import interleaved, segment_case, warm_up
 from unet.metrics import dice
 from unet.modelfolder import write_meta
 from unet.perf import flops
@@ -43,53 +43,37 @@ class QuantizeError(UsageError):
 
 
 def data_file(meta: dict, data: str | None) -> str:
-    """The unet-convert HDF5 file to calibrate and measure on: ``data``, else the one model.json names."""
+    """The unet-convert HDF5 file to calibrate and measure on: ``data``, else the one model.json names;
+    checked (``unet.data.sources.check_h5``) and fit for the model: slices of its input shape in both splits."""
     path = data or (meta.get("data") or {}).get("file")
     if not path:
         raise QuantizeError("--int8 needs --data: the unet-convert HDF5 file the model was trained on (its "
                             "training slices calibrate, its validation cases measure the Dice change)")
     named = f"--data {path}" if data else f"model.json data.file {path}"
-    if not os.path.isfile(path):
-        raise QuantizeError(f"{named}: " + ("not an HDF5 file" if os.path.exists(path) else "no such file") +
-                            ("" if data else " (give --data)"))
+    if not data and not os.path.exists(path):
+        raise QuantizeError(f"{named}: no such file (give --data)")
+    found = check_h5(path, named, converted=True)
+    d = meta["data"]
+    want = (d["height"], d["width"], d["channels"])
+    for split, shape in found.images.items():
+        if tuple(shape[1:]) != want:
+            raise QuantizeError(f"{named}: {split} slices are {'x'.join(map(str, shape[1:]))}, the "
+                                f"model takes {'x'.join(map(str, want))}")
+        if shape[0] == 0:
+            what = "training slices" if split == "train" else "validation cases"
+            raise QuantizeError(f"{named}: no {what} (int8 calibrates on training slices and "
+                                f"measures its Dice on validation cases)")
     return path
 
 
-def check_data(path: str, meta: dict) -> None:
-    """The file's slices are what the model takes, and both splits have some (QuantizeError if not)."""
-    import h5py
-    d = meta["data"]
-    want = (d["height"], d["width"], d["channels"])
-    try:
-        with h5py.File(path, "r") as f:
-            for split in ("train", "val"):
-                shape = f[split]["images"].shape
-                if tuple(shape[1:]) != want:
-                    raise QuantizeError(f"--data {path}: {split} slices are {'x'.join(map(str, shape[1:]))}, the "
-                                        f"model takes {'x'.join(map(str, want))}")
-                if shape[0] == 0:
-                    what = "training slices" if split == "train" else "validation cases"
-                    raise QuantizeError(f"--data {path}: no {what} (int8 calibrates on training slices and "
-                                        f"measures its Dice on validation cases)")
-    except OSError:
-        raise QuantizeError(f"--data {path}: not an HDF5 file") from None
-    except KeyError as e:
-        raise QuantizeError(f"--data {path}: not written by unet-convert (no {e.args[0]!r})") from None
-
-
 def calibration_slices(path: str, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` slices of the training split of ``path`` (all of them if it has fewer), evenly spaced,
-    and their region masks."""
+    """``n`` slices of the training split of ``path`` (a checked file; all of them if it has fewer),
+    evenly spaced, and their region masks."""
     import h5py
-    try:
-        with h5py.File(path, "r") as f:
-            images, masks = f["train"]["images"], f["train"]["masks"]
-            idx = np.unique(np.linspace(0, len(images) - 1, min(n, len(images))).round().astype(int))
-            return np.asarray(images[idx], np.float32), np.asarray(masks[idx], np.float32)
-    except OSError:
-        raise QuantizeError(f"--data {path}: not an HDF5 file") from None
-    except KeyError:
-        raise QuantizeError(f"--data {path}: no training split (not written by unet-convert)") from None
+    with h5py.File(path, "r") as f:
+        images, masks = f["train"]["images"], f["train"]["masks"]
+        idx = np.unique(np.linspace(0, len(images) - 1, min(n, len(images))).round().astype(int))
+        return np.asarray(images[idx], np.float32), np.asarray(masks[idx], np.float32)
 
 
 def mean_dice(probs: np.ndarray, masks: np.ndarray) -> float:
@@ -162,28 +146,31 @@ def fp32_convolutions(model, names=None) -> list[str]:
 def measure_cost(folder: str, meta: dict, data: str, threads: int, post=None) -> tuple[dict, dict]:
     """Volume-level Dice per region of the fp32 and the int8 IR on the validation cases of ``data``
     (post-processing ``post``, by default unet-evaluate's), and the slices/s of both over those
-    cases' forward passes."""
+    cases' forward passes (``unet.inference.timing``: engines alternating case by case)."""
     from dataclasses import asdict
     cases = validation_cases(data)
     preds = {"fp32": Predictor(folder, engine="openvino", threads=threads),
              "int8": Predictor(folder, engine="openvino", threads=threads, int8=True)}
     regions, post = preds["fp32"].regions, post or PostOptions()
-    per_case = {k: {} for k in preds}
-    seconds, slices = dict.fromkeys(preds, 0.0), dict.fromkeys(preds, 0)
     load0 = os.getloadavg()[0]
-    for i, case in enumerate(cases):
+    for pred in preds.values():
+        warm_up(pred)
+
+    def read(case):                   # one case in memory at a time
         chans, seg, _ = preds["fp32"].read(case)
-        spacing = reference_image(case).GetSpacing()[::-1]
-        ref = L.regions_from_labels(seg, case.layout, regions)
-        for name in (("fp32", "int8") if i % 2 == 0 else ("int8", "fp32")):
-            pred = preds[name]
-            if i == 0:                                                   # warm-up: compilation
-                pred.network_output(pred.network_input(chans).slices[:pred.batch_size])
-            fwd, _, n, _, masks = time_case(pred, chans, spacing, post)
-            seconds[name] += fwd
-            slices[name] += n
-            per_case[name][case.case_id] = {r: round(dice(masks[..., k], ref[..., k]), 6)
-                                            for k, r in enumerate(regions)}
+        return chans, reference_image(case).GetSpacing()[::-1], L.regions_from_labels(seg, case.layout, regions)
+
+    def call(name):
+        def segment(item):
+            chans, spacing, ref = item
+            fwd, n, _, masks = segment_case(preds[name], chans, spacing, post)
+            return fwd, n, {r: round(dice(masks[..., k], ref[..., k]), 6) for k, r in enumerate(regions)}
+        return segment
+
+    timed = interleaved({name: call(name) for name in preds}, map(read, cases))
+    per_case = {k: {c.case_id: d for c, (_, (_, _, d)) in zip(cases, v)} for k, v in timed.items()}
+    seconds = {k: sum(fwd for _, (fwd, _, _) in v) for k, v in timed.items()}
+    slices = {k: sum(n for _, (_, n, _) in v) for k, v in timed.items()}
     mean = {k: {r: round(float(np.mean([d[r] for d in v.values()])), 6) for r in regions}
             for k, v in per_case.items()}
     validation = {"cases": [c.case_id for c in cases], "dice_fp32": mean["fp32"], "dice_int8": mean["int8"],
@@ -205,7 +192,6 @@ def add_int8(folder: str, meta: dict, *, data: str | None, slices: int, threads:
     if not os.path.isfile(src):
         raise QuantizeError(f"--int8: {src}: no such file (the fp32 IR is quantised: unet-export --format openvino)")
     path = data_file(meta, data)
-    check_data(path, meta)
     validation_cases(path)   # the cases the cost is measured on must be there before anything is written
     calib, masks = calibration_slices(path, slices)
     t = time.perf_counter()

@@ -19,8 +19,10 @@ import os
 import shlex
 import sys
 
-from unet.launch.hostfile import HostfileError, check
+from unet.cli import USAGE, run_cli
 from unet.errors import UsageError
+from unet.launch.hostfile import check
+from unet.malloc import MALLOC_ENV, launcher_preload
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROFILE_DIR = os.path.join(ROOT, "scripts", "profiles")
@@ -32,7 +34,7 @@ PROFILE_KEYS = {"cores_per_socket", "threads_per_core", "ranks_per_socket", "int
 
 
 class LaunchError(UsageError):
-    pass
+    """Launcher flags or a hardware profile that cannot work (one line naming the flag or file)."""
 
 
 def load_profile(name: str) -> dict:
@@ -60,6 +62,14 @@ def runtime_env(prof: dict) -> dict:
     env = {k: prof[k] for k in ("KMP_BLOCKTIME", "KMP_AFFINITY", "HOROVOD_CYCLE_TIME",
                                 "HOROVOD_FUSION_THRESHOLD", "OMPI_MCA_mpi_yield_when_idle") if prof.get(k)}
     return env
+
+
+def allocator_env(env=os.environ) -> tuple[dict, list[str]]:
+    """The ranks' allocator: ({LD_PRELOAD: tcmalloc} when the user set nothing and it is installed,
+    else {}; names of the user's own settings to pass on: LD_PRELOAD, UNET_MALLOC)."""
+    lib = launcher_preload(env)       # a bad UNET_MALLOC raises a UsageError
+    mine = [k for k in ("LD_PRELOAD", MALLOC_ENV) if env.get(k, "").strip()]
+    return ({"LD_PRELOAD": lib} if lib else {}), mine
 
 
 def trainer_cmd(prof: dict, python: str, train_args: list[str]) -> list[str]:
@@ -99,8 +109,12 @@ def mpirun_cmd(hostfile: str, np_: int, prof: dict, python: str, train_args: lis
     if yield_idle is not None:
         cmd += ["--mca", "mpi_yield_when_idle", yield_idle]
     env["OMP_NUM_THREADS"] = str(rank_threads(prof, ranks_per_socket)[1])
+    preload, users = allocator_env()
+    env.update(preload)
     for key, val in env.items():
         cmd += ["-x", f"{key}={val}"]
+    for key in users:                  # the user's allocator settings reach every rank, remote ones too
+        cmd += ["-x", key]
     cmd += ["-x", "PATH", "-x", "PYTHONPATH"] if os.environ.get("PYTHONPATH") else ["-x", "PATH"]
     return cmd + trainer_cmd(prof, python, train_args)
 
@@ -207,46 +221,46 @@ def main(argv=None) -> int:
     if not argv or argv[0] not in HELP:
         print("usage: python -m unet.launch.commands {mpirun,horovodrun} [options] [-- TRAIN_HVD_ARGS ...] "
               "(or scripts/launch_mpirun.sh, scripts/launch_horovodrun.sh)", file=sys.stderr)
-        return 2
-    launcher, argv = argv[0], argv[1:]
+        return USAGE
+    return run_cli(HELP[argv[0]][0], launch, argv[0], argv[1:])
+
+
+def launch(launcher: str, argv: list[str]) -> int:
+    """Check the hostfile and profile, then run (or with --dry-run print) the launcher's command."""
     train_args = []
     if "--" in argv:
         i = argv.index("--")
         argv, train_args = argv[:i], argv[i + 1:]
     a = build_parser(launcher).parse_args(argv)
-    try:
-        if a.np < 1:
-            raise LaunchError(f"--np must be >= 1 (got {a.np})")
-        check(a.hostfile, a.np)
-        prof = load_profile(a.profile)
-        if launcher == "mpirun":
-            cmd = mpirun_cmd(a.hostfile, a.np, prof, a.python, train_args, a.ranks_per_socket or None)
-            env, controller = {}, None
-        else:
-            elastic = None
-            if a.elastic and a.controller == "mpi":
-                raise LaunchError("--elastic runs over Gloo: drop --controller mpi")
-            controller = a.controller or ("gloo" if a.elastic else "mpi")
-            if a.elastic:
-                max_np = a.max_np or a.np
-                if not 1 <= a.min_np <= a.np <= max_np:
-                    raise LaunchError(f"--elastic needs 1 <= --min-np ({a.min_np}) <= --np ({a.np}) "
-                                      f"<= --max-np ({max_np})")
-                if not 1 <= a.cooldown[0] <= a.cooldown[1] <= 3600:
-                    raise LaunchError("--blacklist-cooldown-range needs 1 <= LO <= HI <= 3600")
-                elastic = (a.min_np, max_np, *a.cooldown)
-            cmd = horovodrun_cmd(a.hostfile, a.np, prof, a.python, train_args, controller=controller,
-                                 timeline=a.timeline, autotune=a.autotune, elastic=elastic,
-                                 ranks_per_socket=a.ranks_per_socket or None)
-            env = runtime_env(prof)
-            if controller == "mpi":      # horovodrun passes its environment on with -x
-                env["OMP_NUM_THREADS"] = str(rank_threads(prof, a.ranks_per_socket or None)[1])
-            if elastic:
-                env.pop("HOROVOD_FUSION_THRESHOLD", None)  # see ELASTIC_UNSAFE in unet/distributed/ranks.py
-                env["UNET_DISCOVERY_HOSTFILE"] = os.path.abspath(a.hostfile)
-    except (HostfileError, LaunchError) as e:
-        print(f"{HELP[launcher][0]}: error: {e}", file=sys.stderr)
-        return 2
+    if a.np < 1:
+        raise LaunchError(f"--np must be >= 1 (got {a.np})")
+    check(a.hostfile, a.np)
+    prof = load_profile(a.profile)
+    if launcher == "mpirun":
+        cmd = mpirun_cmd(a.hostfile, a.np, prof, a.python, train_args, a.ranks_per_socket or None)
+        env, controller = {}, None
+    else:
+        elastic = None
+        if a.elastic and a.controller == "mpi":
+            raise LaunchError("--elastic runs over Gloo: drop --controller mpi")
+        controller = a.controller or ("gloo" if a.elastic else "mpi")
+        if a.elastic:
+            max_np = a.max_np or a.np
+            if not 1 <= a.min_np <= a.np <= max_np:
+                raise LaunchError(f"--elastic needs 1 <= --min-np ({a.min_np}) <= --np ({a.np}) "
+                                  f"<= --max-np ({max_np})")
+            if not 1 <= a.cooldown[0] <= a.cooldown[1] <= 3600:
+                raise LaunchError("--blacklist-cooldown-range needs 1 <= LO <= HI <= 3600")
+            elastic = (a.min_np, max_np, *a.cooldown)
+        cmd = horovodrun_cmd(a.hostfile, a.np, prof, a.python, train_args, controller=controller,
+                             timeline=a.timeline, autotune=a.autotune, elastic=elastic,
+                             ranks_per_socket=a.ranks_per_socket or None)
+        env = dict(runtime_env(prof), **allocator_env()[0])   # horovodrun passes its environment on
+        if controller == "mpi":      # horovodrun passes its environment on with -x
+            env["OMP_NUM_THREADS"] = str(rank_threads(prof, a.ranks_per_socket or None)[1])
+        if elastic:
+            env.pop("HOROVOD_FUSION_THRESHOLD", None)  # see ELASTIC_UNSAFE in unet/distributed/ranks.py
+            env["UNET_DISCOVERY_HOSTFILE"] = os.path.abspath(a.hostfile)
     if a.dry_run:
         print(" ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + (" " if env else "") + shlex.join(cmd))
         return 0

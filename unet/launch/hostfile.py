@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import os
 import re
+import sys
+
+from unet.cli import USAGE, command
 from unet.errors import UsageError
 
 HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.\-_]*[A-Za-z0-9])?$")
@@ -45,38 +48,42 @@ def check(path: str, ranks: int) -> list[tuple[str, int]]:
     """Read ``path`` and make sure it offers at least ``ranks`` slots."""
     if not os.path.isfile(path):
         raise HostfileError(f"{path}: no such hostfile")
-    with open(path) as f:
-        hosts = parse(f.read(), path)
+    hosts = parse(_read(path), path)
     total = sum(s for _, s in hosts)
     if total < ranks:
         raise HostfileError(f"{path}: {total} slots on {len(hosts)} host(s), fewer than the {ranks} ranks asked for")
     return hosts
 
 
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise HostfileError(f"{path}: cannot read ({e.strerror if isinstance(e, OSError) else e})") from None
+
+
 def discover(path: str) -> str:
     """Elastic Horovod host discovery: ``host:slots`` lines for the hosts ``path`` lists now."""
-    with open(path) as f:
-        return "\n".join(f"{h}:{n}" for h, n in parse(f.read(), path))
+    return "\n".join(f"{h}:{n}" for h, n in parse(_read(path), path))
 
 
+@command("hostfile")
 def main(argv=None) -> int:
     """``python -m unet.launch.hostfile FILE [RANKS]``: print the hosts, or one error line (exit 2).
     ``python -m unet.launch.hostfile --discover FILE``: print ``host:slots`` lines (discovery script)."""
-    import sys
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: python -m unet.launch.hostfile HOSTFILE [RANKS] | --discover HOSTFILE")
-        return 0 if argv else 2
-    try:
-        if argv[0] == "--discover":
-            if len(argv) != 2:
-                raise HostfileError("--discover takes one hostfile")
-            print(discover(argv[1]))
-            return 0
-        hosts = check(argv[0], int(argv[1]) if len(argv) > 1 else 1)
-    except (HostfileError, OSError) as e:
-        print(f"hostfile: error: {e}", file=sys.stderr)
-        return 2
+        return 0 if argv else USAGE
+    if argv[0] == "--discover":
+        if len(argv) != 2:
+            raise HostfileError("--discover takes one hostfile")
+        print(discover(argv[1]))
+        return 0
+    if len(argv) > 1 and not argv[1].isdigit():
+        raise HostfileError(f"RANKS must be a whole number (got {argv[1]!r})")
+    hosts = check(argv[0], int(argv[1]) if len(argv) > 1 else 1)
     print("\n".join(h for h, _ in hosts))
     return 0
 

@@ -37,9 +37,10 @@ def worker(a) -> int:
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
     import keras
+
     from unet.data.sources import SyntheticSource
-    from unet.training.losses import dice_loss
     from unet.model import build_unet
+    from unet.training.losses import dice_loss
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     with strategy.scope():
         model = build_unet(a.size, a.size, 1, 1)

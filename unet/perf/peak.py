@@ -8,7 +8,11 @@ this CPU (``-march=native``: the widest vectors it has) and run on each of ``cor
 once. flop/s = threads x iterations x CHAINS x lanes x 2 / seconds: the rate of the CPU's
 arithmetic alone, which no convolution can exceed.
 
-The kernel is compiled once per process with the system C compiler (``cc``, which
+``isa="avx2"`` compiles the same kernel for AVX2 + FMA (``-march=x86-64-v3``): the peak of an AVX2
+machine's vector units on this CPU, the reference when oneDNN is held to AVX2 kernels
+(``ONEDNN_MAX_CPU_ISA=AVX2``, ``isa_for_onednn``) on a CPU that has AVX-512.
+
+The kernel is compiled once per process and ISA with the system C compiler (``cc``, which
 scripts/setup.sh installs for the Horovod build); where it cannot be built or loaded (no compiler,
 a /tmp mounted noexec), ``measured_peak`` returns None, ``why_not_measured`` says why,
 and ``fp32_peak`` falls back to the nominal peak: cores x /proc/cpuinfo's clock x the flop/cycle of
@@ -47,24 +51,30 @@ float fma_chains(long n) {
 }
 """
 
-_lib = None
+ISA_FLAGS = {"native": "-march=native", "avx2": "-march=x86-64-v3"}   # x86-64-v3: AVX2, FMA, no AVX-512
+_libs = {}                # isa -> compiled kernel
 _failed = None            # why the kernel could not be built (once: not retried on every call)
 _lock = threading.Lock()
 
 
-def _kernel():
+def _kernel(isa: str = "native"):
     """The compiled kernel (ctypes library), or None when it cannot be built or loaded here."""
-    global _lib, _failed
+    global _failed
     with _lock:
-        if _lib is None and _failed is None:
+        if isa not in _libs and _failed is None:
             try:
-                _lib = _build()
+                _libs[isa] = _build(ISA_FLAGS[isa])
             except (OSError, subprocess.SubprocessError, RuntimeError) as e:
                 _failed = str(e).splitlines()[0] if str(e) else type(e).__name__
-        return _lib
+        return _libs.get(isa)
 
 
-def _build():
+def isa_for_onednn(env=os.environ) -> str:
+    """'avx2' when ONEDNN_MAX_CPU_ISA holds oneDNN to AVX2 kernels, else 'native'."""
+    return "avx2" if env.get("ONEDNN_MAX_CPU_ISA", "").upper().startswith("AVX2") else "native"
+
+
+def _build(march: str = "-march=native"):
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise RuntimeError("no C compiler (cc, gcc)")
@@ -72,10 +82,10 @@ def _build():
         src, so = os.path.join(tmp, "peak.c"), os.path.join(tmp, "peak.so")
         with open(src, "w") as f:
             f.write(SOURCE)
-        done = subprocess.run([cc, "-O2", "-march=native", "-ffp-contract=fast", f"-DCHAINS={CHAINS}",
+        done = subprocess.run([cc, "-O2", march, "-ffp-contract=fast", f"-DCHAINS={CHAINS}",
                                "-shared", "-fPIC", src, "-o", so], capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
-            raise RuntimeError(f"{cc} -march=native failed: {done.stderr.strip()[:200]}")
+            raise RuntimeError(f"{cc} {march} failed: {done.stderr.strip()[:200]}")
         lib = ctypes.CDLL(so)          # loaded: the file may go
     lib.fma_chains.argtypes, lib.fma_chains.restype = [ctypes.c_long], ctypes.c_float
     lib.lanes.argtypes, lib.lanes.restype = [], ctypes.c_int
@@ -87,10 +97,12 @@ def why_not_measured() -> str | None:
     return _failed
 
 
-def measured_peak(cores: int, seconds: float = 0.3) -> float | None:
+def measured_peak(cores: int, seconds: float = 0.3, isa: str = "native", cpu_time: bool = False) -> float | None:
     """fp32 flop/s of ``cores`` threads of FMA chains (ctypes drops the GIL, so they run at once),
-    the best of 3 runs of about ``seconds`` each; None without a C compiler."""
-    lib = _kernel()
+    the best of 3 runs of about ``seconds`` each; None without a C compiler. ``cpu_time``: each
+    thread's flops over its own CPU time, summed: the rate of cores the threads had to themselves,
+    which other processes sharing the cores do not lower (they do lower the wall-clock rate)."""
+    lib = _kernel(isa)
     if lib is None:
         return None
     per_iter = CHAINS * lib.lanes() * 2
@@ -105,13 +117,22 @@ def measured_peak(cores: int, seconds: float = 0.3) -> float | None:
         n *= 4
     best = 0.0
     for _ in range(3):
-        threads = [threading.Thread(target=lib.fma_chains, args=(n,)) for _ in range(cores)]
+        cpu = []
+
+        def chains():
+            t0 = time.thread_time()
+            lib.fma_chains(n)
+            cpu.append(time.thread_time() - t0)
+
+        threads = [threading.Thread(target=chains) for _ in range(cores)]
         t = time.perf_counter()
         for th in threads:
             th.start()
         for th in threads:
             th.join()
-        best = max(best, cores * n * per_iter / (time.perf_counter() - t))
+        wall = time.perf_counter() - t
+        rate = sum(n * per_iter / max(c, 1e-9) for c in cpu) if cpu_time else cores * n * per_iter / wall
+        best = max(best, rate)
     return best
 
 
@@ -121,23 +142,46 @@ def cpu_flags() -> set[str]:
     return set(line.split(":", 1)[-1].split())
 
 
-def fp32_peak(cores: int) -> tuple[float, str]:
-    """fp32 peak flop/s of ``cores`` cores, and how it was found: measured, else nominal."""
+def fp32_peak(cores: int, isa: str = "native") -> tuple[float, str]:
+    """fp32 peak flop/s of ``cores`` cores, and how it was found: measured, else nominal.
+    ``isa`` "avx2": the AVX2 + FMA units' peak (see the module's doc)."""
     from unet.perf import flops
     from unet.perf.measure import cpu_mhz
     with open("/proc/cpuinfo") as f:
         mhz = cpu_mhz(f.read())
-    fpc = flops.fp32_flops_per_cycle(cpu_flags())
+    flags = cpu_flags() - ({"avx512f"} if isa == "avx2" else set())
+    fpc = flops.fp32_flops_per_cycle(flags)
     nominal = flops.peak_flops(cores, mhz / 1e3, fpc)
     reckoned = f"{cores} core(s) x {mhz:.0f} MHz x {fpc} flop/cycle = {nominal / 1e9:.0f} GFLOP/s"
-    measured = measured_peak(cores)
+    measured = measured_peak(cores, isa=isa)
     if measured is None:
         return nominal, f"nominal: {reckoned}; not measured: {why_not_measured()}"
-    return measured, (f"measured: FMA chains on {cores} core(s), i.e. {fpc} flop/cycle at "
+    where = " (AVX2 + FMA kernel)" if isa == "avx2" else ""
+    return measured, (f"measured: FMA chains on {cores} core(s){where}, i.e. {fpc} flop/cycle at "
                       f"{measured / 1e9 / cores / fpc:.2f} GHz; /proc/cpuinfo's clock gives {reckoned}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m unet.perf.peak [--cores N] [--isa native|avx2]``: prints ``peak: gflops=X how=...``."""
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m unet.perf.peak", description="Measure the CPU's fp32 peak.")
+    ap.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)),
+                    help="threads of FMA chains at once (default: the CPUs this process may use, %(default)s)")
+    ap.add_argument("--isa", choices=tuple(ISA_FLAGS), default=isa_for_onednn(),
+                    help="vector ISA of the kernel (default: avx2 under ONEDNN_MAX_CPU_ISA=AVX2*, else native)")
+    a = ap.parse_args(argv)
+    if a.cores < 1:
+        ap.error(f"--cores must be >= 1 (got {a.cores})")
+    flops, how = fp32_peak(a.cores, a.isa)
+    print(f"peak: gflops={flops / 1e9:.1f} cores={a.cores} isa={a.isa} how={how}", flush=True)
+    return 0
 
 
 def bf16_factor() -> int:
     """bf16 flop/cycle over fp32's: 2 with bf16 dot-product instructions (AVX512_BF16, AMX), else 1
     (bf16 then computes on the fp32 units)."""
     return 2 if cpu_flags() & {"avx512_bf16", "amx_bf16"} else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

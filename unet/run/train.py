@@ -6,6 +6,7 @@ training never imports the stages after it.
 """
 import sys
 
+from unet.cli import command
 from unet.training import train
 
 
@@ -16,6 +17,7 @@ def export_for_engines(folder: str, model, meta: dict, formats) -> dict:
     return export_after_training(folder, model, meta, formats)
 
 
+@command("train_hvd.py")
 def main(argv: list[str] | None = None) -> int:
     return train.main(argv, export=export_for_engines)
 

@@ -13,6 +13,8 @@ import re
 
 import numpy as np
 
+from unet.distributed.ranks import broadcast_from_root
+from unet.errors import UsageError
 from unet.modelfolder import atomic_write
 
 CKPT_RE = re.compile(r"ckpt-(\d+)\.npz$")
@@ -73,7 +75,7 @@ def load_checkpoint(path: str, *, model, optimizer) -> dict:
     return meta
 
 
-def check_data(meta: dict, data: dict, data_name: str) -> None:
+def check_same_data(meta: dict, data: dict, data_name: str) -> None:
     """Refuse to continue a checkpoint on data of another shape (ValueError, one line)."""
     keys = ("height", "width", "channels", "regions")
     was = meta.get("data", {})
@@ -81,3 +83,38 @@ def check_data(meta: dict, data: dict, data_name: str) -> None:
         shape = lambda d: "{height}x{width}x{channels} -> {regions} region(s)".format(**d)
         raise ValueError(f"{meta.get('path', 'checkpoint')}: trained on {shape(was)}, "
                          f"but {data_name} is {shape(data)}")
+
+
+def position(meta: dict | None) -> dict:
+    """Where a restored checkpoint left off (none: the start): epoch, global step, steps and samples
+    done in the epoch (a checkpoint older than ``sample_in_epoch``: its steps x global batch)."""
+    if not meta:
+        return {}
+    step_in_epoch = meta.get("step_in_epoch", 0)
+    return {"epoch": meta["epoch"], "step": meta["step"], "step_in_epoch": step_in_epoch,
+            "sample": meta.get("sample_in_epoch", step_in_epoch * meta.get("global_batch", 0))}
+
+
+def restore_or_broadcast(hvd, model, optimizer, path: str | None, data: dict, data_name: str,
+                         elastic: bool) -> dict | None:
+    """Start every rank from the same state: rank 0 restores ``path`` (None: a fresh start), checked against
+    ``data`` (the shape trained on); every rank learns the outcome and takes rank 0's weights and optimizer
+    state. Returns the checkpoint's metadata (with its ``path``), or None; a UsageError on every rank if
+    it cannot be used. Elastic: no collective may run before the elastic loop (a worker joining later
+    would wait in it forever), so every worker restores for itself and the loop's first sync gives all of
+    them rank 0's state."""
+    restored = None
+    if path and (hvd.rank() == 0 or elastic):
+        try:
+            restored = dict(load_checkpoint(path, model=model, optimizer=optimizer), path=path)
+            check_same_data(restored, data, data_name)
+        except ValueError as e:
+            restored = {"error": str(e)}
+    if not elastic:
+        restored = hvd.broadcast_object(restored, root_rank=0)
+    if restored and "error" in restored:   # elastic: each worker found it alone, and says so
+        raise UsageError(restored["error"], local=elastic)
+    if not elastic:
+        # Horovod: every rank starts from rank 0's weights and optimizer state, fresh or restored.
+        broadcast_from_root(hvd, model, optimizer)
+    return restored

@@ -1,15 +1,21 @@
 """Command-line flags of the trainer: names and meanings kept from the seed.
 
 Pure: parsing and validation only, no TensorFlow, no MPI. Validation that needs
-the file system (does --data exist?) lives in ``unet.data.sources``.
+the file system (does --data exist?) lives in ``unet.data.sources``. The flags stop
+here: the library functions the loop calls take typed options (``log_options``,
+``bench_options``), not the parsed namespace.
 """
 from __future__ import annotations
 
 import argparse
 
+from unet.cli import add_threads_flag, threads_error
+from unet.data.pipeline import foreground_per_batch
 from unet.data.sources import DEFAULT_DATA
 from unet.errors import UsageError
 from unet.modelfolder import EXPORT_FORMATS, export_missing
+from unet.training.benchmark import BenchOptions
+from unet.training.reporting import LogOptions
 
 # Seed defaults (Intel's distributed U-Net, settings.py / settings_dist.py).
 SEED_LEARNINGRATE = 0.0005
@@ -35,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dropout rate after the first convolution of levels 3 and 4 (fraction; the seed's "
                         "0.2 made the inference-mode network disagree with the trained one and validation "
                         "Dice fall between epochs, see docs/TRAINING.md)")
+    g.add_argument("--activation", choices=("relu", "leaky_relu"), default="relu",
+                   help="after each 3x3 convolution: relu (the seed's) or leaky_relu (slope 0.01: a unit "
+                        "never stops passing gradient)")
+    g.add_argument("--head_bias", choices=("zero", "prior"), default="zero",
+                   help="initial bias of the sigmoid head: zero (the seed's: 0.5 everywhere at the start) or "
+                        "prior: log(p/(1-p)) of each region's foreground share p in the training masks")
     g.add_argument("--loss", choices=("region_dice_bce", "dice", "dice_bce", "bce"), default="region_dice_bce",
                    help="region_dice_bce: mean over the regions present in the batch of -log(soft Dice) "
                         "(each region pooled over batch and pixels) plus binary cross-entropy, so every "
@@ -42,15 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "and all regions (the seed's; the whole tumour dominates it, and at the seed's rate "
                         "it can collapse to all-background); dice_bce: that plus binary cross-entropy; "
                         "bce: cross-entropy only. See docs/TRAINING.md")
+    g.add_argument("--bce_weight", type=float, default=1.0,
+                   help="weight of the binary cross-entropy term in dice_bce and region_dice_bce (the Dice "
+                        "term has weight 1)")
     g.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="fp32, or bf16: Keras mixed_bfloat16 (float32 variables, bfloat16 compute, "
                         "float32 sigmoid output, so losses and metrics stay float32)")
 
     g = p.add_argument_group("threads (per rank, set before TensorFlow starts)")
-    g.add_argument("--num_threads", type=int, default=0,
-                   help="intra-op threads and OMP_NUM_THREADS per rank; 0 = the physical cores of the "
-                        "CPUs this rank is bound to (hardware threads of a core count once), shared "
-                        "among ranks bound to the same CPUs")
+    add_threads_flag(g, "intra-op threads and OMP_NUM_THREADS per rank")
     g.add_argument("--num_inter_threads", type=int, default=SEED_INTER_THREADS,
                    help="inter-op threads per rank")
     g.add_argument("--blocktime", type=int, default=SEED_BLOCKTIME,
@@ -64,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cap on optimizer steps per epoch; 0 = ceil(train images / global batch)")
     g.add_argument("--learningrate", type=float, default=SEED_LEARNINGRATE,
                    help="base Adam learning rate for one worker (scaled by --lr_scaling)")
+    g.add_argument("--clipnorm", type=float, default=0.0,
+                   help="clip the averaged gradients to this global L2 norm before each update; 0 = no clipping")
     g.add_argument("--const_learningrate", action="store_true",
                    help="no decay: keep the (scaled) learning rate constant after warmup")
     g.add_argument("--decay_steps", type=int, default=SEED_DECAY_STEPS,
@@ -78,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=816, help="seed for weights, data order, augmentation")
     g.add_argument("--no_augment", action="store_true",
                    help="no flips/rotations/intensity jitter on training images")
+    g.add_argument("--foreground_fraction", type=float, default=0.0,
+                   help="share of each rank's batch drawn from the training slices that hold tumour "
+                        "(round(F x batch_size) of them; nnU-Net's oversampling), the rest from all slices "
+                        "in the epoch's order; 0 = off, every batch in that order (docs/TRAINING.md)")
 
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None,
@@ -142,8 +160,14 @@ def validate(a: argparse.Namespace) -> argparse.Namespace:
     need(a.decay_steps >= 1, f"--decay_steps must be >= 1 (got {a.decay_steps})")
     need(0 < a.lr_fraction <= 1, f"--lr_fraction must be in (0, 1] (got {a.lr_fraction})")
     need(a.warmup_epochs >= 0, f"--warmup_epochs must be >= 0 (got {a.warmup_epochs})")
+    need(a.bce_weight >= 0, f"--bce_weight must be >= 0 (got {a.bce_weight})")
+    need(a.clipnorm >= 0, f"--clipnorm must be >= 0 (got {a.clipnorm})")
     need(0 <= a.dropout < 1, f"--dropout must be in [0, 1) (got {a.dropout})")
-    need(a.num_threads >= 0, f"--num_threads must be >= 0 (got {a.num_threads})")
+    need(0 <= a.foreground_fraction <= 1, f"--foreground_fraction must be in [0, 1] (got {a.foreground_fraction})")
+    need(a.foreground_fraction == 0 or foreground_per_batch(a.foreground_fraction, a.batch_size) >= 1,
+         f"--foreground_fraction {a.foreground_fraction} x --batch_size {a.batch_size} rounds to no tumour "
+         f"slice per batch (round(F x B) must be >= 1)")
+    need(not threads_error(a.num_threads), threads_error(a.num_threads))
     need(a.num_inter_threads >= 1, f"--num_inter_threads must be >= 1 (got {a.num_inter_threads})")
     need(a.blocktime >= 0, f"--blocktime must be >= 0 (got {a.blocktime})")
     need(a.checkpoint_every >= 0, f"--checkpoint_every must be >= 0 (got {a.checkpoint_every})")
@@ -181,3 +205,15 @@ def validate(a: argparse.Namespace) -> argparse.Namespace:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and validate; raises UsageError (not SystemExit) for bad values."""
     return validate(build_parser().parse_args(argv))
+
+
+def log_options(a: argparse.Namespace) -> LogOptions:
+    """What rank 0 logs, from the parsed flags."""
+    return LogOptions(logdir=a.logdir, epochs=a.epochs, batch_size=a.batch_size, data=a.data,
+                      log_every=a.log_every, image_every=a.image_every)
+
+
+def bench_options(a: argparse.Namespace) -> BenchOptions:
+    """What --benchmark times, from the parsed flags."""
+    return BenchOptions(batch_size=a.batch_size, warmup_steps=a.warmup_steps, bench_steps=a.bench_steps,
+                        precision=a.precision)

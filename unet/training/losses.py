@@ -58,15 +58,16 @@ def region_dice_loss(y_true: tf.Tensor, y_pred: tf.Tensor, smooth: float = SMOOT
     return tf.reduce_sum(present * per_region) / tf.maximum(tf.reduce_sum(present), 1.0)
 
 
-def get_loss(name: str):
+def get_loss(name: str, bce_weight: float = 1.0):
+    """The loss of ``--loss name``; ``bce_weight`` multiplies the cross-entropy of the combined ones."""
     if name == "dice":
         return dice_loss
     if name == "bce":
         return bce_loss
     if name == "dice_bce":
-        return lambda y, p: dice_loss(y, p) + bce_loss(y, p)
+        return lambda y, p: dice_loss(y, p) + bce_weight * bce_loss(y, p)
     if name == "region_dice_bce":
-        return lambda y, p: region_dice_loss(y, p) + bce_loss(y, p)
+        return lambda y, p: region_dice_loss(y, p) + bce_weight * bce_loss(y, p)
     raise ValueError(f"unknown loss {name!r}")
 
 

@@ -1,19 +1,29 @@
-"""Everything only rank 0 does: console, tqdm, training.log, TensorBoard, checkpoints, export.
+"""What training logs: the console, tqdm, training.log and TensorBoard, on rank 0 only.
 
-The training loop calls one reporter object; ``make_reporter`` returns the real
-one on rank 0 and a silent one elsewhere. This is the single rank-0 guard.
+The loop calls one reporter; ``make_reporter`` returns a ``Rank0Reporter`` on rank 0 and a ``Reporter``
+elsewhere, whose methods are the same and log nothing, so a misspelt call fails on every rank alike
+(not on rank 0 alone, the others waiting for it until the watchdog ends them). This is the single
+rank-0 guard of the logging; what is kept on disk (checkpoints, the model) is ``unet.training.keeper``'s.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
-from unet.modelfolder import save_model
-from unet.training import checkpoint
+
+@dataclass(frozen=True)
+class LogOptions:
+    """What rank 0 logs, and where (from the trainer's flags)."""
+    logdir: str               # --logdir: training.log and TensorBoard's train/ and validation/ under it
+    epochs: int               # --epochs, for "epoch 3/10"
+    batch_size: int           # --batch_size, images per rank per step
+    data: str | None          # --data, None for --synthetic
+    log_every: int = 10       # steps between scalar summaries and training.log lines
+    image_every: int = 100    # steps between image summaries
 
 
 def histogram_buckets(values, bins: int = 30) -> np.ndarray:
@@ -29,150 +39,167 @@ def histogram_buckets(values, bins: int = 30) -> np.ndarray:
     return np.stack([edges[:-1], edges[1:], counts.astype(np.float64)], axis=1)
 
 
-class NullReporter:
-    """Ranks other than 0: write nothing."""
-    wants_images = False
+def to_image(a: np.ndarray) -> np.ndarray:
+    """(B,H,W,K) input channels -> displayable (B,H,W,1|3) in [0, 1], each image stretched to its range."""
+    a = a[..., :3] if a.shape[-1] >= 3 else a[..., :1]
+    lo = a.min(axis=(1, 2, 3), keepdims=True)
+    hi = a.max(axis=(1, 2, 3), keepdims=True)
+    return (a - lo) / np.maximum(hi - lo, 1e-6)
 
-    def __getattr__(self, name):
-        return lambda *a, **k: None
+
+def as_colours(a: np.ndarray) -> np.ndarray:
+    """(B,H,W,R) masks or probabilities -> (B,H,W,1|3): the first three regions as red, green, blue."""
+    return np.clip(a[..., :3] if a.shape[-1] >= 3 else a[..., :1], 0, 1)
+
+
+def dices(regions, dice) -> str:
+    """``dice_WT 0.9012 dice_TC ...``: the Dice of each region, as training.log and the console write them."""
+    return " ".join(f"dice_{n} {float(d):.4f}" for n, d in zip(regions, dice))
+
+
+class Reporter:
+    """Ranks other than 0: log nothing."""
+
+    def world(self, before: int | None, size: int, global_batch: int, step: int) -> None:
+        """The ring (re)formed with ``size`` workers; ``before``: how many it had (None at the start)."""
+
+    def resumed(self, step: int, path: str) -> None:
+        """Training continues from the checkpoint ``path`` at global step ``step``."""
+
+    def epoch_start(self, epoch: int) -> None:
+        """Epoch ``epoch`` (0-based) begins."""
 
     def want_images(self, step: int) -> bool:
+        """Should the loop hand ``images`` a few predictions at this step?"""
         return False
 
+    def step(self, step: int, epoch: int, images: int, loss: float, dice: np.ndarray, lr: float) -> None:
+        """One optimizer step done: global loss and Dice per region, ``images`` in the global batch."""
 
-class Rank0Reporter:
-    def __init__(self, args, info, size: int, global_batch: int, steps_per_epoch: int):
+    def images(self, step: int, x: np.ndarray, y: np.ndarray, pred: np.ndarray) -> None:
+        """Input, ground truth and prediction of a few slices."""
+
+    def epoch_end(self, epoch: int, step: int, model, val: dict | None, checkpoint: str | None,
+                  best: bool) -> None:
+        """Epoch ``epoch`` (0-based) ended: its weights, its validation (if any), the checkpoint kept."""
+
+    def replicas(self, same: bool, digests: list[str], dropout_streams: int | None) -> None:
+        """Do all ranks hold the same weights (their sha256), and how many dropout streams ran."""
+
+    def finish(self, val: dict | None) -> None:
+        """Training is over; ``val``: the validation scores of the model written."""
+
+
+class Board:
+    """TensorBoard event files under the logdir: ``train/`` (steps, images, weights) and ``validation/``."""
+
+    def __init__(self, logdir: str, regions):
         import tensorflow as tf
-        self.tf, self.args, self.info = tf, args, info
-        self.logdir = os.path.abspath(args.logdir)
+        from tensorboard.plugins.histogram.metadata import create_summary_metadata
+        self.tf, self.regions = tf, regions
+        self.train = tf.summary.create_file_writer(os.path.join(logdir, "train"))
+        self.validation = tf.summary.create_file_writer(os.path.join(logdir, "validation"))
+        self.histogram = create_summary_metadata("", "")        # of the weights, every epoch
+
+    def scalars(self, writer, step: int, loss: float, dice, **more) -> None:
+        with writer.as_default(step=step):
+            self.tf.summary.scalar("loss", loss)
+            for name, value in more.items():
+                self.tf.summary.scalar(name, value)
+            for name, d in zip(self.regions, dice):
+                self.tf.summary.scalar(f"dice_{name}", float(d))
+
+    def images(self, step: int, x: np.ndarray, y: np.ndarray, pred: np.ndarray) -> None:
+        with self.train.as_default(step=step):
+            self.tf.summary.image("input", to_image(x[..., :1]), max_outputs=3)
+            self.tf.summary.image("ground_truth", as_colours(y), max_outputs=3)
+            self.tf.summary.image("prediction", as_colours(pred), max_outputs=3)
+
+    def weights(self, step: int, model) -> None:
+        with self.train.as_default(step=step):
+            # TensorBoard's histogram summaries, with the buckets counted by numpy: 0.1 s for the
+            # 7.8 M weights where tf.summary.histogram's eager ops take 1.9 s (1 thread), every epoch
+            for v in model.trainable_variables:
+                self.tf.summary.write(v.path, histogram_buckets(v.numpy()), metadata=self.histogram)
+
+    def flush(self) -> None:
+        self.train.flush()
+        self.validation.flush()
+
+    def close(self) -> None:
+        self.train.close()
+        self.validation.close()
+
+
+class Rank0Reporter(Reporter):
+    def __init__(self, opts: LogOptions, info, size: int, global_batch: int, steps_per_epoch: int):
+        self.opts, self.regions, self.steps_per_epoch = opts, info.region_names, steps_per_epoch
+        self.logdir = os.path.abspath(opts.logdir)
         os.makedirs(self.logdir, exist_ok=True)
-        self.ckpt_dir = os.path.join(self.logdir, "checkpoints")
-        self.writer = tf.summary.create_file_writer(os.path.join(self.logdir, "train"))
-        self.val_writer = tf.summary.create_file_writer(os.path.join(self.logdir, "validation"))
+        self.board = Board(self.logdir, self.regions)
         self.log = open(os.path.join(self.logdir, "training.log"), "a", buffering=1)
-        self.regions = info.region_names
-        self.steps_per_epoch = steps_per_epoch
-        self.bar = None
+        self.bar, self.last_rate = None, 0.0
         self.t_window, self.n_window = time.perf_counter(), 0
-        self.last_rate = 0.0
-        self.best, self.best_val, self.best_epoch = -1.0, None, 0
-        print(f"training: ranks={size} batch_size/rank={args.batch_size} "
-              f"global_batch={global_batch} steps/epoch={steps_per_epoch} epochs={args.epochs} "
+        print(f"training: ranks={size} batch_size/rank={opts.batch_size} "
+              f"global_batch={global_batch} steps/epoch={steps_per_epoch} epochs={opts.epochs} "
               f"input {info.height}x{info.width}x{info.channels} ({','.join(info.modalities)}) "
               f"regions {','.join(info.region_names)}", flush=True)
-        print(f"data: {args.data or 'synthetic (in memory)'}", flush=True)
+        print(f"data: {opts.data or 'synthetic (in memory)'}", flush=True)
         print(f"logdir: {self.logdir}", flush=True)
 
-    # -- per step -------------------------------------------------------------
-    def world(self, before: int | None, size: int, global_batch: int, step: int) -> None:
-        """An elastic job re-formed its ring: say so when the number of workers changed."""
-        if before and before != size:
-            msg = f"workers: {before} -> {size} at step {step} (global batch {global_batch})"
-            print(msg, flush=True)
-            self.log.write(msg + "\n")
+    def _say(self, line: str) -> None:
+        print(line, flush=True)
+        self.log.write(line + "\n")
 
-    def keep_best_on_disk(self) -> None:
-        """Continue a run (resume, or a new rank 0 after an elastic reset): the best
-        validation score so far is the one in ``best.npz``, not this process's memory."""
-        best = os.path.join(self.ckpt_dir, "best.npz")
-        if os.path.exists(best):
-            with np.load(best, allow_pickle=False) as z:
-                meta = json.loads(str(z["meta"]))
-            self.best, self.best_epoch = float(meta.get("val_dice", -1.0)), int(meta.get("epoch", 0))
-            self.best_val = meta.get("val")
+    def world(self, before: int | None, size: int, global_batch: int, step: int) -> None:
+        if before and before != size:
+            self._say(f"workers: {before} -> {size} at step {step} (global batch {global_batch})")
+
+    def resumed(self, step: int, path: str) -> None:
+        self._say(f"resumed from step {step} ({path})")
 
     def epoch_start(self, epoch: int) -> None:
         if self.bar is not None:
             self.bar.close()
         from tqdm import tqdm
-        self.bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.args.epochs}",
+        self.bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.opts.epochs}",
                         unit="step", disable=not sys.stderr.isatty(), leave=False)
 
     def want_images(self, step: int) -> bool:
-        return step % self.args.image_every == 0
+        return step % self.opts.image_every == 0
 
     def step(self, step: int, epoch: int, images: int, loss: float, dice: np.ndarray, lr: float) -> None:
         self.n_window += images
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{loss:.3f}", dice=f"{float(dice[0]):.3f}")
-        if step % self.args.log_every:
+        if step % self.opts.log_every:
             return
         now = time.perf_counter()
         self.last_rate = self.n_window / max(now - self.t_window, 1e-9)
         self.t_window, self.n_window = now, 0
-        tf = self.tf
-        with self.writer.as_default(step=step):
-            tf.summary.scalar("loss", loss)
-            tf.summary.scalar("learning_rate", lr)
-            tf.summary.scalar("img_per_sec", self.last_rate)
-            for name, d in zip(self.regions, dice):
-                tf.summary.scalar(f"dice_{name}", float(d))
-        dices = " ".join(f"dice_{n} {float(d):.4f}" for n, d in zip(self.regions, dice))
-        self.log.write(f"step {step} epoch {epoch + 1} loss {loss:.5f} {dices} lr {lr:.6g} "
+        self.board.scalars(self.board.train, step, loss, dice, learning_rate=lr, img_per_sec=self.last_rate)
+        self.log.write(f"step {step} epoch {epoch + 1} loss {loss:.5f} {dices(self.regions, dice)} lr {lr:.6g} "
                        f"img/s {self.last_rate:.2f}\n")
 
     def images(self, step: int, x: np.ndarray, y: np.ndarray, pred: np.ndarray) -> None:
-        tf = self.tf
+        self.board.images(step, x, y, pred)
 
-        def to_img(a):  # (B,H,W,K) -> displayable (B,H,W,1|3) in [0,1]
-            a = a[..., :3] if a.shape[-1] >= 3 else a[..., :1]
-            lo = a.min(axis=(1, 2, 3), keepdims=True)
-            hi = a.max(axis=(1, 2, 3), keepdims=True)
-            return (a - lo) / np.maximum(hi - lo, 1e-6)
-
-        with self.writer.as_default(step=step):
-            tf.summary.image("input", to_img(x[..., :1]), max_outputs=3)
-            tf.summary.image("ground_truth", np.clip(y[..., :3] if y.shape[-1] >= 3 else y[..., :1], 0, 1), max_outputs=3)
-            tf.summary.image("prediction", np.clip(pred[..., :3] if pred.shape[-1] >= 3 else pred[..., :1], 0, 1), max_outputs=3)
-
-    # -- per epoch --------------------------------------------------------------
-    def epoch_end(self, epoch: int, step: int, model, optimizer, val: dict | None, meta: dict) -> None:
+    def epoch_end(self, epoch: int, step: int, model, val: dict | None, checkpoint: str | None,
+                  best: bool) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        tf = self.tf
-        from tensorboard.plugins.histogram.metadata import create_summary_metadata
-        histogram = create_summary_metadata("", "")
-        with self.writer.as_default(step=step):
-            # TensorBoard's histogram summaries, with the buckets counted by numpy: 0.1 s for the
-            # 7.8 M weights where tf.summary.histogram's eager ops take 1.9 s (1 thread), every epoch
-            for v in model.trainable_variables:
-                tf.summary.write(v.path, histogram_buckets(v.numpy()), metadata=histogram)
-        msg = f"epoch {epoch + 1}/{self.args.epochs} step {step} img/s {self.last_rate:.2f}"
+        self.board.weights(step, model)
+        msg = f"epoch {epoch + 1}/{self.opts.epochs} step {step} img/s {self.last_rate:.2f}"
         if val:
-            with self.val_writer.as_default(step=step):
-                tf.summary.scalar("loss", val["loss"])
-                for name, d in zip(self.regions, val["dice"]):
-                    tf.summary.scalar(f"dice_{name}", float(d))
-            dices = " ".join(f"dice_{n} {float(d):.4f}" for n, d in zip(self.regions, val["dice"]))
-            msg += f" val_loss {val['loss']:.4f} val {dices}"
-            self.log.write(f"validation epoch {epoch + 1} step {step} loss {val['loss']:.5f} {dices}\n")
-        self.writer.flush()
-        self.val_writer.flush()
-        path = self.checkpoint(model, optimizer, meta, step=step, epoch=epoch + 1, step_in_epoch=0)
-        if val:
-            score = float(np.mean(val["dice"]))
-            if score > self.best:
-                self.best, self.best_val, self.best_epoch = score, val, epoch + 1
-                checkpoint.save_checkpoint(self.ckpt_dir, model=model, optimizer=optimizer, step=step,
-                                           epoch=epoch + 1, meta=dict(meta, step_in_epoch=0, val_dice=score,
-                                                     val={"dice": [float(d) for d in val["dice"]],
-                                                          "loss": float(val["loss"])}),
-                                           name="best.npz")
-                msg += " (best)"
-        print(msg + f" checkpoint {os.path.relpath(path, self.logdir)}", flush=True)
-
-    def checkpoint(self, model, optimizer, meta: dict, *, step: int, epoch: int, step_in_epoch: int,
-                   sample_in_epoch: int = 0) -> str:
-        return checkpoint.save_checkpoint(self.ckpt_dir, model=model, optimizer=optimizer, step=step,
-                                          epoch=epoch, meta=dict(meta, step_in_epoch=step_in_epoch,
-                                                                 sample_in_epoch=sample_in_epoch),
-                                          keep=self.args.keep_checkpoints)
-
-    def resumed(self, step: int, path: str) -> None:
-        print(f"resumed from step {step} ({path})", flush=True)
-        self.log.write(f"resumed from step {step} ({path})\n")
+            self.board.scalars(self.board.validation, step, val["loss"], val["dice"])
+            msg += f" val_loss {val['loss']:.4f} val {dices(self.regions, val['dice'])}"
+            self.log.write(f"validation epoch {epoch + 1} step {step} loss {val['loss']:.5f} "
+                           f"{dices(self.regions, val['dice'])}\n")
+        self.board.flush()
+        print(msg + (" (best)" if best else "") + f" checkpoint {os.path.relpath(checkpoint, self.logdir)}",
+              flush=True)
 
     def replicas(self, same: bool, digests: list[str], dropout_streams: int | None) -> None:
         if same:
@@ -182,27 +209,14 @@ class Rank0Reporter:
             print("weights: DIFFER across ranks: " + " ".join(f"rank{i}={d[:12]}" for i, d in enumerate(digests)),
                   file=sys.stderr, flush=True)
 
-    def finish(self, model, meta: dict, val: dict | None, export=None) -> None:
-        best = os.path.join(self.ckpt_dir, "best.npz")
-        if self.best_val is not None and os.path.exists(best):
-            # export the weights of the best validation epoch (rank 0's copy only; training is over)
-            checkpoint.load_checkpoint(best, model=model, optimizer=None)
-            val = self.best_val
-            meta = dict(meta, exported="best validation epoch %d of %d" % (self.best_epoch, self.args.epochs))
-            print(f"exporting the best validation epoch: {self.best_epoch}", flush=True)
-        keras_path, json_path = save_model(self.logdir, model, meta)
-        self.writer.close()
-        self.val_writer.close()
+    def finish(self, val: dict | None) -> None:
+        self.board.close()
         self.log.close()
-        print(f"model: {keras_path} (metadata {json_path})", flush=True)
-        if self.args.export_formats and export:   # the same weights for the inference engines
-            export(self.logdir, model, meta, self.args.export_formats)
         print(f"tensorboard: tensorboard --logdir {self.logdir} --host 127.0.0.1", flush=True)
         if val:
-            dices = " ".join(f"{n}={float(d):.4f}" for n, d in zip(self.regions, val["dice"]))
-            print(f"validation Dice of the exported model (slice-pooled, threshold 0.5): {dices}", flush=True)
+            each = " ".join(f"{n}={float(d):.4f}" for n, d in zip(self.regions, val["dice"]))
+            print(f"validation Dice of the exported model (slice-pooled, threshold 0.5): {each}", flush=True)
 
 
-def make_reporter(is_chief: bool, *args, **kwargs):
-    return Rank0Reporter(*args, **kwargs) if is_chief else NullReporter()
-
+def make_reporter(is_chief: bool, *args, **kwargs) -> Reporter:
+    return Rank0Reporter(*args, **kwargs) if is_chief else Reporter()

@@ -1,21 +1,35 @@
 """The training loop: Horovod's recipe, one screen.
 
-init -> shard -> scale the LR -> average gradients with ring allreduce ->
-start all ranks from rank 0's state -> rank 0 logs, checkpoints and exports.
+set-up: init -> shard -> build -> start every rank from rank 0's state (restored or fresh);
+loop: scale the LR -> average gradients with ring allreduce -> validate and keep each epoch;
+finish: rank 0 writes the model, then the inference engines' files.
+Each piece lives where its concern does: the compiled steps in ``steps``, validation in ``validation``,
+restoring in ``checkpoint``, the elastic or fixed progress in ``unet.distributed.elastic``, what is
+logged in ``reporting`` and what is kept on disk in ``keeper``.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import sys
+from dataclasses import dataclass, field
 
-import numpy as np
-
+from unet.cli import launcher_rank
 from unet.distributed import elastic
+from unet.distributed.ranks import (
+    Watchdog,
+    agree,
+    check_replicas,
+    collective_failure,
+    init_horovod,
+    is_elastic,
+    prepare_rank,
+)
+from unet.errors import UsageError
 from unet.training import config
-from unet.distributed.ranks import (Watchdog, agree, broadcast_from_root, check_replicas, collective_failure,
-                                    init_horovod, is_elastic, launcher_rank, prepare_rank)
+from unet.training.schedule import learning_rate
 
 
 def _parse(argv):
@@ -28,13 +42,9 @@ def _parse(argv):
 
 
 def main(argv: list[str] | None = None, export=None) -> int:
-    """Train; ``export(folder, model, meta, formats)``, if given, writes the engines' files at the end."""
-    try:
-        args = _parse(argv)
-    except config.UsageError as e:
-        if launcher_rank() == 0:
-            print(f"train_hvd.py: error: {e}", file=sys.stderr)
-        return 2
+    """Train; ``export(folder, model, meta, formats)``, if given, writes the engines' files at the end.
+    A bad flag, file or checkpoint raises UsageError on every rank (the command line reports it once)."""
+    args = _parse(argv)
     setup = prepare_rank(args.num_threads, args.num_inter_threads, args.blocktime)
     sys.stdout.write(setup.line() + "\n")  # one write: lines of several ranks do not interleave
     sys.stdout.flush()
@@ -45,176 +55,55 @@ def main(argv: list[str] | None = None, export=None) -> int:
         sources = open_sources(args)
         n_train, global_batch = len(sources[0]), args.batch_size * setup.size
         if global_batch > n_train:  # each rank's shard would be smaller than its batch
-            raise config.UsageError(
+            raise UsageError(
                 f"--batch_size {args.batch_size} x {setup.size} ranks = {global_batch} images per step, "
                 f"more than the {n_train} training images in {args.data or '--synthetic data'}")
         if args.resume and not os.path.isfile(args.resume):
-            raise config.UsageError(f"--resume {args.resume}: no such checkpoint file")
-    except config.UsageError as e:
+            raise UsageError(f"--resume {args.resume}: no such checkpoint file")
+    except UsageError as e:
         error = str(e)
     error = agree(setup.comm, error)  # every rank exits on any rank's error: none is left waiting
     if error:
-        if setup.rank == 0:
-            print(f"train_hvd.py: error: {error}", file=sys.stderr)
-        return 2
+        raise UsageError(error)
     hvd = init_horovod(setup)
     return run(args, setup, hvd, *sources, export=export)
 
 
 def run(args, setup, hvd, train_src, val_src, info, export=None) -> int:
     import keras
-    import tensorflow as tf
 
+    from unet.data.sources import foreground_share
+    from unet.model import build_unet, prior_bias
     from unet.training import checkpoint
-    from unet.data import pipeline
-    from unet.training.losses import dice_from_sums, dice_sums, get_loss
-    from unet.model import build_unet
-    from unet.training.reporting import make_reporter
-    from unet.training.schedule import learning_rate
+    from unet.training.losses import get_loss
+    from unet.training.steps import compile_steps
 
-    rank, size = hvd.rank(), hvd.size()
+    # -- set-up: the model, and every rank from the same state
+    rank, elastic_run = hvd.rank(), is_elastic()
     keras.utils.set_random_seed(args.seed + rank)  # dropout differs per rank; weights come from rank 0
+    share = foreground_share(train_src) if args.head_bias == "prior" else None
     model = build_unet(info.height, info.width, info.channels, info.regions,
                        use_upsampling=args.use_upsampling, dropout=args.dropout, precision=args.precision,
-                       norm=args.norm)
+                       norm=args.norm, activation=args.activation, head_bias=share and prior_bias(share))
     optimizer = keras.optimizers.Adam(learning_rate=args.learningrate)
     optimizer.build(model.trainable_variables)  # create Adam's slots now, so they can be broadcast
-    loss_fn = get_loss(args.loss)
-
-    elastic_run = is_elastic()
-    # Rank 0 restores the checkpoint to resume from (if any); every rank learns the outcome.
-    # Elastic: no collective may run before the elastic loop (a worker joining later would
-    # wait in it forever), so every worker restores for itself and the loop's first sync
-    # gives all of them rank 0's state.
-    restored = None
-    if (rank == 0 or elastic_run) and not args.benchmark:
-        path = checkpoint.resume_path(args.logdir, args.resume, args.fresh)
-        try:
-            restored = path and dict(checkpoint.load_checkpoint(path, model=model, optimizer=optimizer), path=path)
-            if restored:
-                checkpoint.check_data(restored, info.to_json(), args.data or "--synthetic data")
-        except ValueError as e:
-            restored = {"error": str(e)}
-    if not elastic_run:
-        restored = hvd.broadcast_object(restored, root_rank=0)
-    if restored and "error" in restored:
-        if rank == 0 or elastic_run:
-            print(f"train_hvd.py: error: {restored['error']}", file=sys.stderr)
-        return 2
-
-    if not elastic_run:
-        # Horovod: every rank starts from rank 0's weights and optimizer state, fresh or restored.
-        broadcast_from_root(hvd, model, optimizer)
-
-    def lr_at(step: int, size: int, steps: int) -> float:
-        # Horovod: the rate grows with the workers (the global batch does), after a warmup.
-        return learning_rate(step, base_lr=args.learningrate, num_workers=size,
-                             scaling=args.lr_scaling, warmup_steps=int(round(args.warmup_epochs * steps)),
-                             decay_steps=args.decay_steps, lr_fraction=args.lr_fraction,
-                             constant=args.const_learningrate)
-
-    @tf.function
-    def train_step(x, y):
-        with tf.GradientTape() as tape:
-            pred = model(x, training=True)
-            loss = loss_fn(y, pred)
-        grads = tape.gradient(loss, model.trainable_variables)
-        # Horovod: average gradients over all ranks with one fused ring allreduce;
-        # the loss and Dice sums ride along so rank 0 logs global figures.
-        reduced = hvd.grouped_allreduce(grads + [loss, dice_sums(y, pred)], op=hvd.Average)
-        optimizer.apply_gradients(zip(reduced[:-2], model.trainable_variables))
-        return reduced[-2], dice_from_sums(reduced[-1])
-
+    loss_fn = get_loss(args.loss, args.bce_weight)
+    path = None if args.benchmark else checkpoint.resume_path(args.logdir, args.resume, args.fresh)
+    restored = checkpoint.restore_or_broadcast(hvd, model, optimizer, path, info.to_json(),
+                                               args.data or "--synthetic data", elastic_run)
+    steps = compile_steps(hvd, model, optimizer, loss_fn, clipnorm=args.clipnorm)
     if args.benchmark:
         from unet.training import benchmark
-        return benchmark.run(args, setup, hvd, model, optimizer, train_step, loss_fn, train_src)
-
-    spec = tf.TensorSpec((None, info.height, info.width, info.channels), tf.float32)
-
-    @tf.function(input_signature=[spec])
-    def predict(x):
-        return model(x, training=False)
-
-    def validate(rank: int, size: int) -> dict | None:
-        if val_src is None or args.no_validation:
-            return None
-        sums, loss_sum, count = np.zeros((2, info.regions)), 0.0, 0
-        for x, y in pipeline.val_batches(val_src, batch_size=args.batch_size, rank=rank, size=size):
-            p = predict(x)
-            watchdog.beat("a validation batch")
-            sums += dice_sums(y, tf.cast(p > 0.5, tf.float32)).numpy()
-            loss_sum += float(loss_fn(y, p)) * len(x)
-            count += len(x)
-        # Horovod: add every rank's share; Dice from pooled sums equals the 1-process value.
-        total = hvd.allreduce(np.concatenate([sums.ravel(), [loss_sum, count]]), op=hvd.Sum).numpy()
-        return {"dice": dice_from_sums(total[:-2].reshape(2, -1)), "loss": total[-2] / max(total[-1], 1)}
-
-    data = dict(info.to_json(), **({"file": os.path.abspath(args.data)} if args.data else {}))   # unet-export --int8's
-    meta = {"data": data, "model": {"use_upsampling": args.use_upsampling,
-            "dropout": args.dropout, "norm": args.norm, "loss": args.loss}, "seed": args.seed}
-    counters = {}
-    if restored:
-        counters = {"epoch": restored["epoch"], "step": restored["step"],
-                    "step_in_epoch": restored.get("step_in_epoch", 0),
-                    "sample": restored.get("sample_in_epoch",
-                                           restored.get("step_in_epoch", 0) * restored.get("global_batch", 0))}
-    state = (elastic.elastic_state(hvd, model, optimizer, **counters) if elastic_run
-             else elastic.FixedState(**counters))
+        return benchmark.run(config.bench_options(args), setup, hvd, model, optimizer, steps.train, loss_fn,
+                             train_src)
+    state = elastic.start_state(hvd, model, optimizer, **checkpoint.position(restored))
     # Elastic runs leave hung and lost workers to Horovod's driver (its rendezvous may wait for hosts).
     watchdog = Watchdog(0 if elastic_run else args.step_timeout, rank, setup.host)
-    reporters, world = {}, []  # this process's reporter per rank it held; world sizes it saw
+    job = Job(args, hvd, model, optimizer, steps, loss_fn, train_src, val_src, info, watchdog, restored, share)
 
-    def train(state):
-        """Epochs from the state's position to the end; re-entered after an elastic reset."""
-        rank, size = hvd.rank(), hvd.size()
-        global_batch = args.batch_size * size
-        steps = pipeline.steps_per_epoch(len(train_src), global_batch, args.steps_per_epoch)
-        if rank not in reporters:  # rank 0 of the current world logs (after a reset too)
-            reporters[rank] = make_reporter(rank == 0, args, info, size, global_batch, steps)
-            if restored or world:
-                reporters[rank].keep_best_on_disk()
-            if restored and not world:
-                reporters[rank].resumed(restored["step"], restored["path"])
-        reporter = reporters[rank]
-        reporter.world(world[-1] if world else None, size, global_batch, state.step)
-        world.append(size)
-        run_meta = dict(meta, ranks=size, global_batch=global_batch)
-        val = None
-        while state.epoch < args.epochs:
-            epoch = state.epoch
-            ds, _ = pipeline.train_dataset(train_src, batch_size=args.batch_size, rank=rank, size=size,
-                                           epoch=epoch, seed=args.seed, cap=args.steps_per_epoch,
-                                           augment_on=not args.no_augment, start=state.step_in_epoch,
-                                           start_sample=state.sample)
-            reporter.epoch_start(epoch)
-            epoch_total = pipeline.epoch_samples(len(train_src), global_batch, args.steps_per_epoch)
-            for x, y in ds:
-                lr = lr_at(state.step, size, steps)
-                optimizer.learning_rate.assign(lr)
-                loss, dice = train_step(x, y)
-                watchdog.beat(f"step {state.step}")
-                reporter.step(state.step, epoch, global_batch, float(loss), dice.numpy(), lr)
-                if reporter.want_images(state.step):
-                    reporter.images(state.step, x.numpy()[:3], y.numpy()[:3], predict(x[:3]).numpy())
-                state.step, state.step_in_epoch = state.step + 1, state.step_in_epoch + 1
-                state.sample += global_batch
-                if args.checkpoint_every and state.step % args.checkpoint_every == 0 \
-                        and state.sample < epoch_total:
-                    reporter.checkpoint(model, optimizer, run_meta, step=state.step, epoch=epoch,
-                                        step_in_epoch=state.step_in_epoch, sample_in_epoch=state.sample)
-                if state.step % args.commit_every == 0:
-                    state.commit()  # elastic: a point to roll back to, and to admit new workers
-            val = validate(rank, size)
-            reporter.epoch_end(epoch, state.step, model, optimizer, val, run_meta)
-            watchdog.beat(f"epoch {epoch + 1}")
-            state.epoch, state.step_in_epoch, state.sample = epoch + 1, 0, 0
-            state.commit()
-        same, digests, streams = check_replicas(hvd, model)
-        reporter.replicas(same, digests, streams)
-        return same, val, rank, run_meta
-
+    # -- the loop: epochs to the end, entered again after an elastic reset
     try:
-        same, val, rank, run_meta = state.run(train)
+        same, val, rank, meta = state.run(functools.partial(epochs, job))
         watchdog.stop()
     except Exception as e:
         if not collective_failure(e):
@@ -223,9 +112,129 @@ def run(args, setup, hvd, train_src, val_src, info, export=None) -> int:
         print(f"train_hvd.py: error: rank {rank} on {setup.host}: a collective failed, another rank "
               f"died or stalled ({reason})", file=sys.stderr, flush=True)
         return 1
-    reporters[rank].finish(model, run_meta, val, export)
+
+    # -- finish: rank 0 writes the model (the best validation epoch's weights), then the engines' files
+    reporter, keeper = job.outputs[rank]
+    kept = keeper.final_model(model, meta, val)
+    if kept and args.export_formats and export:   # the same weights for the inference engines
+        export(kept.folder, model, kept.meta, args.export_formats)
+    reporter.finish(kept.val if kept else None)
     return 0 if same else 1
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+@dataclass
+class Job:
+    """What the epochs work with, on this rank."""
+    args: object                 # the trainer's flags
+    hvd: object
+    model: object
+    optimizer: object
+    steps: object                # unet.training.steps.Steps: the compiled training step and forward pass
+    loss_fn: object
+    train_src: object
+    val_src: object              # None: no validation split
+    info: object                 # unet.data.sources.DataInfo
+    watchdog: Watchdog
+    restored: dict | None        # the checkpoint the run started from
+    share: list | None = None    # each region's foreground share (--head_bias prior), for model.json
+    outputs: dict = field(default_factory=dict)   # this process's (reporter, keeper) per rank it has held
+    worlds: list = field(default_factory=list)    # the numbers of workers it has seen
+
+
+def epochs(job: Job, state) -> tuple:
+    """Epochs from the state's position to the end; (same weights on every rank, the last validation,
+    this rank, the metadata of the run)."""
+    a, hvd = job.args, job.hvd
+    rank, size = hvd.rank(), hvd.size()
+    global_batch = a.batch_size * size
+    reporter, keeper = outputs(job, rank, size, global_batch, state.step)
+    meta = run_meta(a, job.info, size, global_batch, job.share)
+    val = None
+    while state.epoch < a.epochs:
+        epoch = state.epoch
+        one_epoch(job, state, reporter, keeper, meta, global_batch)
+        val = validation(job)
+        path, best = keeper.epoch_end(job.model, job.optimizer, meta, step=state.step, epoch=epoch + 1, val=val)
+        reporter.epoch_end(epoch, state.step, job.model, val, path, best)
+        job.watchdog.beat(f"epoch {epoch + 1}")
+        state.epoch, state.step_in_epoch, state.sample = epoch + 1, 0, 0
+        state.commit()
+    same, digests, streams = check_replicas(hvd, job.model)
+    reporter.replicas(same, digests, streams)
+    return same, val, rank, meta
+
+
+def one_epoch(job: Job, state, reporter, keeper, meta: dict, global_batch: int) -> None:
+    """The optimizer steps of epoch ``state.epoch``, from the state's position in it."""
+    from unet.data import pipeline
+    a, epoch, size = job.args, state.epoch, job.hvd.size()
+    n = len(job.train_src)
+    per_epoch = pipeline.steps_per_epoch(n, global_batch, a.steps_per_epoch)
+    epoch_total = pipeline.epoch_samples(n, global_batch, a.steps_per_epoch)
+    ds, _ = pipeline.train_dataset(job.train_src, batch_size=a.batch_size, rank=job.hvd.rank(), size=size,
+                                   epoch=epoch, seed=a.seed, cap=a.steps_per_epoch, augment_on=not a.no_augment,
+                                   start=state.step_in_epoch, start_sample=state.sample,
+                                   foreground_fraction=a.foreground_fraction)
+    reporter.epoch_start(epoch)
+    for x, y in ds:
+        lr = lr_at(a, state.step, size, per_epoch)
+        job.optimizer.learning_rate.assign(lr)
+        loss, dice = job.steps.train(x, y)
+        job.watchdog.beat(f"step {state.step}")
+        reporter.step(state.step, epoch, global_batch, float(loss), dice.numpy(), lr)
+        if reporter.want_images(state.step):
+            reporter.images(state.step, x.numpy()[:3], y.numpy()[:3], job.steps.predict(x[:3]).numpy())
+        state.step, state.step_in_epoch = state.step + 1, state.step_in_epoch + 1
+        state.sample += global_batch
+        if a.checkpoint_every and state.step % a.checkpoint_every == 0 and state.sample < epoch_total:
+            keeper.latest(job.model, job.optimizer, meta, step=state.step, epoch=epoch,
+                          step_in_epoch=state.step_in_epoch, sample_in_epoch=state.sample)
+        if state.step % a.commit_every == 0:
+            state.commit()  # elastic: a point to roll back to, and to admit new workers
+
+
+def lr_at(a, step: int, size: int, steps: int) -> float:
+    # Horovod: the rate grows with the workers (the global batch does), after a warmup.
+    return learning_rate(step, base_lr=a.learningrate, num_workers=size, scaling=a.lr_scaling,
+                         warmup_steps=int(round(a.warmup_epochs * steps)), decay_steps=a.decay_steps,
+                         lr_fraction=a.lr_fraction, constant=a.const_learningrate)
+
+
+def validation(job: Job) -> dict | None:
+    """The epoch's validation over all ranks (collective), or None without a validation split."""
+    if job.val_src is None or job.args.no_validation:
+        return None
+    from unet.training.validation import validate
+    return validate(job.hvd, job.steps.predict, job.loss_fn, job.val_src, batch_size=job.args.batch_size,
+                    regions=job.info.regions, beat=job.watchdog.beat)
+
+
+def outputs(job: Job, rank: int, size: int, global_batch: int, step: int) -> tuple:
+    """This rank's reporter and keeper: made the first time this process holds ``rank`` (rank 0 of the
+    current world logs and keeps, after an elastic reset too), told where the run stands."""
+    from unet.data.pipeline import steps_per_epoch
+    from unet.training.keeper import make_keeper
+    from unet.training.reporting import make_reporter
+    a = job.args
+    if rank not in job.outputs:
+        steps = steps_per_epoch(len(job.train_src), global_batch, a.steps_per_epoch)
+        reporter = make_reporter(rank == 0, config.log_options(a), job.info, size, global_batch, steps)
+        keeper = make_keeper(rank == 0, a.logdir, a.keep_checkpoints, a.epochs)
+        if job.restored or job.worlds:
+            keeper.continue_run()        # the best validation so far is the one on disk
+        if job.restored and not job.worlds:
+            reporter.resumed(job.restored["step"], job.restored["path"])
+        job.outputs[rank] = reporter, keeper
+    reporter, keeper = job.outputs[rank]
+    reporter.world(job.worlds[-1] if job.worlds else None, size, global_batch, step)
+    job.worlds.append(size)
+    return reporter, keeper
+
+
+def run_meta(a, info, size: int, global_batch: int, share: list | None = None) -> dict:
+    """What model.json and each checkpoint record of the run: the data (and its file, which unet-export
+    --int8 calibrates on), the model's flags, the seed, the ranks."""
+    data = dict(info.to_json(), **({"file": os.path.abspath(a.data)} if a.data else {}))
+    model = {"use_upsampling": a.use_upsampling, "dropout": a.dropout, "norm": a.norm, "activation": a.activation,
+             "loss": a.loss, "head_bias": a.head_bias, **({"foreground_share": share} if share else {})}
+    return {"data": data, "model": model, "seed": a.seed, "ranks": size, "global_batch": global_batch}

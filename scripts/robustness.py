@@ -1,0 +1,245 @@
+#!/usr/bin/env python3
+"""Robustness grid of the training recipe: does it collapse to all-background when the batch or the rate changes?
+
+Trains, each on 2 ranks under mpirun as scripts/demo.sh does, with the demo's flags otherwise:
+
+* batch per rank {2, 4, 8} x learning rate {1e-4, 2e-4, 4e-4}, 4 epochs each (the demo's budget: about
+  1,312 training images whatever the batch on the demo's data), or fewer (``--epochs``: the first epochs of
+  the same run, as the schedule and the data order depend only on the step and the epoch; a later run
+  with more epochs continues from the last one's checkpoint);
+* the demo's own cell (batch 4, rate 1e-4) again with a second seed: a recipe whose result depends on
+  the seed by more than ``SEED_SPREAD`` is a lucky one;
+* ``defaults``: no training flag at all, as ``mpirun -np N python train_hvd.py --data brats.h5`` runs
+  (batch 128 per rank, the seed's rate 0.0005 scaled by the ranks, 10 epochs), always the full budget.
+
+Each cell's figures go to ``OUT/CELL.json`` once it has finished; a rerun skips finished cells (``--redo``
+runs them again) and a cell stopped half-way resumes from its last epoch checkpoint (the trainer's own
+resume, under ``OUT/CELL/logs``). At the end (or with ``--table``) it prints a markdown table of each
+cell's final validation Dice WT / TC / ET (slice-pooled, threshold 0.5, the trainer's), and whether it
+collapsed: WT < 0.5, or TC or ET < 0.1, after the last epoch.
+
+Example (the table in docs/TRAINING.md):
+  .venv/bin/python scripts/robustness.py --data runs/demo/brats.h5 --out runs/robustness/after
+  .venv/bin/python scripts/robustness.py --data runs/demo/brats.h5 --out runs/robustness/before \
+      --trainer /path/to/old/train_hvd.py
+``--flags`` adds trainer flags to every cell (a candidate change measured on its own); ``--cells`` runs
+a subset. ONEDNN_MAX_CPU_ISA is left as the environment has it (unset: the CPU's native kernels).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BATCHES = (2, 4, 8)
+RATES = (1e-4, 2e-4, 4e-4)
+DEFAULT_CELL = (4, 1e-4)          # the demo's batch per rank and rate
+SEEDS = (816, 1)                  # the trainer's default seed, and the second one of the default cell
+EPOCHS = 4                        # the demo's
+COLLAPSE = {"WT": 0.5, "TC": 0.1, "ET": 0.1}   # final validation Dice below any of these: collapsed
+SEED_SPREAD = 0.03                # the default cell's two seeds may differ by at most this per region
+REGIONS = ("WT", "TC", "ET")
+VAL_LINE = re.compile(r"^validation epoch (\d+) step (\d+) loss \S+ (.*)$")
+
+
+def rate_name(rate: float) -> str:
+    return f"{rate:.0e}".replace("e-0", "e-")
+
+
+def cells() -> list[dict]:
+    """The grid, the default cell's second seed, and the flag defaults, in the order they run."""
+    out = [dict(name=f"b{b}_lr{rate_name(r)}", batch=b, rate=r, seed=SEEDS[0]) for b in BATCHES for r in RATES]
+    b, r = DEFAULT_CELL
+    out.append(dict(name=f"b{b}_lr{rate_name(r)}_seed{SEEDS[1]}", batch=b, rate=r, seed=SEEDS[1]))
+    out.append(dict(name="defaults", batch=None, rate=None, seed=None))
+    return out
+
+
+def cell_command(cell: dict, a) -> list[str]:
+    """The trainer's command line of one cell (``--fresh`` is not given: a stopped cell resumes)."""
+    logdir = os.path.join(a.out, cell["name"], "logs")
+    cmd = ["mpirun", "-np", str(a.np), "--oversubscribe"]
+    if a.preload:
+        cmd += ["-x", f"LD_PRELOAD={a.preload}"]
+    cmd += [sys.executable, a.trainer, "--data", a.data]
+    if cell["batch"] is not None:
+        cmd += ["--batch_size", str(cell["batch"]), "--learningrate", repr(cell["rate"]), "--epochs", str(a.epochs),
+                "--seed", str(cell["seed"])]
+        cmd += shlex.split(a.flags)
+    return cmd + ["--log_every", "10", "--logdir", logdir, "--export", "none"]
+
+
+def comparable(cmd: list[str]) -> list[str]:
+    """The command but its ``-x LD_PRELOAD=...`` (an allocator changes the speed, not the figures) and the value
+    of ``--epochs`` (fewer epochs are the start of the same run)."""
+    out = []
+    for i, w in enumerate(cmd):
+        if w == "-x" and i + 1 < len(cmd) and cmd[i + 1].startswith("LD_PRELOAD="):
+            continue
+        if i and (w.startswith("LD_PRELOAD=") and cmd[i - 1] == "-x" or cmd[i - 1] == "--epochs"):
+            continue
+        out.append(w)
+    return out
+
+
+def first_epochs(result: dict, epochs: int) -> dict:
+    """A finished cell's figures after its first ``epochs`` epochs."""
+    history = result["validation"][:epochs]
+    return dict(result, validation=history, final=history[-1], collapsed=collapsed(history[-1]), epochs=len(history))
+
+
+def validation_history(training_log: str) -> list[list[float]]:
+    """Validation Dice per epoch, from the trainer's training.log (a resumed run appends: last line wins)."""
+    epochs: dict[int, list[float]] = {}
+    with open(training_log) as fh:
+        for line in fh:
+            m = VAL_LINE.match(line.strip())
+            if m:
+                d = dict(re.findall(r"dice_(\w+) ([\d.]+)", m.group(3)))
+                epochs[int(m.group(1))] = [float(d[r]) for r in REGIONS]
+    return [epochs[e] for e in sorted(epochs)]
+
+
+def collapsed(final: list[float]) -> bool:
+    return any(v < COLLAPSE[r] for r, v in zip(REGIONS, final))
+
+
+def git_commit(trainer: str) -> str:
+    """The commit of the trainer's checkout (a copy made by ``git archive`` names it in SOURCE_COMMIT)."""
+    folder = os.path.dirname(os.path.abspath(trainer))
+    if os.path.exists(os.path.join(folder, "SOURCE_COMMIT")):
+        with open(os.path.join(folder, "SOURCE_COMMIT")) as fh:
+            return fh.read().strip()
+    git = ["git", "-C", folder]
+    top = subprocess.run(git + ["rev-parse", "--show-toplevel"], capture_output=True, text=True).stdout.strip()
+    if os.path.realpath(top or "/nonexistent") != os.path.realpath(folder):
+        return "unknown"
+    head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(git + ["status", "--porcelain", "unet", "train_hvd.py"], capture_output=True,
+                           text=True).stdout.strip()
+    return head + ("+changes" if dirty else "")
+
+
+def run_cell(cell: dict, a) -> dict | None:
+    path = os.path.join(a.out, cell["name"] + ".json")
+    cmd = cell_command(cell, a)
+    want = a.epochs if cell["batch"] is not None else 0
+    if os.path.exists(path) and not a.redo:
+        with open(path) as fh:
+            done = json.load(fh)
+        if comparable(done["command"]) != comparable(cmd):
+            sys.exit(f"robustness.py: error: {path} was run with another command; --redo, or another --out")
+        if len(done["validation"]) >= want:
+            return first_epochs(done, want) if want else done
+        # fewer epochs so far: the trainer continues from the cell's last checkpoint
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
+    if os.geteuid() == 0:
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    os.makedirs(os.path.join(a.out, cell["name"]), exist_ok=True)
+    print(f"==> {cell['name']}: {shlex.join(cmd)}", flush=True)
+    t0 = time.time()
+    with open(os.path.join(a.out, cell["name"], "stdout.log"), "a") as out:
+        rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env).returncode
+    wall = time.time() - t0
+    if rc:
+        print(f"    {cell['name']}: the trainer exited with {rc} (see {a.out}/{cell['name']}/stdout.log)", flush=True)
+        return None
+    history = validation_history(os.path.join(a.out, cell["name"], "logs", "training.log"))
+    result = dict(cell, command=cmd, trainer=a.trainer, trainer_commit=git_commit(a.trainer), epochs=len(history),
+                  flags=a.flags, wall_s=round(wall, 1), validation=history, final=history[-1],
+                  collapsed=collapsed(history[-1]), onednn_isa=os.environ.get("ONEDNN_MAX_CPU_ISA", "native"))
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(result, fh, indent=1)
+    os.replace(tmp, path)
+    print(f"    {cell['name']}: final WT/TC/ET " + " / ".join(f"{v:.3f}" for v in result["final"])
+          + (" COLLAPSED" if result["collapsed"] else "") + f" ({wall:.0f} s)", flush=True)
+    return result
+
+
+def table(results: list[dict]) -> str:
+    rows = ["| cell | batch/rank | rate | seed | epochs | final val Dice WT / TC / ET | WT by epoch | largest fall "
+            "between epochs | collapsed | wall (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        h = r["validation"]
+        fall = max([h[e][i] - h[e + 1][i] for e in range(len(h) - 1) for i in range(3)] + [0.0])
+        rows.append(f"| {r['name']} | {r['batch'] or 128} | {r['rate'] or 0.0005} | {r['seed'] or 816} | {len(h)} | "
+                    + " / ".join(f"{v:.3f}" for v in r["final"]) + " | " + " ".join(f"{e[0]:.2f}" for e in h)
+                    + f" | {fall:.3f} | " + ("**yes**" if r["collapsed"] else "no") + f" | {r['wall_s']:.0f} |")
+    done = {r["name"]: r for r in results}
+    b, rate = DEFAULT_CELL
+    pair = [done.get(f"b{b}_lr{rate_name(rate)}"), done.get(f"b{b}_lr{rate_name(rate)}_seed{SEEDS[1]}")]
+    lines = ["\n".join(rows), "", f"collapsed: {sum(r['collapsed'] for r in results)} of {len(results)} cells"]
+    if all(pair):
+        spread = max(abs(x - y) for x, y in zip(pair[0]["final"], pair[1]["final"]))
+        lines.append(f"default cell, seeds {SEEDS[0]} and {SEEDS[1]}: largest difference {spread:.3f} "
+                     f"({'within' if spread <= SEED_SPREAD else 'beyond'} {SEED_SPREAD})")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="robustness.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--data", help="HDF5 file of unet-convert (the demo's: runs/demo/brats.h5)")
+    p.add_argument("--out", help="folder of the cells' JSON results and training logs")
+    p.add_argument("--trainer", default=os.path.join(ROOT, "train_hvd.py"),
+                   help="train_hvd.py to run (another checkout's, for the figures of an older recipe)")
+    p.add_argument("--flags", default="", help="trainer flags added to every grid cell (not to 'defaults')")
+    p.add_argument("--epochs", type=int, default=EPOCHS,
+                   help=f"epochs of each grid cell (the demo's {EPOCHS}: its image budget; fewer for a first look, "
+                        "continued later by a run with more; 'defaults' always runs its own 10)"),
+    p.add_argument("--cells", default="", help="comma-separated cell names to run (default: all); see --list")
+    p.add_argument("--np", type=int, default=2, help="ranks (mpirun -np)")
+    p.add_argument("--preload", default="", help="library to LD_PRELOAD in every rank (e.g. an allocator)")
+    p.add_argument("--redo", action="store_true", help="run finished cells again")
+    p.add_argument("--table", action="store_true", help="print the table of the finished cells and stop")
+    p.add_argument("--list", action="store_true", help="print the cell names and stop")
+    a = p.parse_args(argv)
+    grid = cells()
+    if a.list:
+        print("\n".join(c["name"] for c in grid))
+        return 0
+    names = [c["name"] for c in grid]
+    for flag in ("data", "out"):
+        if not getattr(a, flag):
+            p.error(f"--{flag} is required")
+    wanted = [n for n in a.cells.split(",") if n] or names
+    bad = [n for n in wanted if n not in names]
+    if bad:
+        p.error(f"--cells: unknown cell {bad[0]!r} (known: {', '.join(names)})")
+    if not 1 <= a.epochs <= EPOCHS:
+        p.error(f"--epochs must be in 1..{EPOCHS} (got {a.epochs})")
+    if not os.path.isfile(a.data):
+        p.error(f"--data {a.data}: no such file")
+    if not os.path.isfile(a.trainer):
+        p.error(f"--trainer {a.trainer}: no such file")
+    a.data, a.out, a.trainer = os.path.abspath(a.data), os.path.abspath(a.out), os.path.abspath(a.trainer)
+    os.makedirs(a.out, exist_ok=True)
+    results = []
+    by_name = {c["name"]: c for c in grid}
+    for cell in [by_name[n] for n in wanted]:    # in the order asked for
+        if a.table:
+            path = os.path.join(a.out, cell["name"] + ".json")
+            if os.path.exists(path):
+                with open(path) as fh:
+                    done = json.load(fh)
+                want = a.epochs if cell["batch"] is not None else 0
+                if len(done["validation"]) >= want:
+                    results.append(first_epochs(done, want) if want else done)
+            continue
+        r = run_cell(cell, a)
+        if r:
+            results.append(r)
+    print(f"\nrobustness: {a.out} (data {a.data}, {a.np} ranks, {a.epochs} of the demo's {EPOCHS} epochs)")
+    print(table(results) if results else "no finished cell")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+#!/usr/bin/env python
+"""Tumour slices in the file (``unet-convert --slices tumour``) against every brain slice in the file and
+tumour oversampled in each batch (``train_hvd.py --foreground_fraction F``), at the same image budget.
+
+Each run trains as scripts/demo.sh does (2 ranks, batch 4 per rank, rate 0.0001, 4 epochs) and is scored
+as the demo scores it (``unet-evaluate --model --tta``, default post-processing, volume-level). The
+``--slices tumour`` run's epoch length (ceil(training slices / 8) steps) caps the epochs of the others
+(``--steps_per_epoch``), so every run trains the same number of images with the same warmup, decay and
+validation points. oneDNN runs at ONEDNN_MAX_CPU_ISA (default AVX2, the project's target machine;
+another instruction set rounds differently and sends training down another path). Also printed: how many of the
+images trained on held tumour and enhancing tumour
+(counted from the file's masks and the trainer's own sample order, ``unet.data.pipeline.rank_batches``).
+
+    .venv/bin/python scripts/sampling_runs.py --cases runs/demo/cases --out runs/sampling [--fractions 0,0.33,0.5]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from unet.data.pipeline import foreground_per_batch, rank_batches  # noqa: E402
+
+PY = sys.executable
+RANKS, BATCH = 2, 4
+
+
+ISA = os.environ.get("ONEDNN_MAX_CPU_ISA", "AVX2")   # the project's 2-core AVX2 target, imitated
+
+
+def run(cmd: list[str], log: str) -> str:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    if ISA:
+        env["ONEDNN_MAX_CPU_ISA"] = ISA
+    with open(log, "w") as fh:
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=fh, text=True, env=env, cwd=ROOT)
+        fh.write(p.stdout)
+    if p.returncode:
+        sys.exit(f"sampling_runs.py: error: {' '.join(cmd[:6])} ... failed (exit {p.returncode}); see {log}")
+    return p.stdout
+
+
+def convert(cases: str, out: str, slices: str, size: int, inplane: str) -> str:
+    if not os.path.exists(out):
+        run([PY, "-m", "unet.data.convert", "--input", cases, "--output", out, "--size", str(size), "--inplane",
+             inplane, "--workers", "2", "--slices", slices, "--no_progress"], out + ".log")
+    return out
+
+
+def images_seen(h5: str, epochs: int, cap: int, fraction: float, seed: int = 816) -> tuple[int, int, int]:
+    """(images, with tumour, with ET) over the run, in the trainer's sample order."""
+    with h5py.File(h5) as f:
+        m = f["train"]["masks"][:]
+    tumour, et = m.reshape(len(m), -1, m.shape[-1]).any(1)[:, [0, -1]].T
+    k = foreground_per_batch(fraction, BATCH)
+    fg = np.flatnonzero(tumour)
+    idx = np.concatenate([np.concatenate(rank_batches(len(m), BATCH, r, RANKS, e, seed, cap, foreground=fg, k=k))
+                          for e in range(epochs) for r in range(RANKS)])
+    return len(idx), int(tumour[idx].sum()), int(et[idx].sum())
+
+
+def train_and_score(name: str, h5: str, out: str, epochs: int, cap: int, fraction: float, seed: int) -> dict:
+    logs = os.path.join(out, f"logs-{name}")
+    t0 = time.time()
+    run(["mpirun", "-np", str(RANKS), "--oversubscribe", PY, os.path.join(ROOT, "train_hvd.py"), "--data", h5,
+         "--batch_size", str(BATCH), "--learningrate", "0.0001", "--epochs", str(epochs), "--steps_per_epoch",
+         str(cap), "--foreground_fraction", str(fraction), "--seed", str(seed), "--log_every", "10",
+         "--logdir", logs, "--fresh"], os.path.join(out, f"train-{name}.log"))
+    seconds = time.time() - t0
+    with open(os.path.join(logs, "training.log")) as fh:
+        val = [tuple(float(x) for x in re.findall(r"dice_\w+ ([0-9.]+)", l)) for l in fh if l.startswith("validation")]
+    scores = os.path.join(out, f"scores-{name}.csv")
+    run(["mpirun", "-np", str(RANKS), "--oversubscribe", PY, "-m", "unet.evaluation.evaluate", "--model", logs,
+         "--data", h5, "--csv", scores, "--tta", "--metrics", "legacy"], os.path.join(out, f"eval-{name}.log"))
+    with open(scores) as fh:
+        rows = list(csv.DictReader(fh))
+    volume = {c: float(np.mean([float(r[c]) for r in rows])) for c in rows[0] if c != "case"}
+    per_case_et = [float(r["dice_ET"]) for r in rows]
+    return dict(name=name, val=val, volume=volume, per_case_et=per_case_et, seconds=seconds,
+                seen=images_seen(h5, epochs, cap, fraction, seed))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="sampling_runs.py", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cases", required=True, help="dataset root of NIfTI cases (the demo's: unet-synth --seed 0)")
+    ap.add_argument("--out", required=True, help="folder for the files, logs and scores")
+    ap.add_argument("--fractions", default="0,0.33,0.5", help="--foreground_fraction values on every brain slice")
+    ap.add_argument("--no_tumour_run", action="store_true", help="skip the --slices tumour run (the baseline)")
+    ap.add_argument("--epochs", type=int, default=4, help="epochs of every run (the demo's 4)")
+    ap.add_argument("--size", type=int, default=128, help="in-plane size (pixels)")
+    ap.add_argument("--inplane", default="resize", help="in-plane mode of the conversion")
+    ap.add_argument("--seed", type=int, default=816, help="train_hvd.py --seed (weights, sample order, augmentation)")
+    a = ap.parse_args(argv)
+    os.makedirs(a.out, exist_ok=True)
+    tag = f"{a.inplane}{a.size}" + (f"-seed{a.seed}" if a.seed != 816 else "")
+    files = f"{a.inplane}{a.size}"
+    tumour_h5 = convert(a.cases, os.path.join(a.out, f"tumour-{files}.h5"), "tumour", a.size, a.inplane)
+    brain_h5 = convert(a.cases, os.path.join(a.out, f"brain-{files}.h5"), "brain", a.size, a.inplane)
+    with h5py.File(tumour_h5) as f:
+        cap = math.ceil(len(f["train"]["images"]) / (RANKS * BATCH))
+    runs = [] if a.no_tumour_run else [("tumour-slices", tumour_h5, 0.0)]
+    runs += [(f"brain-F{f}", brain_h5, float(f)) for f in a.fractions.split(",") if f]
+    results = []
+    for name, h5, fraction in runs:
+        print(f"  {name}: training {a.epochs} x {cap} steps", file=sys.stderr, flush=True)
+        results.append(train_and_score(f"{name}-{tag}", h5, a.out, a.epochs, cap, fraction, a.seed))
+    print(f"{a.epochs} epochs x {cap} steps x {RANKS * BATCH} images; validation Dice (slices, WT / TC / ET) "
+          f"after each epoch; volume Dice with --tta, mean over the validation cases")
+    print("| run | images: with tumour / with ET | validation Dice per epoch | volume Dice WT / TC / ET "
+          "(ET per case) | HD95 WT (mm) | training s |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        n, t, e = r["seen"]
+        val = " → ".join("/".join(f"{d:.3f}" for d in v) for v in r["val"])
+        v = r["volume"]
+        et = ", ".join(f"{d:.3f}" for d in r["per_case_et"])
+        print(f"| {r['name']} | {n}: {t} / {e} | {val} | {v['dice_WT']:.4f} / {v['dice_TC']:.4f} / "
+              f"{v['dice_ET']:.4f} ({et}) | {v['hd95_WT']:.2f} | {r['seconds']:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
