@@ -35,7 +35,7 @@ def folded(tmp_path_factory):
     without folds."""
     root = tmp_path_factory.mktemp("cv")
     from unet.data.synth import main as synth
-    assert synth(["--out", str(root / "cases"), "--cases", "7", *SMALL, "--seed", "2"]) == 0
+    assert synth(["--out", str(root / "cases"), "--cases", "7", *SMALL, "--seed", "2", "--anatomy", "sphere"]) == 0
     base = ["--input", root / "cases", "--size", 64, "--slices", "tumour", "--val_fraction", 0.25]
     p = convert(*base, "--output", root / "folds.h5", "--folds", K)
     assert p.returncode == 0, p.stderr
