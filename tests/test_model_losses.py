@@ -62,11 +62,12 @@ def test_normalised_unet_puts_a_norm_between_each_3x3_conv_and_its_relu(norm, gr
         build_unet(32, 32, 2, 3, norm="batch")
 
 
-@pytest.mark.parametrize("norm", ["none", "group", "instance"])
-def test_bf16_model_is_rebuilt_in_float32_for_export_with_its_normalisation(norm):
+@pytest.mark.parametrize("norm, activation", [("none", "relu"), ("group", "relu"), ("instance", "relu"),
+                                              ("none", "leaky_relu"), ("group", "leaky_relu")])
+def test_bf16_model_is_rebuilt_in_float32_for_export_with_its_normalisation(norm, activation):
     from unet.inference.export import float32_model
     from unet.model import build_unet
-    m = build_unet(32, 32, 2, 3, precision="bf16", norm=norm, dropout=0.0)
+    m = build_unet(32, 32, 2, 3, precision="bf16", norm=norm, dropout=0.0, activation=activation)
     f = float32_model(m)
     assert f is not m and all(layer.dtype_policy.name == "float32" for layer in f.layers)
     assert [type(layer).__name__ for layer in f.layers] == [type(layer).__name__ for layer in m.layers]
