@@ -13,8 +13,8 @@ import numpy as np
 from scipy import ndimage
 
 from unet.data import anatomy
+from unet.data.layouts import MODALITIES
 
-MODALITIES = ("FLAIR", "T1", "T1ce", "T2")
 # compartment -> intensity in (FLAIR, T1, T1ce, T2), relative to white matter on T1. CSF dark on T1 and
 # FLAIR, bright on T2; white matter brighter than grey on T1, darker on T2 and FLAIR; oedema bright on
 # T2 and FLAIR; the rim enhances on T1ce only; necrosis dark on T1 and T1ce.

@@ -33,12 +33,11 @@ import numpy as np
 
 from unet.cli import command
 from unet.data import anatomy, mni152
-from unet.data.layouts import SUFFIXES
+from unet.data.layouts import MODALITIES, SUFFIXES
 from unet.errors import UsageError
 
 SHAPE = (155, 240, 240)            # (z, y, x) as SimpleITK arrays
 ORIGIN = (0.0, -239.0, 0.0)        # the BraTS header in ITK's LPS convention
-MODALITIES = ("FLAIR", "T1", "T1ce", "T2")
 # tissue -> intensity per modality (FLAIR, T1, T1ce, T2), arbitrary units x 500 on disk
 TISSUE = {
     "wm": (0.60, 1.00, 1.00, 0.55),
