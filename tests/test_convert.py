@@ -149,14 +149,12 @@ def test_npy_format_is_the_seeds_four_files(small_h5, tmp_path):
 
 
 def test_trainer_source_reads_a_two_modality_three_region_npy_conversion(small_h5, tmp_path):
-    import argparse
-
-    from unet.data.sources import open_sources
+    from unet.data.sources import DataOptions, open_sources
     cases, h5 = small_h5
     p = convert("--input", cases, "--output", tmp_path / "npy", "--size", 64, "--format", "npy",
                 "--modalities", "T1ce,FLAIR", "--regions", "WT,TC,ET")
     assert p.returncode == 0, p.stderr
-    train, val, info = open_sources(argparse.Namespace(synthetic=False, data=str(tmp_path / "npy"), seed=0))
+    train, val, info = open_sources(DataOptions(data=str(tmp_path / "npy")))
     assert info.modalities == ["T1ce", "FLAIR"] and info.region_names == ["WT", "TC", "ET"]
     assert (info.height, info.width, info.channels, info.regions) == (64, 64, 2, 3)
     assert info.attrs["layout"] == "brats" and info.attrs["size"] == 64 and info.attrs["converter_version"]

@@ -117,9 +117,9 @@ def test_bad_folds_is_one_line_and_writes_nothing(folded, tmp_path, args, msg):
 # -- --fold in the trainer ------------------------------------------------------------------------------
 
 def sources(*argv):
-    from unet.data.sources import open_sources
+    from unet.data.sources import DataOptions, open_sources
     from unet.training.config import parse_args
-    return open_sources(parse_args(list(map(str, argv))))
+    return open_sources(DataOptions.from_flags(parse_args(list(map(str, argv)))))
 
 
 def rows_of(src):

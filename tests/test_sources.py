@@ -1,5 +1,4 @@
 """Data files the trainer is given: shape from metadata, one-line errors naming the file."""
-import argparse
 import os
 
 import h5py
@@ -7,12 +6,12 @@ import numpy as np
 import pytest
 from h5fixture import write_h5
 
-from unet.data.sources import open_sources
+from unet.data.sources import DataOptions, open_sources
 from unet.training.config import UsageError
 
 
 def args(path):
-    return argparse.Namespace(synthetic=False, data=str(path), seed=0)
+    return DataOptions(data=str(path))
 
 
 def test_h5_shape_and_names_come_from_the_file(tmp_path):
@@ -122,7 +121,7 @@ def test_foreground_fraction_needs_a_training_slice_with_tumour(tmp_path):
     path = write_h5(str(tmp_path / "d.h5"))
     with h5py.File(path, "a") as f:
         f["train"]["masks"][...] = 0
-    a = argparse.Namespace(synthetic=False, data=path, seed=0, foreground_fraction=0.5)
+    a = DataOptions(data=path, foreground_fraction=0.5)
     with pytest.raises(UsageError, match=r"^--foreground_fraction 0.5: no training slice of .*d.h5 holds tumour"):
         open_sources(a)
-    assert open_sources(argparse.Namespace(synthetic=False, data=path, seed=0, foreground_fraction=0.0))[0]
+    assert open_sources(DataOptions(data=path))[0]

@@ -52,6 +52,27 @@ def _tumour_slices(source, masks_of) -> np.ndarray:
     return source._tumour
 
 
+@dataclass(frozen=True)
+class DataOptions:
+    """What the trainer's flags ask of the data (``from_flags``): a file or folder, or in-memory synthetic images."""
+    data: str | None = None
+    fold: int | None = None              # --fold: validate on this fold of a unet-convert --folds file
+    foreground_fraction: float = 0.0     # > 0: the training split must hold a slice with tumour
+    synthetic: bool = False
+    synthetic_size: int = 128
+    synthetic_channels: int = 1
+    synthetic_regions: int = 1
+    synthetic_train: int = 512
+    synthetic_val: int = 64
+    seed: int = 0                        # of the synthetic images
+
+    @classmethod
+    def from_flags(cls, args) -> "DataOptions":
+        """From parsed flags (an argparse Namespace or anything with these attributes; missing ones keep the
+        defaults above)."""
+        return cls(**{k: getattr(args, k) for k in cls.__dataclass_fields__ if hasattr(args, k)})
+
+
 @dataclass
 class DataInfo:
     """What the model and the exported metadata need to know about the data."""
@@ -352,8 +373,8 @@ def fold_rows(f, path: str, fold: int) -> tuple[int, np.ndarray, dict[str, np.nd
     return k, np.flatnonzero(of["train"] != fold), {g: np.flatnonzero(v == fold) for g, v in of.items()}
 
 
-def open_sources(args) -> tuple[object, object | None, DataInfo]:
-    """(train source, validation source or None, DataInfo) for the parsed flags."""
+def open_sources(args: DataOptions) -> tuple[object, object | None, DataInfo]:
+    """(train source, validation source or None, DataInfo) for these options."""
     if args.synthetic:
         s, c, r = args.synthetic_size, args.synthetic_channels, args.synthetic_regions
         train = SyntheticSource(args.synthetic_train, s, c, r, args.seed, "train")
@@ -362,7 +383,7 @@ def open_sources(args) -> tuple[object, object | None, DataInfo]:
                         ["WT", "TC", "ET"][:r] if r <= 3 else [f"region{i}" for i in range(r)],
                         {"source": "synthetic"})
         return train, val, info
-    path, fold = args.data, getattr(args, "fold", None)
+    path, fold = args.data, args.fold
     check_data(path)
     attrs: dict = {}
     k, rows = 0, None
@@ -407,7 +428,7 @@ def open_sources(args) -> tuple[object, object | None, DataInfo]:
         raise UsageError(f"--data {path}: attribute 'regions' names {len(regions)} regions, masks have {r}")
     info = DataInfo(h, w, c, r, modalities or [f"channel{i}" for i in range(c)],
                     regions or [f"region{i}" for i in range(r)], attrs, folds=k, fold=fold)
-    if getattr(args, "foreground_fraction", 0) and not len(train.tumour_slices()):
+    if args.foreground_fraction and not len(train.tumour_slices()):
         raise UsageError(f"--foreground_fraction {args.foreground_fraction}: no training slice of {path} "
                          f"holds tumour (every mask is empty)")
     return train, (val if len(val) else None), info

@@ -97,7 +97,8 @@ def _dataset_cases(root: str) -> list:
 
 def plan(a, preds: list) -> list[tuple]:
     """(case, predictor or ensemble that scores it, its fold or None) for every case to score; ``a``:
-    unet-evaluate's flags (model, data, ensemble, cases), ``preds``: one Predictor per --model."""
+    unet-evaluate's options (``evaluate.EvalOptions``: model, data, ensemble, cases), ``preds``: one Predictor
+    per --model."""
     if a.cases or a.ensemble or (len(preds) == 1 and model_fold(preds[0].meta)[1] is None):
         if len(preds) > 1 and not a.ensemble:
             raise EvalError("--cases with several --model: give --ensemble (out-of-fold scoring takes its cases "

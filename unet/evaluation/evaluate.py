@@ -30,6 +30,7 @@ import argparse
 import csv
 import os
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -47,7 +48,7 @@ from unet.evaluation.stats import RESAMPLES, SEED, bootstrap_mean_ci, per_fold_m
 from unet.inference.engines import add_flags as add_engine_flags
 from unet.inference.engines import flag_error as engine_flag_error
 from unet.inference.engines import int8_cost_line
-from unet.inference.postprocess import add_flags, options_from_args
+from unet.inference.postprocess import PostOptions, add_flags, options_from_args
 from unet.metrics import score_regions, summarise
 
 GEOMETRY_TOL = 1e-3
@@ -188,7 +189,29 @@ def volume_summary(rows: list[dict]) -> None:
             print(f"{k:<6}{v['n']:>6}" + "".join(f"{v[c]:>10.4f}" for c in columns()[:6]))
 
 
-def evaluate_folders(a) -> int:
+@dataclass(frozen=True)
+class EvalOptions:
+    """unet-evaluate's flags past the command line (``from_flags``); the post-processing ones are PostOptions."""
+    model: tuple[str, ...] = ()       # training logdirs or model.keras files
+    data: str | None = None           # the unet-convert file: its validation cases, folds and source folder
+    cases: str | None = None          # a dataset root to score instead of --data's validation cases
+    ensemble: bool = False
+    pred_dir: str | None = None       # with models: where predictions go; without: the predictions to score
+    ref_dir: str | None = None
+    labels: str = "brats"
+    csv: str | None = None
+    metrics: str = "all"
+    engine: str | None = None
+    int8: bool = False
+    num_threads: int = 0
+
+    @classmethod
+    def from_flags(cls, a) -> "EvalOptions":
+        kw = {k: getattr(a, k) for k in cls.__dataclass_fields__}
+        return cls(**dict(kw, model=tuple(a.model or ())))
+
+
+def evaluate_folders(a: EvalOptions) -> int:
     if not os.path.isdir(a.pred_dir):
         raise EvalError(f"--pred_dir {a.pred_dir}: not a folder")
     if not os.path.isdir(a.ref_dir):
@@ -201,7 +224,7 @@ def evaluate_folders(a) -> int:
     return 0
 
 
-def plan_line(a, work: list[tuple]) -> str:
+def plan_line(a: EvalOptions, work: list[tuple]) -> str:
     """What is scored with what, in one line."""
     folds = sorted({f for _, _, f in work if f is not None})
     where = f"--cases {a.cases}" if a.cases else f"the validation cases of {a.data}"
@@ -213,7 +236,7 @@ def plan_line(a, work: list[tuple]) -> str:
     return f"{len(work)} case(s): {where}"
 
 
-def evaluate_model(a, post) -> int:
+def evaluate_model(a: EvalOptions, post: PostOptions) -> int:
     """Predict the cases the models score and score them (sharded over MPI ranks)."""
     from unet.inference.predictor import Predictor, reference_image, write_labels
     comm = world()
@@ -323,10 +346,10 @@ def main(argv=None) -> int:
         post = options_from_args(a)     # every rank finds the same bad value; rank 0 says so
         if engine_flag_error(a):
             raise UsageError(engine_flag_error(a))
-        return evaluate_model(a, post)
+        return evaluate_model(EvalOptions.from_flags(a), post)
     if not (a.pred_dir and a.ref_dir):
         raise EvalError("give --pred_dir and --ref_dir, or --model and --data")
-    return evaluate_folders(a)
+    return evaluate_folders(EvalOptions.from_flags(a))
 
 
 if __name__ == "__main__":

@@ -49,10 +49,10 @@ def main(argv: list[str] | None = None, export=None) -> int:
     sys.stdout.write(setup.line() + "\n")  # one write: lines of several ranks do not interleave
     sys.stdout.flush()
 
-    from unet.data.sources import open_sources  # h5py only; TensorFlow still not loaded
+    from unet.data.sources import DataOptions, open_sources  # h5py only; TensorFlow still not loaded
     error, sources = None, None
     try:
-        sources = open_sources(args)
+        sources = open_sources(DataOptions.from_flags(args))
         n_train, global_batch = len(sources[0]), args.batch_size * setup.size
         if global_batch > n_train:  # each rank's shard would be smaller than its batch
             raise UsageError(
