@@ -126,14 +126,14 @@ def test_validation_batches_are_the_stored_slices_unaugmented(tmp_path):
 
 
 @pytest.mark.needs_stack
-def test_training_dataset_prefetches_and_augments(tmp_path):
+def test_training_dataset_augments(tmp_path):
     from h5fixture import write_h5
 
     from unet.data.pipeline import train_dataset
     from unet.data.sources import H5Source
     src = H5Source(write_h5(str(tmp_path / "d.h5"), n_train=8), "train")
     ds, steps = train_dataset(src, batch_size=4, rank=0, size=1, epoch=0, seed=0)
-    assert "Prefetch" in type(ds).__name__ and steps == 2
+    assert steps == 2 and len(ds) == 2 and len(list(ds)) == 2
     idx = rank_batches(8, 4, 0, 1, epoch=0, seed=0)[0]
     x, y = (np.asarray(t) for t in next(iter(ds)))
     stored_x, stored_y = src.read(idx)

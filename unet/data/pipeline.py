@@ -108,10 +108,30 @@ def augment(imgs: np.ndarray, msks: np.ndarray, rng: np.random.Generator):
     return imgs, msks
 
 
+class Batches:
+    """An epoch's batches for one rank: iterating reads and augments them in turn, as TensorFlow tensors.
+
+    A plain Python iterable, not a ``tf.data`` pipeline: destroying a ``from_generator`` + ``prefetch``
+    iterator at the end of every epoch blocked the training loop for 10-12 s on these 2-core machines
+    (a rank bound to one core; docs/PERFORMANCE.md, "The epoch's end"), while reading and augmenting a
+    batch of 4 takes ~10 ms of a ~900 ms step, so nothing is gained by overlapping it."""
+
+    def __init__(self, produce, n: int):
+        self._produce, self._n = produce, n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __iter__(self):
+        import tensorflow as tf
+        for imgs, msks in self._produce():
+            yield tf.convert_to_tensor(imgs), tf.convert_to_tensor(msks)
+
+
 def train_dataset(source, *, batch_size: int, rank: int, size: int, epoch: int, seed: int,
-                  cap: int = 0, augment_on: bool = True, prefetch: int = 2, start: int = 0,
+                  cap: int = 0, augment_on: bool = True, start: int = 0,
                   start_sample: int | None = None, foreground_fraction: float = 0.0):
-    """tf.data.Dataset of this rank's (images, masks) batches for the rest of one epoch.
+    """(``Batches`` of this rank's (images, masks) for the rest of one epoch, their number).
 
     The epoch continues at sample ``start_sample`` (default ``start`` global batches in),
     and ``start`` numbers the first step. Augmentation draws from a generator seeded by
@@ -119,8 +139,6 @@ def train_dataset(source, *, batch_size: int, rank: int, size: int, epoch: int, 
     uninterrupted run would. ``foreground_fraction`` > 0: round(F x batch_size) of each batch
     are slices with tumour (``source.tumour_slices()``).
     """
-    import tensorflow as tf
-    h, w, c, r = source.shape
     if start_sample is None:
         start_sample = start * batch_size * size
     k = foreground_per_batch(foreground_fraction, batch_size)
@@ -132,10 +150,9 @@ def train_dataset(source, *, batch_size: int, rank: int, size: int, epoch: int, 
             imgs, msks = source.read(idx)
             if augment_on:
                 imgs, msks = augment(imgs, msks, np.random.default_rng([seed, 104729, epoch, rank, start + i]))
-            yield imgs, msks
+            yield imgs.astype(np.float32, copy=False), msks.astype(np.float32, copy=False)
 
-    sig = (tf.TensorSpec((batch_size, h, w, c), tf.float32), tf.TensorSpec((batch_size, h, w, r), tf.float32))
-    return tf.data.Dataset.from_generator(gen, output_signature=sig).prefetch(prefetch), len(batches)
+    return Batches(gen, len(batches)), len(batches)
 
 
 def val_batches(source, *, batch_size: int, rank: int, size: int):
