@@ -2,8 +2,9 @@
 """Tumour slices in the file (``unet-convert --slices tumour``) against every brain slice in the file and
 tumour oversampled in each batch (``train_hvd.py --foreground_fraction F``), at the same image budget.
 
-Each run trains as scripts/demo.sh does (2 ranks, batch 4 per rank, rate 0.0001, 4 epochs) and is scored
-as the demo scores it (``unet-evaluate --model --tta``, default post-processing, volume-level). The
+Each run trains as scripts/demo.sh does (2 ranks, batch 4 per rank, rate 0.0004, 3 epochs) and is scored
+as the demo scores it (``unet-evaluate --model --tta``, default post-processing, volume-level): on the file's
+validation cases, or with ``--score_cases DIR`` on the cases of a tuning set (not the demo's test cases). The
 ``--slices tumour`` run's epoch length (ceil(training slices / 8) steps) caps the epochs of the others
 (``--steps_per_epoch``), so every run trains the same number of images with the same warmup, decay and
 validation points. oneDNN runs at ONEDNN_MAX_CPU_ISA (default AVX2, the project's target machine;
@@ -11,7 +12,8 @@ another instruction set rounds differently and sends training down another path)
 images trained on held tumour and enhancing tumour
 (counted from the file's masks and the trainer's own sample order, ``unet.data.pipeline.rank_batches``).
 
-    .venv/bin/python scripts/sampling_runs.py --cases runs/demo/cases --out runs/sampling [--fractions 0,0.33,0.5]
+    .venv/bin/python scripts/sampling_runs.py --cases runs/demo/cases --out runs/sampling [--fractions 0,0.33,0.5] \
+        [--score_cases runs/tune]
 """
 from __future__ import annotations
 
@@ -69,11 +71,12 @@ def images_seen(h5: str, epochs: int, cap: int, fraction: float, seed: int = 816
     return len(idx), int(tumour[idx].sum()), int(et[idx].sum())
 
 
-def train_and_score(name: str, h5: str, out: str, epochs: int, cap: int, fraction: float, seed: int) -> dict:
+def train_and_score(name: str, h5: str, out: str, epochs: int, cap: int, fraction: float, seed: int, rate: float,
+                    score_cases: str | None) -> dict:
     logs = os.path.join(out, f"logs-{name}")
     t0 = time.time()
     run(["mpirun", "-np", str(RANKS), "--oversubscribe", PY, os.path.join(ROOT, "train_hvd.py"), "--data", h5,
-         "--batch_size", str(BATCH), "--learningrate", "0.0001", "--epochs", str(epochs), "--steps_per_epoch",
+         "--batch_size", str(BATCH), "--learningrate", repr(rate), "--epochs", str(epochs), "--steps_per_epoch",
          str(cap), "--foreground_fraction", str(fraction), "--seed", str(seed), "--log_every", "10",
          "--logdir", logs, "--fresh"], os.path.join(out, f"train-{name}.log"))
     seconds = time.time() - t0
@@ -81,7 +84,8 @@ def train_and_score(name: str, h5: str, out: str, epochs: int, cap: int, fractio
         val = [tuple(float(x) for x in re.findall(r"dice_\w+ ([0-9.]+)", l)) for l in fh if l.startswith("validation")]
     scores = os.path.join(out, f"scores-{name}.csv")
     run(["mpirun", "-np", str(RANKS), "--oversubscribe", PY, "-m", "unet.evaluation.evaluate", "--model", logs,
-         "--data", h5, "--csv", scores, "--tta", "--metrics", "legacy"], os.path.join(out, f"eval-{name}.log"))
+         *(["--cases", score_cases] if score_cases else ["--data", h5]), "--csv", scores, "--tta", "--metrics",
+         "legacy"], os.path.join(out, f"eval-{name}.log"))
     with open(scores) as fh:
         rows = list(csv.DictReader(fh))
     volume = {c: float(np.mean([float(r[c]) for r in rows])) for c in rows[0] if c != "case"}
@@ -96,7 +100,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="folder for the files, logs and scores")
     ap.add_argument("--fractions", default="0,0.33,0.5", help="--foreground_fraction values on every brain slice")
     ap.add_argument("--no_tumour_run", action="store_true", help="skip the --slices tumour run (the baseline)")
-    ap.add_argument("--epochs", type=int, default=4, help="epochs of every run (the demo's 4)")
+    ap.add_argument("--epochs", type=int, default=3, help="epochs of every run (the demo's 3)")
+    ap.add_argument("--learningrate", type=float, default=0.0004, help="train_hvd.py --learningrate (the demo's)")
+    ap.add_argument("--score_cases", default=None,
+                    help="dataset root to score instead of the file's validation cases (a tuning set)")
     ap.add_argument("--size", type=int, default=128, help="in-plane size (pixels)")
     ap.add_argument("--inplane", default="resize", help="in-plane mode of the conversion")
     ap.add_argument("--seed", type=int, default=816, help="train_hvd.py --seed (weights, sample order, augmentation)")
@@ -113,9 +120,10 @@ def main(argv=None) -> int:
     results = []
     for name, h5, fraction in runs:
         print(f"  {name}: training {a.epochs} x {cap} steps", file=sys.stderr, flush=True)
-        results.append(train_and_score(f"{name}-{tag}", h5, a.out, a.epochs, cap, fraction, a.seed))
+        results.append(train_and_score(f"{name}-{tag}", h5, a.out, a.epochs, cap, fraction, a.seed, a.learningrate,
+                                       a.score_cases))
     print(f"{a.epochs} epochs x {cap} steps x {RANKS * BATCH} images; validation Dice (slices, WT / TC / ET) "
-          f"after each epoch; volume Dice with --tta, mean over the validation cases")
+          f"after each epoch; volume Dice with --tta, mean over {a.score_cases or 'the validation cases'}")
     print("| run | images: with tumour / with ET | validation Dice per epoch | volume Dice WT / TC / ET "
           "(ET per case) | HD95 WT (mm) | training s |")
     print("|---|---|---|---|---|---|")

@@ -44,9 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--activation", choices=("relu", "leaky_relu"), default="relu",
                    help="after each 3x3 convolution: relu (the seed's) or leaky_relu (slope 0.01: a unit "
                         "never stops passing gradient)")
-    g.add_argument("--head_bias", choices=("zero", "prior"), default="zero",
-                   help="initial bias of the sigmoid head: zero (the seed's: 0.5 everywhere at the start) or "
-                        "prior: log(p/(1-p)) of each region's foreground share p in the training masks")
+    g.add_argument("--head_bias", choices=("zero", "prior"), default="prior",
+                   help="initial bias of the sigmoid head: prior: log(p/(1-p)) of each region's foreground "
+                        "share p in the training masks, so the untrained network predicts that share and "
+                        "does not fall into all-background at a high rate or a small batch (docs/TRAINING.md, "
+                        "robustness); zero: the seed's, 0.5 everywhere at the start")
     g.add_argument("--loss", choices=("region_dice_bce", "dice", "dice_bce", "bce"), default="region_dice_bce",
                    help="region_dice_bce: mean over the regions present in the batch of -log(soft Dice) "
                         "(each region pooled over batch and pixels) plus binary cross-entropy, so every "
