@@ -1,4 +1,4 @@
-"""Input pipeline: which samples each rank reads at each step, augmentation, tf.data.
+"""Input pipeline: which samples each rank reads at each step, augmentation, the epoch's batches.
 
 Sharding rule (pure, tested): every epoch has one permutation of the training
 set, drawn from (seed, epoch) and so identical on all ranks. Global batch ``t``
