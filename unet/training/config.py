@@ -11,7 +11,7 @@ import argparse
 
 from unet.cli import add_threads_flag, threads_error
 from unet.data.pipeline import foreground_per_batch
-from unet.data.sources import DEFAULT_DATA
+from unet.data.sources import DEFAULT_DATA, DataOptions
 from unet.errors import UsageError
 from unet.modelfolder import EXPORT_FORMATS, export_missing
 from unet.training.benchmark import BenchOptions
@@ -110,11 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "file's train/val split")
     g.add_argument("--synthetic", action="store_true",
                    help="in-memory synthetic images (bright blobs to segment); no file needed")
-    g.add_argument("--synthetic_size", type=int, default=128, help="--synthetic: image side (pixels)")
-    g.add_argument("--synthetic_channels", type=int, default=1, help="--synthetic: input channels")
-    g.add_argument("--synthetic_regions", type=int, default=1, help="--synthetic: output regions")
-    g.add_argument("--synthetic_train", type=int, default=512, help="--synthetic: training images")
-    g.add_argument("--synthetic_val", type=int, default=64, help="--synthetic: validation images")
+    g.add_argument("--synthetic_size", type=int, default=DataOptions.synthetic_size,
+                   help="--synthetic: image side (pixels)")
+    g.add_argument("--synthetic_channels", type=int, default=DataOptions.synthetic_channels,
+                   help="--synthetic: input channels")
+    g.add_argument("--synthetic_regions", type=int, default=DataOptions.synthetic_regions,
+                   help="--synthetic: output regions")
+    g.add_argument("--synthetic_train", type=int, default=DataOptions.synthetic_train,
+                   help="--synthetic: training images")
+    g.add_argument("--synthetic_val", type=int, default=DataOptions.synthetic_val,
+                   help="--synthetic: validation images")
 
     g = p.add_argument_group("benchmark")
     g.add_argument("--benchmark", action="store_true",
