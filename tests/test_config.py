@@ -52,3 +52,45 @@ def test_export_formats_default_to_openvino_and_onnx_and_none_means_model_keras_
 def test_foreground_fraction_is_off_by_default():
     assert parse_args(["--synthetic"]).foreground_fraction == 0.0
     assert parse_args(["--synthetic", "--foreground_fraction", "0.33", "--batch_size", "2"]).foreground_fraction == 0.33
+
+
+def _fields(obj, prefix=""):
+    """Every leaf field of the (nested) frozen options, by dotted name."""
+    import dataclasses
+    out = {}
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            out.update(_fields(v, f"{prefix}{f.name}."))
+        else:
+            out[prefix + f.name] = v
+    return out
+
+
+# flags whose value reaches TrainOptions under another name or shape
+RENAMED = {"no_augment": "augment", "no_validation": "validation", "export": "export_formats",
+           "benchmark": "bench", "warmup_steps": "bench.warmup_steps", "bench_steps": "bench.bench_steps"}
+
+
+def test_every_flag_reaches_the_typed_options_and_they_are_frozen():
+    import dataclasses
+
+    from unet.training.config import options
+    argv = ["--data", "x.h5", "--batch_size", "3", "--learningrate", "0.002", "--norm", "group", "--no_augment",
+            "--no_validation", "--fold", "1", "--export", "none", "--logdir", "/tmp/L", "--log_every", "7",
+            "--decay_steps", "40", "--seed", "5"]
+    opts = options(parse_args(argv))
+    bench_run = options(parse_args(["--benchmark", "--batch_size", "2", "--bench_steps", "4"]))
+    leaves = {**_fields(opts), **_fields(bench_run)}
+    names = {k.rsplit(".", 1)[-1] for k in leaves} | {k.split(".", 1)[0] for k in leaves}
+    dests = {a.dest for a in build_parser()._actions if a.dest != "help"}
+    missing = {d for d in dests if d not in names and RENAMED.get(d, "").split(".")[-1] not in names}
+    assert not missing, f"flags that no option carries: {sorted(missing)}"
+    assert (opts.batch_size, opts.schedule.learningrate, opts.model.norm, opts.seed) == (3, 0.002, "group", 5)
+    assert (opts.augment, opts.validation, opts.export_formats, opts.bench) == (False, False, (), None)
+    assert (opts.data.data, opts.data.fold, opts.logdir, opts.log.log_every) == ("x.h5", 1, "/tmp/L", 7)
+    assert opts.schedule.decay_steps == 40 and opts.data_label == "x.h5"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.batch_size = 4
+    assert (bench_run.bench.batch_size, bench_run.bench.bench_steps) == (2, 4)
+    assert options(parse_args(["--synthetic"])).data_label == "--synthetic data"

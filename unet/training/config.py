@@ -2,12 +2,13 @@
 
 Pure: parsing and validation only, no TensorFlow, no MPI. Validation that needs
 the file system (does --data exist?) lives in ``unet.data.sources``. The flags stop
-here: the library functions the loop calls take typed options (``log_options``,
-``bench_options``), not the parsed namespace.
+here: ``options(args)`` turns the parsed namespace into a frozen ``TrainOptions`` (model, schedule,
+data, logging, benchmark: one typed group each), and nothing past the command line sees the namespace.
 """
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 from unet.cli import add_threads_flag, threads_error
 from unet.data.pipeline import foreground_per_batch
@@ -214,13 +215,82 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return validate(build_parser().parse_args(argv))
 
 
-def log_options(a: argparse.Namespace) -> LogOptions:
-    """What rank 0 logs, from the parsed flags."""
-    return LogOptions(logdir=a.logdir, epochs=a.epochs, batch_size=a.batch_size, data=a.data,
-                      log_every=a.log_every, image_every=a.image_every)
+@dataclass(frozen=True)
+class ModelOptions:
+    """The network and its loss (recorded in model.json)."""
+    use_upsampling: bool = False
+    norm: str = "none"
+    dropout: float = 0.0
+    activation: str = "relu"
+    head_bias: str = "prior"
+    loss: str = "region_dice_bce"
+    bce_weight: float = 1.0
+    precision: str = "fp32"
 
 
-def bench_options(a: argparse.Namespace) -> BenchOptions:
-    """What --benchmark times, from the parsed flags."""
-    return BenchOptions(batch_size=a.batch_size, warmup_steps=a.warmup_steps, bench_steps=a.bench_steps,
-                        precision=a.precision)
+@dataclass(frozen=True)
+class ScheduleOptions:
+    """The learning rate: the base rate for one worker, its scaling by workers, warmup and decay."""
+    learningrate: float = SEED_LEARNINGRATE
+    lr_scaling: str = "linear"
+    warmup_epochs: float = 1.0
+    decay_steps: int = SEED_DECAY_STEPS
+    lr_fraction: float = SEED_LR_FRACTION
+    const_learningrate: bool = False
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Everything the trainer was asked, typed; built once by ``options`` from the validated flags."""
+    model: ModelOptions
+    schedule: ScheduleOptions
+    data: DataOptions
+    log: LogOptions
+    bench: BenchOptions | None           # --benchmark: time steps instead of training
+    num_threads: int                     # the rank's threads, set before TensorFlow loads
+    num_inter_threads: int
+    blocktime: int
+    batch_size: int                      # images per rank per step
+    epochs: int
+    steps_per_epoch: int                 # 0: the whole training split
+    seed: int
+    augment: bool
+    foreground_fraction: float
+    clipnorm: float
+    validation: bool
+    checkpoint_every: int
+    commit_every: int
+    step_timeout: float
+    keep_checkpoints: int
+    resume: str | None
+    fresh: bool
+    export_formats: tuple[str, ...]
+
+    @property
+    def logdir(self) -> str:
+        return self.log.logdir
+
+    @property
+    def data_label(self) -> str:
+        """The data as a message names it."""
+        return self.data.data or "--synthetic data"
+
+
+def _pick(cls, a: argparse.Namespace):
+    return cls(**{k: getattr(a, k) for k in cls.__dataclass_fields__})
+
+
+def options(a: argparse.Namespace) -> TrainOptions:
+    """The validated flags (``parse_args``) as frozen options: every field from its flag of the same name."""
+    return TrainOptions(
+        model=_pick(ModelOptions, a), schedule=_pick(ScheduleOptions, a), data=DataOptions.from_flags(a),
+        log=LogOptions(logdir=a.logdir, epochs=a.epochs, batch_size=a.batch_size, data=a.data,
+                       log_every=a.log_every, image_every=a.image_every),
+        bench=BenchOptions(batch_size=a.batch_size, warmup_steps=a.warmup_steps, bench_steps=a.bench_steps,
+                           precision=a.precision) if a.benchmark else None,
+        num_threads=a.num_threads, num_inter_threads=a.num_inter_threads, blocktime=a.blocktime,
+        batch_size=a.batch_size, epochs=a.epochs, steps_per_epoch=a.steps_per_epoch, seed=a.seed,
+        augment=not a.no_augment, foreground_fraction=a.foreground_fraction, clipnorm=a.clipnorm,
+        validation=not a.no_validation, checkpoint_every=a.checkpoint_every, commit_every=a.commit_every,
+        step_timeout=a.step_timeout, keep_checkpoints=a.keep_checkpoints, resume=a.resume, fresh=a.fresh,
+        export_formats=tuple(a.export_formats))

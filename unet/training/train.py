@@ -44,32 +44,32 @@ def _parse(argv):
 def main(argv: list[str] | None = None, export=None) -> int:
     """Train; ``export(folder, model, meta, formats)``, if given, writes the engines' files at the end.
     A bad flag, file or checkpoint raises UsageError on every rank (the command line reports it once)."""
-    args = _parse(argv)
-    setup = prepare_rank(args.num_threads, args.num_inter_threads, args.blocktime)
+    opts = config.options(_parse(argv))   # past this line the flags are typed options, not a namespace
+    setup = prepare_rank(opts.num_threads, opts.num_inter_threads, opts.blocktime)
     sys.stdout.write(setup.line() + "\n")  # one write: lines of several ranks do not interleave
     sys.stdout.flush()
 
-    from unet.data.sources import DataOptions, open_sources  # h5py only; TensorFlow still not loaded
+    from unet.data.sources import open_sources  # h5py only; TensorFlow still not loaded
     error, sources = None, None
     try:
-        sources = open_sources(DataOptions.from_flags(args))
-        n_train, global_batch = len(sources[0]), args.batch_size * setup.size
+        sources = open_sources(opts.data)
+        n_train, global_batch = len(sources[0]), opts.batch_size * setup.size
         if global_batch > n_train:  # each rank's shard would be smaller than its batch
             raise UsageError(
-                f"--batch_size {args.batch_size} x {setup.size} ranks = {global_batch} images per step, "
-                f"more than the {n_train} training images in {args.data or '--synthetic data'}")
-        if args.resume and not os.path.isfile(args.resume):
-            raise UsageError(f"--resume {args.resume}: no such checkpoint file")
+                f"--batch_size {opts.batch_size} x {setup.size} ranks = {global_batch} images per step, "
+                f"more than the {n_train} training images in {opts.data_label}")
+        if opts.resume and not os.path.isfile(opts.resume):
+            raise UsageError(f"--resume {opts.resume}: no such checkpoint file")
     except UsageError as e:
         error = str(e)
     error = agree(setup.comm, error)  # every rank exits on any rank's error: none is left waiting
     if error:
         raise UsageError(error)
     hvd = init_horovod(setup)
-    return run(args, setup, hvd, *sources, export=export)
+    return run(opts, setup, hvd, *sources, export=export)
 
 
-def run(args, setup, hvd, train_src, val_src, info, export=None) -> int:
+def run(opts: config.TrainOptions, setup, hvd, train_src, val_src, info, export=None) -> int:
     import keras
 
     from unet.data.sources import foreground_share
@@ -80,26 +80,26 @@ def run(args, setup, hvd, train_src, val_src, info, export=None) -> int:
 
     # -- set-up: the model, and every rank from the same state
     rank, elastic_run = hvd.rank(), is_elastic()
-    keras.utils.set_random_seed(args.seed + rank)  # dropout differs per rank; weights come from rank 0
-    share = foreground_share(train_src) if args.head_bias == "prior" else None
+    keras.utils.set_random_seed(opts.seed + rank)  # dropout differs per rank; weights come from rank 0
+    m = opts.model
+    share = foreground_share(train_src) if m.head_bias == "prior" else None
     model = build_unet(info.height, info.width, info.channels, info.regions,
-                       use_upsampling=args.use_upsampling, dropout=args.dropout, precision=args.precision,
-                       norm=args.norm, activation=args.activation, head_bias=share and prior_bias(share))
-    optimizer = keras.optimizers.Adam(learning_rate=args.learningrate)
+                       use_upsampling=m.use_upsampling, dropout=m.dropout, precision=m.precision,
+                       norm=m.norm, activation=m.activation, head_bias=share and prior_bias(share))
+    optimizer = keras.optimizers.Adam(learning_rate=opts.schedule.learningrate)
     optimizer.build(model.trainable_variables)  # create Adam's slots now, so they can be broadcast
-    loss_fn = get_loss(args.loss, args.bce_weight)
-    path = None if args.benchmark else checkpoint.resume_path(args.logdir, args.resume, args.fresh)
-    restored = checkpoint.restore_or_broadcast(hvd, model, optimizer, path, info.to_json(),
-                                               args.data or "--synthetic data", elastic_run)
-    steps = compile_steps(hvd, model, optimizer, loss_fn, clipnorm=args.clipnorm)
-    if args.benchmark:
+    loss_fn = get_loss(m.loss, m.bce_weight)
+    path = None if opts.bench else checkpoint.resume_path(opts.logdir, opts.resume, opts.fresh)
+    restored = checkpoint.restore_or_broadcast(hvd, model, optimizer, path, info.to_json(), opts.data_label,
+                                               elastic_run)
+    steps = compile_steps(hvd, model, optimizer, loss_fn, clipnorm=opts.clipnorm)
+    if opts.bench:
         from unet.training import benchmark
-        return benchmark.run(config.bench_options(args), setup, hvd, model, optimizer, steps.train, loss_fn,
-                             train_src)
+        return benchmark.run(opts.bench, setup, hvd, model, optimizer, steps.train, loss_fn, train_src)
     state = elastic.start_state(hvd, model, optimizer, **checkpoint.position(restored))
     # Elastic runs leave hung and lost workers to Horovod's driver (its rendezvous may wait for hosts).
-    watchdog = Watchdog(0 if elastic_run else args.step_timeout, rank, setup.host)
-    job = Job(args, hvd, model, optimizer, steps, loss_fn, train_src, val_src, info, watchdog, restored, share)
+    watchdog = Watchdog(0 if elastic_run else opts.step_timeout, rank, setup.host)
+    job = Job(opts, hvd, model, optimizer, steps, loss_fn, train_src, val_src, info, watchdog, restored, share)
 
     # -- the loop: epochs to the end, entered again after an elastic reset
     try:
@@ -116,8 +116,8 @@ def run(args, setup, hvd, train_src, val_src, info, export=None) -> int:
     # -- finish: rank 0 writes the model (the best validation epoch's weights), then the engines' files
     reporter, keeper = job.outputs[rank]
     kept = keeper.final_model(model, meta, val)
-    if kept and args.export_formats and export:   # the same weights for the inference engines
-        export(kept.folder, model, kept.meta, args.export_formats)
+    if kept and opts.export_formats and export:   # the same weights for the inference engines
+        export(kept.folder, model, kept.meta, list(opts.export_formats))
     reporter.finish(kept.val if kept else None)
     return 0 if same else 1
 
@@ -125,7 +125,7 @@ def run(args, setup, hvd, train_src, val_src, info, export=None) -> int:
 @dataclass
 class Job:
     """What the epochs work with, on this rank."""
-    args: object                 # the trainer's flags
+    opts: config.TrainOptions
     hvd: object
     model: object
     optimizer: object
@@ -144,7 +144,7 @@ class Job:
 def epochs(job: Job, state) -> tuple:
     """Epochs from the state's position to the end; (same weights on every rank, the last validation,
     this rank, the metadata of the run)."""
-    a, hvd = job.args, job.hvd
+    a, hvd = job.opts, job.hvd
     rank, size = hvd.rank(), hvd.size()
     global_batch = a.batch_size * size
     reporter, keeper = outputs(job, rank, size, global_batch, state.step)
@@ -167,17 +167,17 @@ def epochs(job: Job, state) -> tuple:
 def one_epoch(job: Job, state, reporter, keeper, meta: dict, global_batch: int) -> None:
     """The optimizer steps of epoch ``state.epoch``, from the state's position in it."""
     from unet.data import pipeline
-    a, epoch, size = job.args, state.epoch, job.hvd.size()
+    a, epoch, size = job.opts, state.epoch, job.hvd.size()
     n = len(job.train_src)
     per_epoch = pipeline.steps_per_epoch(n, global_batch, a.steps_per_epoch)
     epoch_total = pipeline.epoch_samples(n, global_batch, a.steps_per_epoch)
     ds, _ = pipeline.train_dataset(job.train_src, batch_size=a.batch_size, rank=job.hvd.rank(), size=size,
-                                   epoch=epoch, seed=a.seed, cap=a.steps_per_epoch, augment_on=not a.no_augment,
+                                   epoch=epoch, seed=a.seed, cap=a.steps_per_epoch, augment_on=a.augment,
                                    start=state.step_in_epoch, start_sample=state.sample,
                                    foreground_fraction=a.foreground_fraction)
     reporter.epoch_start(epoch)
     for x, y in ds:
-        lr = lr_at(a, state.step, size, per_epoch)
+        lr = lr_at(a.schedule, state.step, size, per_epoch)
         job.optimizer.learning_rate.assign(lr)
         loss, dice = job.steps.train(x, y)
         job.watchdog.beat(f"step {state.step}")
@@ -193,7 +193,7 @@ def one_epoch(job: Job, state, reporter, keeper, meta: dict, global_batch: int) 
             state.commit()  # elastic: a point to roll back to, and to admit new workers
 
 
-def lr_at(a, step: int, size: int, steps: int) -> float:
+def lr_at(a: config.ScheduleOptions, step: int, size: int, steps: int) -> float:
     # Horovod: the rate grows with the workers (the global batch does), after a warmup.
     return learning_rate(step, base_lr=a.learningrate, num_workers=size, scaling=a.lr_scaling,
                          warmup_steps=int(round(a.warmup_epochs * steps)), decay_steps=a.decay_steps,
@@ -202,10 +202,10 @@ def lr_at(a, step: int, size: int, steps: int) -> float:
 
 def validation(job: Job) -> dict | None:
     """The epoch's validation over all ranks (collective), or None without a validation split."""
-    if job.val_src is None or job.args.no_validation:
+    if job.val_src is None or not job.opts.validation:
         return None
     from unet.training.validation import validate
-    return validate(job.hvd, job.steps.predict, job.loss_fn, job.val_src, batch_size=job.args.batch_size,
+    return validate(job.hvd, job.steps.predict, job.loss_fn, job.val_src, batch_size=job.opts.batch_size,
                     regions=job.info.regions, beat=job.watchdog.beat)
 
 
@@ -215,10 +215,10 @@ def outputs(job: Job, rank: int, size: int, global_batch: int, step: int) -> tup
     from unet.data.pipeline import steps_per_epoch
     from unet.training.keeper import make_keeper
     from unet.training.reporting import make_reporter
-    a = job.args
+    a = job.opts
     if rank not in job.outputs:
         steps = steps_per_epoch(len(job.train_src), global_batch, a.steps_per_epoch)
-        reporter = make_reporter(rank == 0, config.log_options(a), job.info, size, global_batch, steps)
+        reporter = make_reporter(rank == 0, a.log, job.info, size, global_batch, steps)
         keeper = make_keeper(rank == 0, a.logdir, a.keep_checkpoints, a.epochs)
         if job.restored or job.worlds:
             keeper.continue_run()        # the best validation so far is the one on disk
@@ -231,10 +231,11 @@ def outputs(job: Job, rank: int, size: int, global_batch: int, step: int) -> tup
     return reporter, keeper
 
 
-def run_meta(a, info, size: int, global_batch: int, share: list | None = None) -> dict:
+def run_meta(a: config.TrainOptions, info, size: int, global_batch: int, share: list | None = None) -> dict:
     """What model.json and each checkpoint record of the run: the data (and its file, which unet-export
     --int8 calibrates on), the model's flags, the seed, the ranks."""
-    data = dict(info.to_json(), **({"file": os.path.abspath(a.data)} if a.data else {}))
-    model = {"use_upsampling": a.use_upsampling, "dropout": a.dropout, "norm": a.norm, "activation": a.activation,
-             "loss": a.loss, "head_bias": a.head_bias, **({"foreground_share": share} if share else {})}
+    data = dict(info.to_json(), **({"file": os.path.abspath(a.data.data)} if a.data.data else {}))
+    m = a.model
+    model = {"use_upsampling": m.use_upsampling, "dropout": m.dropout, "norm": m.norm, "activation": m.activation,
+             "loss": m.loss, "head_bias": m.head_bias, **({"foreground_share": share} if share else {})}
     return {"data": data, "model": model, "seed": a.seed, "ranks": size, "global_batch": global_batch}
