@@ -22,6 +22,7 @@ import math
 import os
 import sys
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -221,6 +222,22 @@ def _opts(a) -> Options:
     return Options(mods, regs, a.size, a.inplane, a.slices, a.background_fraction, a.seed)
 
 
+@dataclass(frozen=True)
+class Target:
+    """What is written where, and what the file records of the request (from the flags)."""
+    output: str                  # absolute: the HDF5 file, or the folder of the npy files
+    format: str                  # h5 or npy
+    source: str                  # absolute: the input folder
+    val_fraction: float
+    seed: int
+    folds: int                   # 0: no folds
+
+    @property
+    def h5(self) -> str:
+        """The HDF5 file written (for npy, a hidden one in the output folder, removed after)."""
+        return self.output if self.format == "h5" else os.path.join(self.output, ".unet-convert.h5")
+
+
 @command("unet-convert")
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
@@ -236,8 +253,8 @@ def main(argv=None) -> int:
     if a.folds > n_train:
         raise UsageError(f"--folds {a.folds}: more folds than the {n_train} training case(s) of {a.input} "
                          f"(--val_fraction {a.val_fraction} keeps {len(cases) - n_train} for validation)")
-    out = os.path.abspath(a.output)
-    h5_final = out if a.format == "h5" else os.path.join(out, ".unet-convert.h5")
+    target = Target(os.path.abspath(a.output), a.format, os.path.abspath(a.input), a.val_fraction, a.seed, a.folds)
+    h5_final = target.h5
     os.makedirs(os.path.dirname(h5_final) or ".", exist_ok=True)
     tmp = f"{h5_final}.part{rank}-of-{size}.tmp"
     error = None
@@ -266,7 +283,7 @@ def main(argv=None) -> int:
                                  f"--skip_bad skipped {len(skipped)}")
             folds = assign_folds(train_volumes, a.folds, a.seed)
         if rank == 0:
-            _finish(a, opts, layout, cases, splits, parts, tmp, h5_final, out, totals, skipped, volumes, folds)
+            _finish(target, opts, layout, cases, splits, parts, tmp, totals, skipped, volumes, folds)
         return 0
     finally:
         if comm:
@@ -277,15 +294,16 @@ def main(argv=None) -> int:
             pass
 
 
-def _finish(a, opts, layout, cases, splits, parts, tmp, h5_final, out, totals, skipped, volumes, folds) -> None:
+def _finish(t: Target, opts, layout, cases, splits, parts, tmp, totals, skipped, volumes, folds) -> None:
     """Rank 0: merge the parts, add the attributes (and folds), rename into place, say what was written."""
     import h5py
+    h5_final, out = t.h5, t.output
     attrs = {"modalities": json.dumps(list(opts.modalities)), "regions": json.dumps(list(opts.regions)),
              "size": opts.size, "normalisation": P.NORMALISATION,
              "inplane": opts.inplane, "slices_train": opts.slices, "slices_val": "all",
              **({"crop_margin": P.CROP_MARGIN} if opts.inplane == "crop_resize" else {}),
              "layout": layout, "converter_version": CONVERTER_VERSION,
-             "val_fraction": a.val_fraction, "seed": a.seed, "source": os.path.abspath(a.input)}
+             "val_fraction": t.val_fraction, "seed": t.seed, "source": t.source}
     staged = f"{h5_final}.tmp-{os.getpid()}"
     if len(parts) > 1:
         merge_parts(parts, staged, opts, rest=bool(folds))
@@ -295,14 +313,14 @@ def _finish(a, opts, layout, cases, splits, parts, tmp, h5_final, out, totals, s
         for k, v in attrs.items():
             f.attrs[k] = v
         if folds:
-            write_folds(f, a.folds, folds, volumes)
+            write_folds(f, t.folds, folds, volumes)
     os.replace(staged, h5_final)  # only a complete file gets the final name
     n_train = sum(t.get("train", 0) for t in totals)
     n_val = sum(t.get("val", 0) for t in totals)
     bad_ids = {cid for cid, _ in skipped}
     n_cases = {s: sum(1 for c in cases if splits[c.case_id] == s and c.case_id not in bad_ids)
                for s in ("train", "val")}
-    if a.format == "npy":
+    if t.format == "npy":
         files = write_npy(h5_final, out)
         os.unlink(h5_final)
         where = ", ".join(os.path.basename(f) for f in files) + f" in {out}"
@@ -313,7 +331,7 @@ def _finish(a, opts, layout, cases, splits, parts, tmp, h5_final, out, totals, s
           f"{n_cases['val']} cases, {opts.size}x{opts.size}, channels {','.join(opts.modalities)}, "
           f"regions {','.join(opts.regions)}")
     if folds:
-        print(f"unet-convert: {fold_summary(folds, volumes, a.folds)}")
+        print(f"unet-convert: {fold_summary(folds, volumes, t.folds)}")
     if skipped:
         print(f"unet-convert: skipped {len(skipped)} bad case(s):", file=sys.stderr)
         for _, why in skipped:

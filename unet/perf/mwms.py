@@ -28,9 +28,10 @@ def _free_ports(n):
     return ports
 
 
-def worker(a) -> int:
+def worker(index: int, workers: int, batch_size: int, size: int, steps: int, warmup: int) -> int:
+    """Worker ``index`` of ``workers``: ``warmup`` untimed and ``steps`` timed steps of ``batch_size`` images."""
     cpus = sorted(os.sched_getaffinity(0))
-    os.sched_setaffinity(0, {cpus[a.index % len(cpus)]})
+    os.sched_setaffinity(0, {cpus[index % len(cpus)]})
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
     import numpy as np
     import tensorflow as tf
@@ -43,10 +44,10 @@ def worker(a) -> int:
     from unet.training.losses import dice_loss
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     with strategy.scope():
-        model = build_unet(a.size, a.size, 1, 1)
+        model = build_unet(size, size, 1, 1)
         opt = keras.optimizers.Adam(0.0005)
-    x, y = SyntheticSource(a.batch_size * a.workers, a.size, 1, 1, 0, "train").read(
-        np.arange(a.batch_size) + a.index * a.batch_size)
+    x, y = SyntheticSource(batch_size * workers, size, 1, 1, 0, "train").read(
+        np.arange(batch_size) + index * batch_size)
     dist = strategy.experimental_distribute_values_from_function(lambda ctx: (tf.constant(x), tf.constant(y)))
 
     @tf.function
@@ -61,17 +62,17 @@ def worker(a) -> int:
             return loss
         return strategy.run(fn, args=(batch,))
 
-    for _ in range(a.warmup):
+    for _ in range(warmup):
         strategy.experimental_local_results(step(dist))[0].numpy()
     ms = []
-    for _ in range(a.steps):
+    for _ in range(steps):
         t = time.perf_counter()
         strategy.experimental_local_results(step(dist))[0].numpy()
         ms.append((time.perf_counter() - t) * 1e3)
-    if a.index == 0:
-        g = a.batch_size * a.workers
+    if index == 0:
+        g = batch_size * workers
         p = np.percentile(ms, [50, 90, 99])
-        print(f"benchmark: mwms workers={a.workers} threads_per_rank=1 global_batch={g} "
+        print(f"benchmark: mwms workers={workers} threads_per_rank=1 global_batch={g} "
               f"img_per_sec={g * 1e3 / np.mean(ms):.2f} p50_ms={p[0]:.1f} p90_ms={p[1]:.1f} p99_ms={p[2]:.1f}",
               flush=True)
     return 0
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
     ap.add_argument("--index", type=int, default=-1, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.index >= 0:
-        return worker(a)
+        return worker(a.index, a.workers, a.batch_size, a.size, a.steps, a.warmup)
     ports = _free_ports(a.workers)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     procs = []
