@@ -25,6 +25,25 @@ from unet.modelfolder import META, ModelError, locate, read_meta
 FILE_ENGINE = {".keras": "tensorflow", ".xml": "openvino", ".onnx": "onnxruntime"}
 
 
+def preprocessing_of(attrs: dict, meta_path: str) -> tuple[str, str, int]:
+    """(normalisation, in-plane mode, crop margin) the training file was made with, from model.json's
+    ``data.attrs``: never a default, a ModelError naming the file when one is missing or unknown."""
+    for key, known in (("normalisation", (P.NORMALISATION,)), ("inplane", P.INPLANE_MODES)):
+        if key not in attrs:
+            raise ModelError(f"{meta_path}: data.attrs.{key} missing (the training data's preprocessing "
+                             f"is unknown; unet-predict needs a model trained on a unet-convert HDF5 file)")
+        if attrs[key] not in known:
+            raise ModelError(f"{meta_path}: data.attrs.{key} {attrs[key]!r} is not implemented "
+                             f"(known: {', '.join(map(repr, known))})")
+    margin = P.CROP_MARGIN
+    if attrs["inplane"] == "crop_resize":   # the head box's margin, as the file was converted
+        margin = attrs.get("crop_margin")
+        if not isinstance(margin, int) or isinstance(margin, bool) or margin < 0:
+            raise ModelError(f"{meta_path}: data.attrs.crop_margin {margin!r}: crop_resize needs the head "
+                             f"box's margin in voxels, an integer >= 0 (unet-convert records it)")
+    return attrs["normalisation"], attrs["inplane"], margin
+
+
 class Predictor:
     """A trained network behind one inference engine (``unet.inference.engines``), with the preprocessing its
     model.json records and the same pre- and post-processing whatever the engine."""
@@ -40,23 +59,7 @@ class Predictor:
         self.modalities = tuple(d["modalities"])
         self.regions = tuple(d["region_names"])
         self.size = int(d["height"])
-        # the preprocessing the training file was made with, never a default
-        attrs = d.get("attrs") or {}
-        for key, known in (("normalisation", (P.NORMALISATION,)), ("inplane", P.INPLANE_MODES)):
-            if key not in attrs:
-                raise ModelError(f"{meta_path}: data.attrs.{key} missing (the training data's preprocessing "
-                                 f"is unknown; unet-predict needs a model trained on a unet-convert HDF5 file)")
-            if attrs[key] not in known:
-                raise ModelError(f"{meta_path}: data.attrs.{key} {attrs[key]!r} is not implemented "
-                                 f"(known: {', '.join(map(repr, known))})")
-        self.normalisation, self.inplane = attrs["normalisation"], attrs["inplane"]
-        self.crop_margin = P.CROP_MARGIN
-        if self.inplane == "crop_resize":   # the head box's margin, as the file was converted
-            margin = attrs.get("crop_margin")
-            if not isinstance(margin, int) or isinstance(margin, bool) or margin < 0:
-                raise ModelError(f"{meta_path}: data.attrs.crop_margin {margin!r}: crop_resize needs the head "
-                                 f"box's margin in voxels, an integer >= 0 (unet-convert records it)")
-            self.crop_margin = margin
+        self.normalisation, self.inplane, self.crop_margin = preprocessing_of(d.get("attrs") or {}, meta_path)
         # --model naming the int8 IR itself is --int8
         int8 = int8 or (named == "openvino" and os.path.abspath(model_path) ==
                         os.path.abspath(E.model_file("openvino", folder, self.meta, int8=True)))

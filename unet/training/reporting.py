@@ -131,6 +131,36 @@ class Board:
         self.validation.close()
 
 
+def start_lines(opts: LogOptions, info, size: int, global_batch: int, steps_per_epoch: int, logdir: str) -> list:
+    """The lines rank 0 prints before the first step: the run's shape, its data, its logdir."""
+    return [f"training: ranks={size} batch_size/rank={opts.batch_size} global_batch={global_batch} "
+            f"steps/epoch={steps_per_epoch} epochs={opts.epochs} input {info.height}x{info.width}x{info.channels} "
+            f"({','.join(info.modalities)}) regions {','.join(info.region_names)}",
+            f"data: {opts.data or 'synthetic (in memory)'}", f"logdir: {logdir}"]
+
+
+class EpochBar:
+    """tqdm's bar over an epoch's steps on a terminal (loss and the first region's Dice beside it)."""
+    def __init__(self, steps_per_epoch: int, epochs: int):
+        self.steps, self.epochs, self.bar = steps_per_epoch, epochs, None
+
+    def start(self, epoch: int) -> None:
+        self.close()
+        from tqdm import tqdm
+        self.bar = tqdm(total=self.steps, desc=f"epoch {epoch + 1}/{self.epochs}", unit="step",
+                        disable=not sys.stderr.isatty(), leave=False)
+
+    def step(self, loss: float, dice: float) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.3f}", dice=f"{dice:.3f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 class Rank0Reporter(Reporter):
     def __init__(self, opts: LogOptions, info, size: int, global_batch: int, steps_per_epoch: int):
         self.opts, self.regions, self.steps_per_epoch = opts, info.region_names, steps_per_epoch
@@ -138,14 +168,10 @@ class Rank0Reporter(Reporter):
         os.makedirs(self.logdir, exist_ok=True)
         self.board = Board(self.logdir, self.regions)
         self.log = open(os.path.join(self.logdir, "training.log"), "a", buffering=1)
-        self.bar, self.last_rate = None, 0.0
+        self.bar, self.last_rate = EpochBar(steps_per_epoch, opts.epochs), 0.0
         self.t_window, self.n_window = time.perf_counter(), 0
-        print(f"training: ranks={size} batch_size/rank={opts.batch_size} "
-              f"global_batch={global_batch} steps/epoch={steps_per_epoch} epochs={opts.epochs} "
-              f"input {info.height}x{info.width}x{info.channels} ({','.join(info.modalities)}) "
-              f"regions {','.join(info.region_names)}", flush=True)
-        print(f"data: {opts.data or 'synthetic (in memory)'}", flush=True)
-        print(f"logdir: {self.logdir}", flush=True)
+        for line in start_lines(opts, info, size, global_batch, steps_per_epoch, self.logdir):
+            print(line, flush=True)
 
     def _say(self, line: str) -> None:
         print(line, flush=True)
@@ -159,20 +185,14 @@ class Rank0Reporter(Reporter):
         self._say(f"resumed from step {step} ({path})")
 
     def epoch_start(self, epoch: int) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        from tqdm import tqdm
-        self.bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.opts.epochs}",
-                        unit="step", disable=not sys.stderr.isatty(), leave=False)
+        self.bar.start(epoch)
 
     def want_images(self, step: int) -> bool:
         return step % self.opts.image_every == 0
 
     def step(self, step: int, epoch: int, images: int, loss: float, dice: np.ndarray, lr: float) -> None:
         self.n_window += images
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.3f}", dice=f"{float(dice[0]):.3f}")
+        self.bar.step(loss, float(dice[0]))
         if step % self.opts.log_every:
             return
         now = time.perf_counter()
@@ -187,9 +207,7 @@ class Rank0Reporter(Reporter):
 
     def epoch_end(self, epoch: int, step: int, model, val: dict | None, checkpoint: str | None,
                   best: bool) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+        self.bar.close()
         self.board.weights(step, model)
         msg = f"epoch {epoch + 1}/{self.opts.epochs} step {step} img/s {self.last_rate:.2f}"
         if val:
