@@ -68,9 +68,9 @@ class DataOptions:
 
     @classmethod
     def from_flags(cls, args) -> "DataOptions":
-        """From parsed flags (an argparse Namespace or anything with these attributes; missing ones keep the
-        defaults above)."""
-        return cls(**{k: getattr(args, k) for k in cls.__dataclass_fields__ if hasattr(args, k)})
+        """From parsed flags: every field from the flag of its name (as ``EvalOptions.from_flags``: a flag
+        missing from the parser is an AttributeError here, not a silent default)."""
+        return cls(**{k: getattr(args, k) for k in cls.__dataclass_fields__})
 
 
 @dataclass
