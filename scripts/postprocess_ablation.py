@@ -29,9 +29,12 @@ RAW = dict(head_mask=False, wt_components="all", et_min_mm3=0.0)
 SETTINGS = {   # name -> PostOptions fields (TTA is a separate column)
     "raw": RAW,
     "default": {},
+    "wt largest component only": dict(wt_components="largest"),
     "wt all components": dict(wt_components="all"),
     "wt components >= 500 mm3": dict(wt_components="volume", min_component_mm3=500.0),
+    "wt components >= 1000 mm3": dict(wt_components="volume", min_component_mm3=1000.0),
     "wt components >= 2000 mm3": dict(wt_components="volume", min_component_mm3=2000.0),
+    "wt components >= 4000 mm3": dict(wt_components="volume", min_component_mm3=4000.0),
     "wt components >= 500 mm3, no ET rule": dict(wt_components="volume", min_component_mm3=500.0, et_min_mm3=0.0),
     "wt components >= 500 mm3, threshold 0.4": dict(wt_components="volume", min_component_mm3=500.0,
                                                     threshold=0.4),

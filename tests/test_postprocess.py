@@ -80,11 +80,30 @@ def test_small_whole_tumour_components_are_dropped_with_their_core():
 def test_keep_largest_keeps_one_component():
     p = _probs()
     _cube(p, 2, 2, 2, 10, (0.9, 0.0, 0.0))
-    _cube(p, 10, 25, 25, 9, (0.9, 0.0, 0.0))   # 729 voxels, over the 500 mm3 volume limit
-    m = postprocess(p, None, REGIONS, (1, 1, 1), PostOptions(et_min_mm3=0))     # the default
+    _cube(p, 10, 25, 25, 9, (0.9, 0.0, 0.0))   # 729 voxels
+    m = postprocess(p, None, REGIONS, (1, 1, 1), PostOptions(wt_components="largest", et_min_mm3=0))
     assert m[..., 0].sum() == 1000
-    both = postprocess(p, None, REGIONS, (1, 1, 1), PostOptions(wt_components="volume", et_min_mm3=0))
+    both = postprocess(p, None, REGIONS, (1, 1, 1),
+                       PostOptions(wt_components="volume", min_component_mm3=500, et_min_mm3=0))
     assert both[..., 0].sum() == 1729
+
+
+def test_the_default_keeps_a_second_focus_of_2_ml_and_drops_a_smaller_one():
+    p = _probs((30, 40, 40))
+    _cube(p, 0, 0, 0, 14, (0.9, 0.0, 0.0))     # 2744 mm3 at 1 mm: the largest
+    _cube(p, 16, 0, 0, 13, (0.9, 0.0, 0.0))    # 2197 mm3: a second focus over 2000 mm3, kept
+    _cube(p, 16, 26, 26, 12, (0.9, 0.0, 0.0))  # 1728 mm3: under it, dropped
+    assert PostOptions().wt_components == "volume" and PostOptions().min_component_mm3 == 2000.0
+    m = postprocess(p, None, REGIONS, (1, 1, 1), PostOptions(et_min_mm3=0))
+    assert m[..., 0].sum() == 2744 + 2197
+
+
+def test_volume_rule_never_drops_the_largest_component():
+    p = _probs()
+    _cube(p, 2, 2, 2, 5, (0.9, 0.9, 0.0))      # 125 mm3, the whole predicted tumour
+    _cube(p, 15, 30, 30, 2, (0.9, 0.0, 0.0))   # 8 mm3
+    m = postprocess(p, None, REGIONS, (1, 1, 1), PostOptions(wt_components="volume", et_min_mm3=0))
+    assert m[..., 0].sum() == 125 and m[..., 1].sum() == 125
 
 
 def test_small_enhancing_tumour_becomes_necrosis():

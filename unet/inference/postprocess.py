@@ -7,9 +7,10 @@ Used alike by unet-predict and unet-evaluate --model, so what is scored is what 
 2. threshold the probabilities (``--threshold``);
 3. nesting: TC inside WT, ET inside TC (BraTS regions are nested by definition);
 4. whole-tumour clean-up of the 3-D connected components of WT (26-connectivity),
-   ``--wt_components``: keep the largest (the default), keep those of at least
-   ``--min_component_mm3`` (``volume``), or keep all; the TC and ET voxels inside a dropped
-   component go with it;
+   ``--wt_components``: keep the largest and every other of at least ``--min_component_mm3``
+   (``volume``, the default: a second tumour focus stays, a stray speck goes, and a case's largest
+   component is never dropped however small), keep the largest only, or keep all; the TC and ET
+   voxels inside a dropped component go with it;
 5. the BraTS enhancing-tumour rule: a predicted ET smaller than ``--et_min_mm3`` in all is
    relabelled necrosis (it stays in TC, leaves ET), since a few enhancing voxels are far more
    often a false positive than a real small enhancing tumour and an ET-free case scores
@@ -29,10 +30,11 @@ from scipy import ndimage
 
 from unet.errors import UsageError
 
-# defaults measured on the demo's validation cases (docs/TRAINING.md, "Post-processing")
+# defaults chosen on tuning cases no demo model trains on or is scored on (docs/TRAINING.md, "Post-processing")
 DEFAULT_THRESHOLD = 0.5
 WT_COMPONENTS = ("largest", "volume", "all")
-DEFAULT_MIN_COMPONENT_MM3 = 500.0
+DEFAULT_WT_COMPONENTS = "volume"
+DEFAULT_MIN_COMPONENT_MM3 = 2000.0
 DEFAULT_ET_MIN_MM3 = 200.0
 
 
@@ -44,7 +46,7 @@ class PostError(UsageError, ValueError):
 class PostOptions:
     head_mask: bool = True
     threshold: float = DEFAULT_THRESHOLD
-    wt_components: str = "largest"
+    wt_components: str = DEFAULT_WT_COMPONENTS
     min_component_mm3: float = DEFAULT_MIN_COMPONENT_MM3
     et_min_mm3: float = DEFAULT_ET_MIN_MM3
     tta: bool = False
@@ -59,11 +61,12 @@ def add_flags(p: argparse.ArgumentParser) -> None:
                    help="keep predictions where every modality is zero (outside the head)")
     g.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                    help="probability above which a voxel belongs to a region")
-    g.add_argument("--wt_components", choices=WT_COMPONENTS, default="largest",
-                   help="whole-tumour connected components kept: the largest, those of at least "
-                        "--min_component_mm3 (volume), or all")
+    g.add_argument("--wt_components", choices=WT_COMPONENTS, default=DEFAULT_WT_COMPONENTS,
+                   help="whole-tumour connected components kept: volume: the largest and every other of at "
+                        "least --min_component_mm3 (a second focus stays); largest: that one only; all")
     g.add_argument("--min_component_mm3", type=float, default=DEFAULT_MIN_COMPONENT_MM3,
-                   help="--wt_components volume: drop whole-tumour components smaller than this (mm3)")
+                   help="--wt_components volume: drop whole-tumour components smaller than this (mm3), "
+                        "except the largest")
     g.add_argument("--et_min_mm3", type=float, default=DEFAULT_ET_MIN_MM3,
                    help="a predicted enhancing tumour smaller than this in all (mm3) becomes necrosis "
                         "(stays tumour core); 0 = off")
@@ -91,17 +94,16 @@ def nest(masks: np.ndarray, regions) -> np.ndarray:
 
 
 def components_to_keep(mask: np.ndarray, min_voxels: float, keep_largest: bool) -> np.ndarray:
-    """The part of a 3-D boolean mask whose 26-connected components survive the clean-up:
-    the largest one, or those of at least ``min_voxels``."""
+    """The part of a 3-D boolean mask whose 26-connected components survive the clean-up: the largest
+    one (``keep_largest``), or the largest and every other of at least ``min_voxels``."""
     if not mask.any() or (min_voxels <= 0 and not keep_largest):
         return mask
     lab, n = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, bool))
     sizes = np.bincount(lab.ravel())[1:]
     keep = np.zeros(n + 1, bool)
-    if keep_largest:
-        keep[1 + int(np.argmax(sizes))] = True
-    else:
+    if not keep_largest:
         keep[1:] = sizes >= min_voxels
+    keep[1 + int(np.argmax(sizes))] = True    # a case's tumour is never removed whole
     return keep[lab]
 
 
