@@ -217,26 +217,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 @dataclass(frozen=True)
 class ModelOptions:
-    """The network and its loss (recorded in model.json)."""
-    use_upsampling: bool = False
-    norm: str = "none"
-    dropout: float = 0.0
-    activation: str = "relu"
-    head_bias: str = "prior"
-    loss: str = "region_dice_bce"
-    bce_weight: float = 1.0
-    precision: str = "fp32"
+    """The network and its loss (recorded in model.json); every field from its flag (the defaults are the parser's)."""
+    use_upsampling: bool
+    norm: str
+    dropout: float
+    activation: str
+    head_bias: str
+    loss: str
+    bce_weight: float
+    precision: str
 
 
 @dataclass(frozen=True)
 class ScheduleOptions:
     """The learning rate: the base rate for one worker, its scaling by workers, warmup and decay."""
-    learningrate: float = SEED_LEARNINGRATE
-    lr_scaling: str = "linear"
-    warmup_epochs: float = 1.0
-    decay_steps: int = SEED_DECAY_STEPS
-    lr_fraction: float = SEED_LR_FRACTION
-    const_learningrate: bool = False
+    learningrate: float
+    lr_scaling: str
+    warmup_epochs: float
+    decay_steps: int
+    lr_fraction: float
+    const_learningrate: bool
 
 
 @dataclass(frozen=True)
@@ -254,8 +254,7 @@ class TrainOptions:
     epochs: int
     steps_per_epoch: int                 # 0: the whole training split
     seed: int
-    augment: bool
-    foreground_fraction: float
+    augment: bool                        # the foreground share of a batch is data.foreground_fraction
     clipnorm: float
     validation: bool
     checkpoint_every: int
@@ -290,7 +289,7 @@ def options(a: argparse.Namespace) -> TrainOptions:
                            precision=a.precision) if a.benchmark else None,
         num_threads=a.num_threads, num_inter_threads=a.num_inter_threads, blocktime=a.blocktime,
         batch_size=a.batch_size, epochs=a.epochs, steps_per_epoch=a.steps_per_epoch, seed=a.seed,
-        augment=not a.no_augment, foreground_fraction=a.foreground_fraction, clipnorm=a.clipnorm,
+        augment=not a.no_augment, clipnorm=a.clipnorm,
         validation=not a.no_validation, checkpoint_every=a.checkpoint_every, commit_every=a.commit_every,
         step_timeout=a.step_timeout, keep_checkpoints=a.keep_checkpoints, resume=a.resume, fresh=a.fresh,
         export_formats=tuple(a.export_formats))

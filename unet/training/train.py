@@ -174,7 +174,7 @@ def one_epoch(job: Job, state, reporter, keeper, meta: dict, global_batch: int) 
     ds, _ = pipeline.train_dataset(job.train_src, batch_size=a.batch_size, rank=job.hvd.rank(), size=size,
                                    epoch=epoch, seed=a.seed, cap=a.steps_per_epoch, augment_on=a.augment,
                                    start=state.step_in_epoch, start_sample=state.sample,
-                                   foreground_fraction=a.foreground_fraction)
+                                   foreground_fraction=a.data.foreground_fraction)
     reporter.epoch_start(epoch)
     for x, y in ds:
         lr = lr_at(a.schedule, state.step, size, per_epoch)
