@@ -40,6 +40,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from unet.model import precision_error  # noqa: E402
 from unet.perf import flops, peak  # noqa: E402  (pure modules: no TensorFlow in this process)
 from unet.perf import measure as perf  # noqa: E402
 
@@ -288,6 +289,8 @@ def main(argv=None) -> int:
     ap.add_argument("--convert_only", action="store_true",
                     help="only the converter's peak RSS for 4 and 40 cases (target 5, converter)")
     a = ap.parse_args(argv)
+    if not a.convert_only and precision_error("bf16"):    # target 7 runs bf16: say so now, not after 20 min
+        ap.error(f"target 7 needs bf16 kernels: {precision_error('bf16')}")
     a.steps, a.log_every = (26, 5) if a.quick else (51, 5)
     a.bench_steps = 8 if a.quick else 20
     a.repeats = a.repeats or (1 if a.quick else 3)

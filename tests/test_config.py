@@ -94,3 +94,15 @@ def test_every_flag_reaches_the_typed_options_and_they_are_frozen():
         opts.batch_size = 4
     assert (bench_run.bench.batch_size, bench_run.bench.bench_steps) == (2, 4)
     assert options(parse_args(["--synthetic"])).data_label == "--synthetic data"
+
+
+def test_bf16_is_refused_only_where_onednn_has_no_bf16_convolution(monkeypatch):
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
+    with pytest.raises(UsageError, match="--precision bf16: ONEDNN_MAX_CPU_ISA=AVX2 holds oneDNN"):
+        parse_args(["--synthetic", "--precision", "bf16"])
+    assert parse_args(["--synthetic"]).precision == "fp32"
+    for isa in ("AVX512_CORE", "AVX512_CORE_AMX", "AVX2_VNNI_2"):
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa)
+        assert parse_args(["--synthetic", "--precision", "bf16"]).precision == "bf16"
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    assert parse_args(["--synthetic", "--precision", "bf16"]).precision == "bf16"

@@ -5,7 +5,7 @@ import re
 
 import numpy as np
 import pytest
-from conftest import ROOT, run_mpi, train_args
+from conftest import ROOT, mpi_env, run_mpi, train_args
 from h5fixture import write_h5
 
 from unet.distributed.ranks import physical_cores
@@ -106,6 +106,18 @@ def test_bad_flag_value_is_one_line_from_rank0(tmp_path):
     p = run_mpi(2, [os.path.join(ROOT, "train_hvd.py"), "--synthetic", "--batch_size", "0"])
     assert p.returncode != 0
     assert p.stderr.count("--batch_size must be >= 1 (got 0)") == 1
+
+
+def test_bf16_under_an_avx2_cap_is_one_line_before_tensorflow_starts(tmp_path):
+    """oneDNN held to AVX2 has no bf16 convolution: without the check the first step fails deep in oneDNN."""
+    env = dict(mpi_env(), ONEDNN_MAX_CPU_ISA="avx2")
+    p = run_mpi(2, [os.path.join(ROOT, "train_hvd.py"), "--synthetic", "--precision", "bf16", "--logdir",
+                    str(tmp_path / "logs")], env=env)
+    assert p.returncode == 2
+    errors = [l for l in p.stderr.splitlines() if l.startswith("train_hvd.py: error:")]
+    assert errors == ["train_hvd.py: error: --precision bf16: ONEDNN_MAX_CPU_ISA=AVX2 holds oneDNN to kernels "
+                      "without bf16 convolutions (its first step would fail); unset it or use --precision fp32"]
+    assert not (tmp_path / "logs").exists()
 
 
 def test_batch_larger_than_a_shard_is_refused_before_training(tmp_path):

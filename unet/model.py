@@ -18,15 +18,29 @@ sigmoid head in float32, so the output, losses and metrics stay float32.
 """
 from __future__ import annotations
 
+import os
+
 FILTERS = (32, 64, 128, 256)
 NORMS = ("none", "group", "instance")  # --norm: what follows each 3x3 convolution before its ReLU
 GROUPS = 8  # --norm group: channels per group = filters / 8 (Wu & He, "Group Normalization", 2018)
 BOTTLENECK = 512
 DROPOUT_LEVELS = (3, 4)  # 1-based encoder levels with dropout, as in the seed
 PRECISIONS = {"fp32": "float32", "bf16": "mixed_bfloat16"}  # flag value -> Keras dtype policy
+# ONEDNN_MAX_CPU_ISA values that leave oneDNN no bf16 convolution (its bf16 kernels start at AVX2_VNNI_2 and
+# AVX512_CORE), while TensorFlow, reading the CPU's own flags, still hands it bf16 convolutions
+NO_BF16_ISAS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI")
 ACTIVATIONS = ("relu", "leaky_relu")
 LEAKY_SLOPE = 0.01
 PRIOR_FLOOR = 1e-5   # a region absent from the training masks gets the bias of this share, not -inf
+
+
+def precision_error(precision: str, env=None) -> str | None:
+    """Why ``--precision`` cannot run here, in one line (None when it can)."""
+    isa = (os.environ if env is None else env).get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    if precision == "bf16" and isa in NO_BF16_ISAS:
+        return (f"--precision bf16: ONEDNN_MAX_CPU_ISA={isa} holds oneDNN to kernels without bf16 convolutions "
+                f"(its first step would fail); unset it or use --precision fp32")
+    return None
 
 
 def prior_bias(share) -> list[float]:

@@ -14,6 +14,7 @@ from unet.cli import add_threads_flag, threads_error
 from unet.data.pipeline import foreground_per_batch
 from unet.data.sources import DEFAULT_DATA, DataOptions
 from unet.errors import UsageError
+from unet.model import precision_error
 from unet.modelfolder import EXPORT_FORMATS, export_missing
 from unet.training.benchmark import BenchOptions
 from unet.training.reporting import LogOptions
@@ -175,6 +176,7 @@ def validate(a: argparse.Namespace) -> argparse.Namespace:
     need(a.foreground_fraction == 0 or foreground_per_batch(a.foreground_fraction, a.batch_size) >= 1,
          f"--foreground_fraction {a.foreground_fraction} x --batch_size {a.batch_size} rounds to no tumour "
          f"slice per batch (round(F x B) must be >= 1)")
+    need(not precision_error(a.precision), precision_error(a.precision))
     need(not threads_error(a.num_threads), threads_error(a.num_threads))
     need(a.num_inter_threads >= 1, f"--num_inter_threads must be >= 1 (got {a.num_inter_threads})")
     need(a.blocktime >= 0, f"--blocktime must be >= 0 (got {a.blocktime})")
