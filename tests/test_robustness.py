@@ -1,0 +1,58 @@
+"""The pieces of scripts/robustness.py that decide its verdicts: the cells it runs, their command lines,
+the validation history read back from a training.log, what counts as collapsed and the seeds' spread."""
+import importlib.util
+import os
+from types import SimpleNamespace
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location("robustness", os.path.join(ROOT, "scripts", "robustness.py"))
+rb = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(rb)
+
+
+def test_grid_holds_every_batch_and_rate_the_default_cells_seeds_and_the_flag_defaults():
+    names = [c["name"] for c in rb.cells()]
+    assert names[:9] == [f"b{b}_lr{r}" for b in (2, 4, 8) for r in ("1e-4", "2e-4", "4e-4")]
+    assert names[9:] == ["b4_lr4e-4_seed1", "b4_lr4e-4_seed2", "defaults"]
+
+
+def test_grid_cells_run_the_demos_flags_and_the_defaults_cell_none():
+    a = SimpleNamespace(out="/o", np=2, preload="", trainer="t.py", data="d.h5", epochs=3, flags=rb.DEMO_FLAGS)
+    by_name = {c["name"]: c for c in rb.cells()}
+    cmd = rb.cell_command(by_name["b2_lr1e-4"], a)
+    assert cmd[:4] == ["mpirun", "-np", "2", "--oversubscribe"]
+    i = cmd.index("--batch_size")
+    assert cmd[i:i + 8] == ["--batch_size", "2", "--learningrate", "0.0001", "--epochs", "3", "--seed", "816"]
+    assert cmd[i + 8:i + 10] == ["--bce_weight", "2"]
+    assert "--bce_weight" not in rb.cell_command(by_name["defaults"], a)
+    # the demo passes the same flags
+    with open(os.path.join(ROOT, "scripts", "demo.sh")) as fh:
+        assert rb.DEMO_FLAGS in fh.read()
+
+
+def test_validation_history_takes_the_last_line_of_a_resumed_epoch(tmp_path):
+    log = tmp_path / "training.log"
+    log.write_text("step 10 loss 0.9\n"
+                   "validation epoch 1 step 56 loss 0.51000 dice_WT 0.400 dice_TC 0.300 dice_ET 0.200\n"
+                   "validation epoch 2 step 112 loss 0.41000 dice_WT 0.600 dice_TC 0.500 dice_ET 0.050\n"
+                   "validation epoch 2 step 112 loss 0.40000 dice_WT 0.610 dice_TC 0.520 dice_ET 0.150\n")
+    history = rb.validation_history(str(log))
+    assert history == [[0.4, 0.3, 0.2], [0.61, 0.52, 0.15]]
+    assert not rb.collapsed(history[-1])
+    assert rb.collapsed([0.61, 0.52, 0.099]) and rb.collapsed([0.499, 0.9, 0.9])
+
+
+def result(name, seed, finals):
+    return dict(name=name, batch=4, rate=4e-4, seed=seed, validation=finals, final=finals[-1],
+                collapsed=rb.collapsed(finals[-1]), wall_s=1.0)
+
+
+def test_seed_spread_is_the_largest_regions_range_over_all_seeds():
+    assert abs(rb.seed_spread([[0.9, 0.8, 0.7], [0.92, 0.79, 0.69], [0.91, 0.83, 0.7]]) - 0.04) < 1e-12
+    near = [result("b4_lr4e-4", 816, [[0.93, 0.92, 0.87]]), result("b4_lr4e-4_seed1", 1, [[0.94, 0.91, 0.86]]),
+            result("b4_lr4e-4_seed2", 2, [[0.92, 0.93, 0.88]])]
+    text = rb.table(near)
+    assert "seeds 816, 1, 2: largest difference 0.020 (within 0.03)" in text
+    assert "collapsed: 0 of 3 cells" in text
+    far = near[:2] + [result("b4_lr4e-4_seed2", 2, [[0.88, 0.93, 0.88]])]
+    assert "largest difference 0.060 (beyond 0.03)" in rb.table(far)
