@@ -37,15 +37,14 @@ SYNTH_TEST=("$PY" -m unet.data.synth --out "$OUT/test" --cases "$TEST" --seed 1 
 CONVERT=("$PY" -m unet.data.convert --input "$OUT/cases" --output "$OUT/brats.h5" --size 128 --workers 2
          --slices tumour --inplane crop_resize)
 # batch 4 per rank (global 8), rate 0.0004 (0.0008 after the 1-epoch warmup on 2 ranks): the best cell of
-# the robustness grid on the training cases' validation split (scripts/robustness.py, docs/TRAINING.md);
-# --bce_weight 2: twice the cross-entropy beside the regions' Dice, fewer false positives on tumour-free
-# slices, so that the result does not hang on the seed (scripts/robustness.py's DEMO_FLAGS, docs/TRAINING.md)
+# the robustness grid on the training cases' validation split (scripts/robustness.py, docs/TRAINING.md; its
+# DEMO_FLAGS are the training flags given here besides batch, rate and epochs: none)
 # each rank preloads tcmalloc (scripts/setup.sh installs it): 1.57x the img/s of glibc's malloc on the AVX2 machines
 # (docs/PERFORMANCE.md); your own LD_PRELOAD, or UNET_MALLOC=system, is kept instead
 MALLOC=()
 [[ -z "${LD_PRELOAD:-}" && "${UNET_MALLOC:-tcmalloc}" != system ]] && MALLOC=(-x LD_PRELOAD=libtcmalloc_minimal.so.4)
 TRAIN=(mpirun -np 2 --oversubscribe "${MALLOC[@]}" "$PY" "$ROOT/train_hvd.py" --data "$OUT/brats.h5" --batch_size 4 --learningrate 0.0004
-       --bce_weight 2 --epochs "$EPOCHS" --log_every 10 --logdir "$OUT/logs" "${EXTRA[@]}")
+       --epochs "$EPOCHS" --log_every 10 --logdir "$OUT/logs" "${EXTRA[@]}")
 # --tta: mirrored slices too (4x the inference; TC Dice 0.61 -> 0.70 on the demo, docs/TRAINING.md);
 # --metrics all: the BraTS 2017-22 volume-level figures and the lesion-wise ones of brats-evaluation
 EVAL=(mpirun -np 2 --oversubscribe "$PY" -m unet.evaluation.evaluate --model "$OUT/logs" --cases "$OUT/test"
