@@ -35,6 +35,8 @@ def test_data_defaults_to_data_brats_h5_unless_synthetic():
     (["--synthetic", "--clipnorm", "-0.5"], "--clipnorm"),
     (["--synthetic", "--foreground_fraction", "1.5"], "--foreground_fraction"),
     (["--synthetic", "--foreground_fraction", "-0.1"], "--foreground_fraction"),
+    (["--synthetic", "--background_fraction", "1.1"], "--background_fraction"),
+    (["--synthetic", "--background_fraction", "-0.5"], "--background_fraction"),
     (["--synthetic", "--foreground_fraction", "0.1", "--batch_size", "4"],
      "--foreground_fraction 0.1 x --batch_size 4"),
 ])

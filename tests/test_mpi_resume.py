@@ -20,22 +20,33 @@ def weights(path):
         return [z[k] for k in sorted(z.files) if k[0] == "m" and k[1:].isdigit()]
 
 
-def run_args(logdir, data, oversampled):
-    """train_args, or with ``oversampled`` the same run on an HDF5 file where a third of the 32
-    training slices hold tumour, 2 of every batch of 4 drawn from them."""
-    if not oversampled:
+SAMPLING = {"plain": [], "oversampled": ["--foreground_fraction", "0.5"],
+            "fresh_background": ["--background_fraction", "0.5"]}
+
+
+def run_args(logdir, data, sampling):
+    """train_args, or the same run on an HDF5 file where a third of the 32 training slices hold
+    tumour: ``oversampled``, 2 of every batch of 4 drawn from them; ``fresh_background``, each epoch
+    every tumour slice and half of the others, drawn anew (11 + 11 slices: 3 steps an epoch)."""
+    if sampling == "plain":
         return train_args(logdir, *FLAGS)
     return [os.path.join(ROOT, "train_hvd.py"), "--logdir", logdir, "--data", data, "--batch_size", "4",
-            "--export", "none", "--foreground_fraction", "0.5", *FLAGS]
+            "--export", "none", *SAMPLING[sampling], *FLAGS]
 
 
-@pytest.mark.parametrize("oversampled", [False, True], ids=["plain", "oversampled"])
+def last_step(logdir):
+    return max(int(f[5:13]) for f in os.listdir(os.path.join(logdir, "checkpoints")) if f.startswith("ckpt-"))
+
+
+@pytest.mark.parametrize("oversampled", list(SAMPLING))
 def test_killed_run_resumes_to_the_same_weights(tmp_path, oversampled):
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
     data = write_h5(str(tmp_path / "d.h5"), n_train=32, tumour_every=3)
     p = run_mpi(2, run_args(full, data, oversampled))
     assert p.returncode == 0, p.stderr[-2000:]
     assert "resumed" not in p.stdout
+    end = last_step(full)
+    assert end == {"fresh_background": 6}.get(oversampled, 8)          # 2 epochs of 4 (or 3) steps
 
     cmd = ["mpirun", "-np", "2", "--oversubscribe", sys.executable, *run_args(cut, data, oversampled)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=mpi_env(),
@@ -48,14 +59,14 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, oversampled):
     proc.wait(timeout=60)
     assert os.path.exists(first)
     done = sorted(os.listdir(os.path.join(cut, "checkpoints")))
-    assert "ckpt-00000008.npz" not in done, "killed too late to test anything"
+    assert f"ckpt-{end:08d}.npz" not in done, "killed too late to test anything"
 
     again = run_mpi(2, run_args(cut, data, oversampled))       # the same command again
     assert again.returncode == 0, again.stderr[-2000:]
     resumed = [l for l in again.stdout.splitlines() if l.startswith("resumed from step ")]
-    assert len(resumed) == 1 and int(resumed[0].split()[3]) in (2, 4, 6)
-    a = weights(os.path.join(full, "checkpoints", "ckpt-00000008.npz"))
-    b = weights(os.path.join(cut, "checkpoints", "ckpt-00000008.npz"))
+    assert len(resumed) == 1 and 2 <= int(resumed[0].split()[3]) < end    # an every-2 or an epoch-end one
+    a = weights(os.path.join(full, "checkpoints", f"ckpt-{end:08d}.npz"))
+    b = weights(os.path.join(cut, "checkpoints", f"ckpt-{end:08d}.npz"))
     for x, y in zip(a, b):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 

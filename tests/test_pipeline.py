@@ -235,3 +235,56 @@ def test_training_dataset_oversamples_and_resumes_to_the_same_batches(tmp_path):
     for r in range(2):             # resumed after step 1: the same images, augmented alike
         rest = [tuple(np.asarray(t) for t in xy) for xy in train_dataset(src, rank=r, start=1, **kw)[0]]
         assert len(rest) == 2 and all(np.array_equal(a, b) for p, q in zip(full[r][1:], rest) for a, b in zip(p, q))
+
+
+# ---- tumour-free slices drawn anew each epoch (--background_fraction) ----
+
+def test_an_epoch_holds_every_tumour_slice_and_round_f_of_the_others_drawn_per_epoch():
+    from unet.data.pipeline import background_count, epoch_length, epoch_members
+    n, tumour = 100, np.arange(3, 100, 7)                       # 14 tumour slices, 86 without
+    assert [background_count(86, f) for f in (0, 0.1, 0.25, 0.5, 1)] == [0, 9, 22, 43, 86]
+    draws = [epoch_members(n, tumour, 0.1, e, 4) for e in range(4)]
+    for m in draws:
+        assert len(m) == epoch_length(n, 14, 0.1) == 14 + 9 and len(set(m.tolist())) == len(m)
+        assert np.isin(tumour, m).all() and np.all(np.diff(m) > 0) and m.min() >= 0 and m.max() < n
+    free = [set(m.tolist()) - set(tumour.tolist()) for m in draws]
+    assert len(set.union(*free)) > 9                            # other tumour-free slices in other epochs
+    assert np.array_equal(draws[2], epoch_members(n, tumour, 0.1, 2, 4))      # a function of (seed, epoch)
+    assert not np.array_equal(draws[2], epoch_members(n, tumour, 0.1, 2, 5))
+    assert epoch_length(n, 14, 1.0) == n and epoch_members(n, tumour, 0, 0, 0).tolist() == tumour.tolist()
+
+
+def test_an_epoch_of_members_is_shared_out_like_a_file_of_them_and_resumes():
+    from unet.data.pipeline import epoch_members
+    n, b, size, tumour = 100, 3, 2, np.arange(0, 100, 4)
+    m = epoch_members(n, tumour, 0.2, 1, 7)                     # 25 + 15 = 40 samples: 7 global batches of 6
+    per_rank = [rank_batches(n, b, r, size, 1, 7, members=m) for r in range(size)]
+    assert [len(p) for p in per_rank] == [steps_per_epoch(len(m), b * size)] * 2 == [7, 7]
+    seen = np.concatenate([per_rank[r][t] for t in range(7) for r in range(size)])
+    assert np.array_equal(seen[:40], m[epoch_order(40, 1, 7)])             # each member once, in the epoch's order
+    assert sorted(seen[:40].tolist()) == m.tolist() and np.isin(seen[40:], m).all()   # the top-up from the start
+    later = [rank_batches(n, b, r, size, 1, 7, start_sample=12, members=m) for r in range(size)]
+    assert all(np.array_equal(x, y) for r in range(size) for x, y in zip(per_rank[r][2:], later[r]))
+    # with oversampling: the last k of each batch still from the tumour slices, the rest from the members
+    over = [rank_batches(n, 4, r, size, 1, 7, foreground=tumour, k=1, members=m) for r in range(size)]
+    assert all(np.isin(idx[-1:], tumour).all() and np.isin(idx, m).all() for p in over for idx in p)
+    with pytest.raises(ValueError):
+        rank_batches(n, b, 0, size, 1, 7, members=np.zeros(0, int))
+
+
+@pytest.mark.needs_stack
+def test_training_dataset_draws_the_tumour_free_slices_of_each_epoch(tmp_path):
+    from unet.data.pipeline import train_dataset
+    from unet.data.sources import H5Source
+    src = H5Source(h5_with_empty_slices(str(tmp_path / "d.h5"), n_train=60), "train")   # 20 tumour, 40 free
+    kw = dict(batch_size=2, rank=0, size=1, seed=3, augment_on=False, background_fraction=0.25)
+    empty = []
+    for epoch in (0, 1):
+        ds, steps = train_dataset(src, epoch=epoch, **kw)
+        ys = [np.asarray(y) for _, y in ds]
+        assert steps == len(ys) == 15                              # (20 + 10) / 2
+        has = [bool(y[i].any()) for y in ys for i in range(2)]
+        assert sum(has) == 20 and has.count(False) == 10
+        empty.append({np.asarray(x)[i].tobytes() for (x, y) in train_dataset(src, epoch=epoch, **kw)[0]
+                      for i in range(2) if not np.asarray(y)[i].any()})
+    assert empty[0] != empty[1]                                    # other tumour-free slices in epoch 1

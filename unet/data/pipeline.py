@@ -23,6 +23,15 @@ position's place in its rank's batch is position mod B, so every rank's batch ho
 exactly k of them, resume and resizing keep working as above, and an epoch has the
 same steps as without oversampling (it then reaches only the first (1 - k/B) of its
 permutation of all slices: each epoch a different part).
+
+Tumour-free slices drawn anew each epoch (``--background_fraction F`` < 1): an epoch's
+permutation runs over its members, every slice that holds tumour and round(F x the
+tumour-free ones) of the others, drawn from (seed, epoch), instead of over the whole file.
+On a file of every brain slice, F = 0.1 gives each epoch the batch mix of ``unet-convert
+--slices tumour`` (which keeps a tenth of the tumour-free slices, the same tenth in every
+epoch) with other tumour-free slices each epoch. The members depend on (seed, epoch) only,
+so all ranks draw the same ones, and the rules above (equal steps, resume at a sample,
+oversampling's places) hold over an epoch's members as over a whole file.
 """
 from __future__ import annotations
 
@@ -50,13 +59,35 @@ def foreground_per_batch(fraction: float, batch_size: int) -> int:
     return int(math.floor(fraction * batch_size + 0.5))
 
 
+def background_count(free: int, fraction: float) -> int:
+    """Tumour-free slices an epoch holds with ``--background_fraction``: round(fraction x free), halves up."""
+    return min(free, int(math.floor(fraction * free + 0.5)))
+
+
+def epoch_members(n: int, tumour: np.ndarray, fraction: float, epoch: int, seed: int) -> np.ndarray:
+    """The sorted sample indices ``epoch`` permutes: every index of ``tumour`` and
+    ``background_count`` of the other indices of ``range(n)``, drawn from (seed, epoch)."""
+    tumour = np.asarray(tumour, np.int64)
+    free = np.setdiff1d(np.arange(n, dtype=np.int64), tumour, assume_unique=True)
+    pick = np.random.default_rng([seed, 32452843, epoch]).permutation(len(free))[:background_count(len(free), fraction)]
+    return np.sort(np.concatenate([tumour, free[pick]]))
+
+
+def epoch_length(n: int, n_tumour: int, fraction: float = 1.0) -> int:
+    """Samples an epoch permutes: ``n``, or with ``fraction`` < 1 its members' count (``epoch_members``)."""
+    return n if fraction >= 1 else n_tumour + background_count(n - n_tumour, fraction)
+
+
 def stream(n: int, batch_size: int, epoch: int, seed: int, positions: np.ndarray,
-           foreground: np.ndarray | None = None, k: int = 0) -> np.ndarray:
+           foreground: np.ndarray | None = None, k: int = 0, members: np.ndarray | None = None) -> np.ndarray:
     """The sample at each position (sample count from the epoch's start) of ``epoch``'s stream: the
     epoch's permutation in turn (repeated past its end), or with ``k`` > 0 the last ``k`` places of each
-    ``batch_size`` positions from a permutation of the ``foreground`` indices instead."""
+    ``batch_size`` positions from a permutation of the ``foreground`` indices instead. ``members``: the
+    permutation runs over these indices (``epoch_members``) instead of ``range(n)``."""
     j = np.asarray(positions, np.int64)
-    order = epoch_order(n, epoch, seed)
+    order = epoch_order(n if members is None else len(members), epoch, seed)
+    if members is not None:
+        order, n = np.asarray(members, np.int64)[order], len(members)
     if not k:
         return order[j % n]
     fg = np.asarray(foreground, np.int64)
@@ -68,17 +99,20 @@ def stream(n: int, batch_size: int, epoch: int, seed: int, positions: np.ndarray
 
 def rank_batches(n: int, batch_size: int, rank: int, size: int, epoch: int, seed: int,
                  cap: int = 0, start_sample: int = 0, foreground: np.ndarray | None = None,
-                 k: int = 0) -> list[np.ndarray]:
+                 k: int = 0, members: np.ndarray | None = None) -> list[np.ndarray]:
     """Index arrays this rank reads, one per remaining step of ``epoch`` from ``start_sample``;
-    with ``k`` > 0 the last ``k`` of each are slices among ``foreground`` (tumour oversampling)."""
+    with ``k`` > 0 the last ``k`` of each are slices among ``foreground`` (tumour oversampling);
+    ``members``: the epoch covers these of the ``n`` samples (``epoch_members``), not all."""
     if k and (not 0 < k <= batch_size or foreground is None or not len(foreground)):
         raise ValueError(f"{k} tumour places per batch of {batch_size} need 1..{batch_size} places and tumour slices")
+    if members is not None and not len(members):
+        raise ValueError("an epoch with no member")
     g = batch_size * size
-    total = epoch_samples(n, g, cap)
+    total = epoch_samples(n if members is None else len(members), g, cap)
     steps = max(math.ceil((total - start_sample) / g), 0)
     base = start_sample + rank * batch_size
     pos = base + np.arange(steps)[:, None] * g + np.arange(batch_size)[None, :]
-    return list(stream(n, batch_size, epoch, seed, pos, foreground, k))
+    return list(stream(n, batch_size, epoch, seed, pos, foreground, k, members))
 
 
 def val_shard(n: int, rank: int, size: int) -> np.ndarray:
@@ -130,20 +164,24 @@ class Batches:
 
 def train_dataset(source, *, batch_size: int, rank: int, size: int, epoch: int, seed: int,
                   cap: int = 0, augment_on: bool = True, start: int = 0,
-                  start_sample: int | None = None, foreground_fraction: float = 0.0):
+                  start_sample: int | None = None, foreground_fraction: float = 0.0,
+                  background_fraction: float = 1.0):
     """(``Batches`` of this rank's (images, masks) for the rest of one epoch, their number).
 
     The epoch continues at sample ``start_sample`` (default ``start`` global batches in),
     and ``start`` numbers the first step. Augmentation draws from a generator seeded by
     (seed, epoch, rank, step), so a run resumed mid-epoch sees exactly the batches an
     uninterrupted run would. ``foreground_fraction`` > 0: round(F x batch_size) of each batch
-    are slices with tumour (``source.tumour_slices()``).
+    are slices with tumour (``source.tumour_slices()``); ``background_fraction`` < 1: the epoch
+    covers the tumour slices and that share of the others, drawn for this epoch (``epoch_members``).
     """
     if start_sample is None:
         start_sample = start * batch_size * size
     k = foreground_per_batch(foreground_fraction, batch_size)
+    members = (epoch_members(len(source), source.tumour_slices(), background_fraction, epoch, seed)
+               if background_fraction < 1 else None)
     batches = rank_batches(len(source), batch_size, rank, size, epoch, seed, cap, start_sample,
-                           source.tumour_slices() if k else None, k)
+                           source.tumour_slices() if k else None, k, members)
 
     def gen():
         for i, idx in enumerate(batches):

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from unet.data.layouts import NPY_FILES, NPY_SIDECAR, find_cases
+from unet.data.pipeline import epoch_length
 from unet.errors import UsageError
 
 # Where the trainer looks when given neither --data nor --synthetic (relative to the
@@ -58,6 +59,7 @@ class DataOptions:
     data: str | None = None
     fold: int | None = None              # --fold: validate on this fold of a unet-convert --folds file
     foreground_fraction: float = 0.0     # > 0: the training split must hold a slice with tumour
+    background_fraction: float = 1.0     # < 1: each epoch the tumour slices and this share of the others
     synthetic: bool = False
     synthetic_size: int = 128
     synthetic_channels: int = 1
@@ -431,6 +433,10 @@ def open_sources(args: DataOptions) -> tuple[object, object | None, DataInfo]:
     if args.foreground_fraction and not len(train.tumour_slices()):
         raise UsageError(f"--foreground_fraction {args.foreground_fraction}: no training slice of {path} "
                          f"holds tumour (every mask is empty)")
+    if args.background_fraction < 1 and not epoch_length(len(train), len(train.tumour_slices()),
+                                                          args.background_fraction):
+        raise UsageError(f"--background_fraction {args.background_fraction}: an epoch of {path} would be empty "
+                         f"(no training slice holds tumour)")
     return train, (val if len(val) else None), info
 
 

@@ -100,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of each rank's batch drawn from the training slices that hold tumour "
                         "(round(F x batch_size) of them; nnU-Net's oversampling), the rest from all slices "
                         "in the epoch's order; 0 = off, every batch in that order (docs/TRAINING.md)")
+    g.add_argument("--background_fraction", type=float, default=1.0,
+                   help="share of the training slices without tumour that each epoch covers, drawn anew each "
+                        "epoch (every tumour slice is in every epoch); 1 = all of them, the whole file each "
+                        "epoch; 0.1 on a unet-convert --slices brain file: the tumour-slice file's mix, with "
+                        "other tumour-free slices each epoch (docs/TRAINING.md)")
 
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None,
@@ -176,6 +181,7 @@ def validate(a: argparse.Namespace) -> argparse.Namespace:
     need(a.foreground_fraction == 0 or foreground_per_batch(a.foreground_fraction, a.batch_size) >= 1,
          f"--foreground_fraction {a.foreground_fraction} x --batch_size {a.batch_size} rounds to no tumour "
          f"slice per batch (round(F x B) must be >= 1)")
+    need(0 <= a.background_fraction <= 1, f"--background_fraction must be in [0, 1] (got {a.background_fraction})")
     need(not precision_error(a.precision), precision_error(a.precision))
     need(not threads_error(a.num_threads), threads_error(a.num_threads))
     need(a.num_inter_threads >= 1, f"--num_inter_threads must be >= 1 (got {a.num_inter_threads})")

@@ -168,13 +168,14 @@ def one_epoch(job: Job, state, reporter, keeper, meta: dict, global_batch: int) 
     """The optimizer steps of epoch ``state.epoch``, from the state's position in it."""
     from unet.data import pipeline
     a, epoch, size = job.opts, state.epoch, job.hvd.size()
-    n = len(job.train_src)
+    n = epoch_length(job)
     per_epoch = pipeline.steps_per_epoch(n, global_batch, a.steps_per_epoch)
     epoch_total = pipeline.epoch_samples(n, global_batch, a.steps_per_epoch)
     ds, _ = pipeline.train_dataset(job.train_src, batch_size=a.batch_size, rank=job.hvd.rank(), size=size,
                                    epoch=epoch, seed=a.seed, cap=a.steps_per_epoch, augment_on=a.augment,
                                    start=state.step_in_epoch, start_sample=state.sample,
-                                   foreground_fraction=a.data.foreground_fraction)
+                                   foreground_fraction=a.data.foreground_fraction,
+                                   background_fraction=a.data.background_fraction)
     reporter.epoch_start(epoch)
     for x, y in ds:
         lr = lr_at(a.schedule, state.step, size, per_epoch)
@@ -191,6 +192,14 @@ def one_epoch(job: Job, state, reporter, keeper, meta: dict, global_batch: int) 
                           step_in_epoch=state.step_in_epoch, sample_in_epoch=state.sample)
         if state.step % a.commit_every == 0:
             state.commit()  # elastic: a point to roll back to, and to admit new workers
+
+
+def epoch_length(job: Job) -> int:
+    """Samples an epoch covers before ``--steps_per_epoch``: the training split, or with
+    ``--background_fraction`` < 1 its tumour slices and that share of the others."""
+    from unet.data.pipeline import epoch_length as length
+    src, fraction = job.train_src, job.opts.data.background_fraction
+    return len(src) if fraction >= 1 else length(len(src), len(src.tumour_slices()), fraction)
 
 
 def lr_at(a: config.ScheduleOptions, step: int, size: int, steps: int) -> float:
@@ -217,7 +226,7 @@ def outputs(job: Job, rank: int, size: int, global_batch: int, step: int) -> tup
     from unet.training.reporting import make_reporter
     a = job.opts
     if rank not in job.outputs:
-        steps = steps_per_epoch(len(job.train_src), global_batch, a.steps_per_epoch)
+        steps = steps_per_epoch(epoch_length(job), global_batch, a.steps_per_epoch)
         reporter = make_reporter(rank == 0, a.log, job.info, size, global_batch, steps)
         keeper = make_keeper(rank == 0, a.logdir, a.keep_checkpoints, a.epochs)
         if job.restored or job.worlds:
