@@ -38,6 +38,8 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCHES = (2, 4, 8)
 RATES = (1e-4, 2e-4, 4e-4)
@@ -166,19 +168,63 @@ def run_cell(cell: dict, a) -> dict | None:
     return result
 
 
+def held_out_dice(logdir: str, data: str, batch: int = 16) -> list[float]:
+    """The trainer's validation Dice (slice-pooled sums at threshold 0.5: ``dice_sums``, ``dice_from_sums``) of
+    a cell's final weights (its last checkpoint, the epoch of the ``final`` column) on the validation split of
+    another file: cases that neither train the cell nor pick its epoch."""
+    import keras
+    import tensorflow as tf
+
+    from unet.data.pipeline import val_batches
+    from unet.data.sources import DataOptions, open_sources
+    from unet.training.checkpoint import list_checkpoints, load_checkpoint
+    from unet.training.losses import dice_from_sums, dice_sums
+    _, val, info = open_sources(DataOptions(data=data))
+    if val is None:
+        sys.exit(f"robustness.py: error: --score {data}: the file has no validation split")
+    model = keras.models.load_model(os.path.join(logdir, "model.keras"), compile=False)
+    load_checkpoint(list_checkpoints(os.path.join(logdir, "checkpoints"))[-1], model=model, optimizer=None)
+    sums = np.zeros((2, info.regions))
+    for x, y in val_batches(val, batch_size=batch, rank=0, size=1):
+        sums += dice_sums(y, tf.cast(model.predict_on_batch(x) > 0.5, tf.float32)).numpy()
+    return [round(float(v), 4) for v in dice_from_sums(sums)]
+
+
+def add_score(result: dict, a) -> dict:
+    """``result`` with its held-out Dice on ``--score``'s file (computed once per file, kept in the cell's JSON)."""
+    path = os.path.join(a.out, result["name"] + ".json")
+    with open(path) as fh:
+        ran = json.load(fh)
+    if not a.score or a.score in result.get("scores", {}) or len(ran["validation"]) != len(result["validation"]):
+        return result            # scored already, or the run went on past these epochs: its weights are later ones
+    print(f"    {result['name']}: scoring the final weights on {a.score}", flush=True)
+    result = dict(result, scores=dict(result.get("scores", {}), **{
+        a.score: held_out_dice(os.path.join(a.out, result["name"], "logs"), a.score)}))
+    with open(path + ".tmp", "w") as fh:
+        json.dump(dict(ran, scores=result["scores"]), fh, indent=1)
+    os.replace(path + ".tmp", path)
+    return result
+
+
 def seed_spread(finals: list[list[float]]) -> float:
     """The largest difference between two runs' final Dice in any region."""
     return max(max(f[i] for f in finals) - min(f[i] for f in finals) for i in range(len(REGIONS)))
 
 
-def table(results: list[dict], default_rate: float = DEFAULT_CELL[1]) -> str:
-    rows = ["| cell | batch/rank | rate | seed | epochs | final val Dice WT / TC / ET | WT by epoch | largest fall "
-            "between epochs | collapsed | wall (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
+def table(results: list[dict], default_rate: float = DEFAULT_CELL[1], score: str = "") -> str:
+    """The cells' markdown table and the verdicts; ``score``: a file whose held-out Dice (``add_score``)
+    gets a column and a seed verdict of its own."""
+    held = f" held-out Dice WT / TC / ET ({os.path.basename(score)}) |" if score else ""
+    rows = ["| cell | batch/rank | rate | seed | epochs | final val Dice WT / TC / ET |" + held + " WT by epoch | "
+            "largest fall between epochs | collapsed | wall (s) |", "|---" * (10 + bool(score)) + "|"]
     for r in results:
         h = r["validation"]
         fall = max([h[e][i] - h[e + 1][i] for e in range(len(h) - 1) for i in range(3)] + [0.0])
+        got = r.get("scores", {}).get(score)
         rows.append(f"| {r['name']} | {r['batch'] or 128} | {r['rate'] or 0.0005} | {r['seed'] or 816} | {len(h)} | "
-                    + " / ".join(f"{v:.3f}" for v in r["final"]) + " | " + " ".join(f"{e[0]:.2f}" for e in h)
+                    + " / ".join(f"{v:.3f}" for v in r["final"]) + " | "
+                    + ((" / ".join(f"{v:.3f}" for v in got) if got else "–") + " | " if score else "")
+                    + " ".join(f"{e[0]:.2f}" for e in h)
                     + f" | {fall:.3f} | " + ("**yes**" if r["collapsed"] else "no") + f" | {r['wall_s']:.0f} |")
     done = {r["name"]: r for r in results}
     b, rate = DEFAULT_CELL[0], default_rate
@@ -189,6 +235,12 @@ def table(results: list[dict], default_rate: float = DEFAULT_CELL[1]) -> str:
         spread = seed_spread([r["final"] for _, r in runs])
         lines.append(f"default cell, seeds {', '.join(str(s) for s, _ in runs)}: largest difference {spread:.3f} "
                      f"({'within' if spread <= SEED_SPREAD else 'beyond'} {SEED_SPREAD})")
+        scored = [(s, r["scores"][score]) for s, r in runs if score and score in r.get("scores", {})]
+        if len(scored) > 1:
+            spread = seed_spread([d for _, d in scored])
+            lines.append(f"default cell on {os.path.basename(score)}'s validation split, seeds "
+                         f"{', '.join(str(s) for s, _ in scored)}: largest difference {spread:.3f} "
+                         f"({'within' if spread <= SEED_SPREAD else 'beyond'} {SEED_SPREAD})")
     return "\n".join(lines)
 
 
@@ -210,6 +262,11 @@ def main(argv=None) -> int:
     p.add_argument("--cells", default="", help="comma-separated cell names to run (default: all); see --list")
     p.add_argument("--np", type=int, default=2, help="ranks (mpirun -np)")
     p.add_argument("--preload", default="", help="library to LD_PRELOAD in every rank (e.g. an allocator)")
+    p.add_argument("--score", default="",
+                   help="HDF5 file of other cases (unet-convert of cases that train no cell, e.g. --val_fraction "
+                        "0.99): each cell's final weights are scored on its validation split with the trainer's "
+                        "Dice, a column and a seed verdict of their own (the 2 validation cases of --data decide "
+                        "the final column by one case's false positives: docs/TRAINING.md)")
     p.add_argument("--redo", action="store_true", help="run finished cells again")
     p.add_argument("--table", action="store_true", help="print the table of the finished cells and stop")
     p.add_argument("--list", action="store_true", help="print the cell names and stop")
@@ -232,6 +289,9 @@ def main(argv=None) -> int:
         p.error(f"--data {a.data}: no such file")
     if not os.path.isfile(a.trainer):
         p.error(f"--trainer {a.trainer}: no such file")
+    if a.score and not os.path.isfile(a.score):
+        p.error(f"--score {a.score}: no such file")
+    a.score = os.path.abspath(a.score) if a.score else ""
     a.data, a.out, a.trainer = os.path.abspath(a.data), os.path.abspath(a.out), os.path.abspath(a.trainer)
     os.makedirs(a.out, exist_ok=True)
     results = []
@@ -248,9 +308,9 @@ def main(argv=None) -> int:
             continue
         r = run_cell(cell, a)
         if r:
-            results.append(r)
+            results.append(add_score(r, a))
     print(f"\nrobustness: {a.out} (data {a.data}, {a.np} ranks, {a.epochs} of the demo's {EPOCHS} epochs)")
-    print(table(results, a.default_rate) if results else "no finished cell")
+    print(table(results, a.default_rate, a.score) if results else "no finished cell")
     return 0
 
 

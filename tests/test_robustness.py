@@ -78,3 +78,17 @@ def test_seed_spread_is_the_largest_regions_range_over_all_seeds():
     assert "collapsed: 0 of 3 cells" in text
     far = near[:2] + [result("b4_lr4e-4_seed2", 2, [[0.88, 0.93, 0.88]])]
     assert "largest difference 0.060 (beyond 0.03)" in rb.table(far)
+
+
+def test_held_out_scores_get_a_column_and_a_seed_verdict_of_their_own():
+    score = "/runs/tune3.h5"
+    runs = [dict(result("b4_lr4e-4", 816, [[0.935, 0.932, 0.874]]), scores={score: [0.951, 0.915, 0.887]}),
+            dict(result("b4_lr4e-4_seed1", 1, [[0.869, 0.919, 0.859]]), scores={score: [0.947, 0.909, 0.865]}),
+            result("b4_lr4e-4_seed2", 2, [[0.879, 0.924, 0.876]])]          # not scored: no column value
+    text = rb.table(runs, score=score)
+    head, rule, first, _, third = text.splitlines()[:5]
+    assert "held-out Dice WT / TC / ET (tune3.h5)" in head and rule.count("|---") == head.count("|") - 1
+    assert "| 0.935 / 0.932 / 0.874 | 0.951 / 0.915 / 0.887 |" in first and "| 0.879 / 0.924 / 0.876 | – |" in third
+    assert "seeds 816, 1, 2: largest difference 0.066 (beyond 0.03)" in text
+    assert "on tune3.h5's validation split, seeds 816, 1: largest difference 0.022 (within 0.03)" in text
+    assert "held-out" not in rb.table(runs) and "validation split" not in rb.table(runs)
