@@ -125,3 +125,7 @@ def test_foreground_fraction_needs_a_training_slice_with_tumour(tmp_path):
     with pytest.raises(UsageError, match=r"^--foreground_fraction 0.5: no training slice of .*d.h5 holds tumour"):
         open_sources(a)
     assert open_sources(DataOptions(data=path))[0]
+    # --background_fraction 0 keeps only the tumour slices in an epoch: none, so the epoch would be empty
+    with pytest.raises(UsageError, match=r"^--background_fraction 0.0: an epoch of .*d.h5 would be empty"):
+        open_sources(DataOptions(data=path, background_fraction=0.0))
+    assert len(open_sources(DataOptions(data=path, background_fraction=0.5))[0]) == 24     # 12 of 24 an epoch
