@@ -38,8 +38,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCHES = (2, 4, 8)
 RATES = (1e-4, 2e-4, 4e-4)
@@ -173,20 +171,19 @@ def held_out_dice(logdir: str, data: str, batch: int = 16) -> list[float]:
     a cell's final weights (its last checkpoint, the epoch of the ``final`` column) on the validation split of
     another file: cases that neither train the cell nor pick its epoch."""
     import keras
-    import tensorflow as tf
 
     from unet.data.pipeline import val_batches
     from unet.data.sources import DataOptions, open_sources
     from unet.training.checkpoint import list_checkpoints, load_checkpoint
-    from unet.training.losses import dice_from_sums, dice_sums
+    from unet.training.losses import dice_from_sums
+    from unet.training.validation import pooled_sums
     _, val, info = open_sources(DataOptions(data=data))
     if val is None:
         sys.exit(f"robustness.py: error: --score {data}: the file has no validation split")
     model = keras.models.load_model(os.path.join(logdir, "model.keras"), compile=False)
     load_checkpoint(list_checkpoints(os.path.join(logdir, "checkpoints"))[-1], model=model, optimizer=None)
-    sums = np.zeros((2, info.regions))
-    for x, y in val_batches(val, batch_size=batch, rank=0, size=1):
-        sums += dice_sums(y, tf.cast(model.predict_on_batch(x) > 0.5, tf.float32)).numpy()
+    sums, _, _ = pooled_sums(model.predict_on_batch, val_batches(val, batch_size=batch, rank=0, size=1),
+                             regions=info.regions)
     return [round(float(v), 4) for v in dice_from_sums(sums)]
 
 

@@ -119,6 +119,27 @@ def test_dice_loss_equals_hand_computation():
     assert float(dice_from_sums(sums)[0]) == pytest.approx(5 / 9)
 
 
+def test_pooled_sums_over_batches_give_the_slice_pooled_dice_by_hand():
+    import tensorflow as tf
+
+    from unet.training.losses import dice_from_sums
+    from unet.training.validation import pooled_sums
+    # two batches of 1 and 2 images, 2 regions; predict returns fixed probabilities per batch
+    y1 = np.zeros((1, 4, 4, 2), np.float32); y1[0, :2, :2, 0] = 1          # region 0: 4 pixels, region 1 none
+    p1 = np.zeros((1, 4, 4, 2), np.float32); p1[0, :2, :, 0] = 0.6         # 8 pixels above 0.5, 4 on y
+    y2 = np.zeros((2, 4, 4, 2), np.float32); y2[:, 0, 0, :] = 1            # 2 pixels per region
+    p2 = np.zeros((2, 4, 4, 2), np.float32); p2[0, 0, 0, :] = 0.9; p2[1, 0, 0, 1] = 0.4   # 0.4 is below 0.5
+    probs = {1: p1, 2: p2}
+    beats = []
+    sums, loss_sum, count = pooled_sums(lambda x: tf.constant(probs[len(x)]), [(np.zeros(1), y1), (np.zeros(2), y2)],
+                                        regions=2, loss_fn=lambda y, p: float(len(y)), beat=beats.append)
+    # region 0: intersection 4 + 1 = 5, sizes (4 + 8) + (2 + 1) = 15; region 1: intersection 1, sizes 2 + 1 = 3
+    assert sums.tolist() == [[5.0, 1.0], [15.0, 3.0]]
+    assert [float(v) for v in dice_from_sums(sums)] == pytest.approx([(2 * 5 + 1) / (15 + 1), (2 * 1 + 1) / (3 + 1)])
+    assert (loss_sum, count, len(beats)) == (1.0 * 1 + 2.0 * 2, 3, 2)   # the loss is weighted by the batch's images
+    assert pooled_sums(lambda x: tf.constant(probs[len(x)]), [(np.zeros(1), y1)], regions=2)[1:] == (0.0, 1)
+
+
 def test_dice_bce_is_dice_plus_binary_cross_entropy_by_hand():
     import tensorflow as tf
 
