@@ -56,3 +56,24 @@ def test_the_users_ld_preload_and_opt_out_win(tmp_path):
     every, trace = _run(tmp_path / "system", UNET_MALLOC="system")
     assert all(r["LD_PRELOAD"] is None and not r["tcmalloc_mapped"] for r in every)
     assert all(r["note"] == "glibc (UNET_MALLOC=system)" for r in every) and len(trace) == 2
+
+
+def test_unet_convert_chooses_its_allocator_first(tmp_path):
+    """unet-convert re-executes itself with tcmalloc as the trainer does (the re-execution itself: the tests
+    above); a bad UNET_MALLOC is its first error, one line, status 2, before any flag is read, nothing
+    written. unet-evaluate and unet-predict keep glibc's malloc: OpenVINO aborts under tcmalloc when it
+    loads before MPI (docs/PERFORMANCE.md), so they must not read UNET_MALLOC at all."""
+    import subprocess
+    import sys
+    env = {**os.environ, "UNET_MALLOC": "jemalloc"}
+    env.pop("LD_PRELOAD", None)
+    p = subprocess.run([sys.executable, "-m", "unet.data.convert", "--input", "x", "--output", str(tmp_path / "o.h5")],
+                       env=env, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr == "unet-convert: error: UNET_MALLOC=jemalloc: expected one of tcmalloc, system\n"
+    assert os.listdir(tmp_path) == []
+    for module, prog in (("unet.evaluation.evaluate", "unet-evaluate"), ("unet.inference.predict", "unet-predict")):
+        p = subprocess.run([sys.executable, "-m", module, "--model", str(tmp_path / "none")], env=env,
+                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        last = p.stderr.strip().splitlines()[-1]                  # argparse's: the usage, then the error
+        assert p.returncode == 2 and last.startswith(f"{prog}: error: ") and "UNET_MALLOC" not in p.stderr, p.stderr
