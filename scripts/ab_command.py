@@ -19,15 +19,7 @@ import subprocess
 import sys
 import time
 
-
-def parse_env(items: list[str], flag: str) -> dict[str, str]:
-    env = {}
-    for item in items:
-        if "=" not in item:
-            sys.exit(f"ab_command.py: error: {flag} {item}: expected NAME=VALUE")
-        k, v = item.split("=", 1)
-        env[k] = v
-    return env
+from ab_train import parse_env  # the same NAME=VALUE flags as the trainer's A/B (this folder is on the path)
 
 
 def run_once(cmd: list[str], env: dict[str, str], log: str) -> dict:
@@ -38,10 +30,9 @@ def run_once(cmd: list[str], env: dict[str, str], log: str) -> dict:
         proc = subprocess.Popen(cmd, env=full, stdout=out, stderr=subprocess.STDOUT)
         _, status, ru = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
     # wait4's usage counts the process and the descendants it waited for (mpirun's ranks, a pool's workers);
     # ru_maxrss is the largest single process of them
-    return {"rc": proc.returncode, "wall": wall, "user": ru.ru_utime, "sys": ru.ru_stime,
+    return {"rc": os.waitstatus_to_exitcode(status), "wall": wall, "user": ru.ru_utime, "sys": ru.ru_stime,
             "minflt": ru.ru_minflt, "maxrss_mib": ru.ru_maxrss / 1024}
 
 
@@ -61,7 +52,8 @@ def main(argv=None) -> int:
         ap.error("no command: give it after --")
     if a.repeats < 1:
         ap.error(f"--repeats must be >= 1 (got {a.repeats})")
-    envs = {a.a_label: parse_env(a.a_env, "--a_env"), a.b_label: parse_env(a.b_env, "--b_env")}
+    envs = {a.a_label: parse_env(a.a_env, "--a_env", "ab_command.py"),
+            a.b_label: parse_env(a.b_env, "--b_env", "ab_command.py")}
     if a.warmup:
         run_once(cmd, envs[a.a_label], f"{a.log}.warmup.log")
     runs: dict[str, list[dict]] = {a.a_label: [], a.b_label: []}

@@ -61,12 +61,13 @@ class Variant:
     runs: list = field(default_factory=list)
 
 
-def parse_env(items: list[str], flag: str) -> dict:
+def parse_env(items: list[str], flag: str, prog: str = "ab_train.py") -> dict:
+    """NAME=VALUE items of ``flag`` as a dict; a malformed one ends the script with ``prog: error: ...``."""
     env = {}
     for item in items:
         key, eq, val = item.partition("=")
         if not eq or not key:
-            raise SystemExit(f"ab_train.py: error: {flag} {item}: expected NAME=VALUE")
+            raise SystemExit(f"{prog}: error: {flag} {item}: expected NAME=VALUE")
         env[key] = val
     return env
 

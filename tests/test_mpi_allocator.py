@@ -1,6 +1,8 @@
 """The ranks' allocator: tcmalloc preloaded by re-execution under a plain mpirun, the user's choice kept."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 from conftest import ROOT, mpi_env, run_mpi
@@ -63,8 +65,6 @@ def test_unet_convert_chooses_its_allocator_first(tmp_path):
     above); a bad UNET_MALLOC is its first error, one line, status 2, before any flag is read, nothing
     written. unet-evaluate and unet-predict keep glibc's malloc: OpenVINO aborts under tcmalloc when it
     loads before MPI (docs/PERFORMANCE.md), so they must not read UNET_MALLOC at all."""
-    import subprocess
-    import sys
     env = {**os.environ, "UNET_MALLOC": "jemalloc"}
     env.pop("LD_PRELOAD", None)
     p = subprocess.run([sys.executable, "-m", "unet.data.convert", "--input", "x", "--output", str(tmp_path / "o.h5")],
