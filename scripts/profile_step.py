@@ -112,6 +112,9 @@ def build(args, info):
     from unet.model import build_unet
     from unet.training.losses import get_loss
     model = build_unet(info[0], info[1], info[2], info[3], use_upsampling=args.use_upsampling, dropout=0.0)
+    if args.conv_grad == "forward":
+        from unet.training import convgrad
+        convgrad.install(model)
     optimizer = keras.optimizers.Adam(learning_rate=1e-4)
     optimizer.build(model.trainable_variables)
     return model, optimizer, get_loss("region_dice_bce")
@@ -128,6 +131,8 @@ def main(argv=None) -> int:
     ap.add_argument("--jit", choices=("none", "grad", "adam"), default="none",
                     help="compile with XLA: grad = forward, loss and backward; adam = the optimizer's update "
                          "(default: none, as the trainer)")
+    ap.add_argument("--conv_grad", choices=("tf", "forward"), default="tf",
+                    help="the trainer's --conv_grad: TensorFlow's gradient ops, or forward convolutions")
     ap.add_argument("--out", default=os.path.join(ROOT, "runs", "profile"), help="trace folder (default: %(default)s)")
     args = ap.parse_args(argv)
     setup = prepare_rank(0, args.inter, 0)

@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="base Adam learning rate for one worker (scaled by --lr_scaling)")
     g.add_argument("--clipnorm", type=float, default=0.0,
                    help="clip the averaged gradients to this global L2 norm before each update; 0 = no clipping")
+    g.add_argument("--conv_grad", choices=("auto", "tf", "forward"), default="auto",
+                   help="how the 3x3 convolutions' gradients are computed: tf (TensorFlow's gradient ops), "
+                        "forward (both gradients as forward convolutions: the same sums in another order), or "
+                        "auto: forward where TensorFlow leaves oneDNN off (AVX2 CPUs), tf where it runs oneDNN "
+                        "(docs/PERFORMANCE.md gives the figures per CPU kind)")
     g.add_argument("--const_learningrate", action="store_true",
                    help="no decay: keep the (scaled) learning rate constant after warmup")
     g.add_argument("--decay_steps", type=int, default=SEED_DECAY_STEPS,
@@ -264,6 +269,7 @@ class TrainOptions:
     seed: int
     augment: bool                        # the foreground share of a batch is data.foreground_fraction
     clipnorm: float
+    conv_grad: str                       # "auto", "tf" or "forward" (unet/training/convgrad.py)
     validation: bool
     checkpoint_every: int
     commit_every: int
@@ -297,7 +303,7 @@ def options(a: argparse.Namespace) -> TrainOptions:
                            precision=a.precision) if a.benchmark else None,
         num_threads=a.num_threads, num_inter_threads=a.num_inter_threads, blocktime=a.blocktime,
         batch_size=a.batch_size, epochs=a.epochs, steps_per_epoch=a.steps_per_epoch, seed=a.seed,
-        augment=not a.no_augment, clipnorm=a.clipnorm,
+        augment=not a.no_augment, clipnorm=a.clipnorm, conv_grad=a.conv_grad,
         validation=not a.no_validation, checkpoint_every=a.checkpoint_every, commit_every=a.commit_every,
         step_timeout=a.step_timeout, keep_checkpoints=a.keep_checkpoints, resume=a.resume, fresh=a.fresh,
         export_formats=tuple(a.export_formats))

@@ -24,6 +24,7 @@ class LogOptions:
     data: str | None          # --data, None for --synthetic
     log_every: int = 10       # steps between scalar summaries and training.log lines
     image_every: int = 100    # steps between image summaries
+    conv_grad: str = ""       # how the convolutions' gradients run, e.g. "forward (auto)"; set once TensorFlow is up
 
 
 def histogram_buckets(values, bins: int = 30) -> np.ndarray:
@@ -135,7 +136,8 @@ def start_lines(opts: LogOptions, info, size: int, global_batch: int, steps_per_
     """The lines rank 0 prints before the first step: the run's shape, its data, its logdir."""
     return [f"training: ranks={size} batch_size/rank={opts.batch_size} global_batch={global_batch} "
             f"steps/epoch={steps_per_epoch} epochs={opts.epochs} input {info.height}x{info.width}x{info.channels} "
-            f"({','.join(info.modalities)}) regions {','.join(info.region_names)}",
+            f"({','.join(info.modalities)}) regions {','.join(info.region_names)}"
+            + (f" conv_grad {opts.conv_grad}" if opts.conv_grad else ""),
             f"data: {opts.data or 'synthetic (in memory)'}", f"logdir: {logdir}"]
 
 

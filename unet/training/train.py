@@ -14,7 +14,7 @@ import functools
 import io
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from unet.cli import launcher_rank
 from unet.distributed import elastic
@@ -74,7 +74,7 @@ def run(opts: config.TrainOptions, setup, hvd, train_src, val_src, info, export=
 
     from unet.data.sources import foreground_share
     from unet.model import build_unet, prior_bias
-    from unet.training import checkpoint
+    from unet.training import checkpoint, convgrad
     from unet.training.losses import get_loss
     from unet.training.steps import compile_steps
 
@@ -86,6 +86,10 @@ def run(opts: config.TrainOptions, setup, hvd, train_src, val_src, info, export=
     model = build_unet(info.height, info.width, info.channels, info.regions,
                        use_upsampling=m.use_upsampling, dropout=m.dropout, precision=m.precision,
                        norm=m.norm, activation=m.activation, head_bias=share and prior_bias(share))
+    conv_grad = convgrad.resolve(opts.conv_grad)   # auto: by whether TensorFlow runs oneDNN here
+    if conv_grad == "forward":
+        convgrad.install(model)
+    opts = replace(opts, log=replace(opts.log, conv_grad=f"{conv_grad} ({opts.conv_grad})"))
     optimizer = keras.optimizers.Adam(learning_rate=opts.schedule.learningrate)
     optimizer.build(model.trainable_variables)  # create Adam's slots now, so they can be broadcast
     loss_fn = get_loss(m.loss, m.bce_weight)
