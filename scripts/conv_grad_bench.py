@@ -1,10 +1,12 @@
 #!/usr/bin/env python
-"""The weight gradient of the U-Net's 3x3 convolutions three ways, one process, one thread.
+"""The gradients of the U-Net's 3x3 convolutions, several ways, one process, one thread.
 
 TensorFlow's own op (``Conv2DBackpropFilter``: oneDNN's backward-weights kernel, ``jit:avx2`` when the ISA
 is capped at AVX2), ``extract_patches`` + one GEMM (im2col), and nine GEMMs, one per kernel tap, each over
 the shifted input (no patch matrix). Same arithmetic, other summation order: the relative difference to
-the op is printed. Run it pinned to one core, e.g.
+the op is printed. Then both gradients (input and kernel) of each shape as the trainer computes them:
+TensorFlow's gradient ops against ``--conv_grad forward`` (``unet/training/convgrad.py``: both as forward
+convolutions). Run it pinned to one core, e.g.
 
     ONEDNN_MAX_CPU_ISA=AVX2 taskset -c 1 .venv/bin/python scripts/conv_grad_bench.py --repeats 7
 
@@ -14,7 +16,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -78,9 +83,47 @@ def main(argv=None) -> int:
             cells.append(f"{name} {med * 1e3:6.1f} ms {gflop / med:5.1f} GFLOP/s (rel. diff {err:.0e})")
         print(f"{hw:3d}x{hw:<3d} {cin:3d}->{cout:<3d}: " + "; ".join(cells), flush=True)
     base = total["op"]
-    print("sum over the shapes: " + "; ".join(f"{n} {t * 1e3:.1f} ms ({base / t:.2f}x the op)"
-                                              for n, t in total.items()))
+    print("weight gradient, sum over the shapes: " + "; ".join(f"{n} {t * 1e3:.1f} ms ({base / t:.2f}x the op)"
+                                                               for n, t in total.items()), flush=True)
+    both_ways(a, np, tf)
     return 0
+
+
+def both_ways(a, np, tf) -> None:
+    """Input and kernel gradient together, as the training step asks for them: TensorFlow's ops against
+    the forward-convolution formulation the trainer's --conv_grad forward installs."""
+    from unet.training.convgrad import conv_forward_grads
+
+    def grads(fn):
+        @tf.function
+        def g(x, k, dy):
+            with tf.GradientTape() as tape:
+                tape.watch([x, k])
+                y = fn(x, k)
+            return tape.gradient(y, [x, k], output_gradients=dy)
+        return g
+    ways = {"tf": grads(lambda x, k: tf.nn.conv2d(x, k, 1, "SAME")), "forward": grads(conv_forward_grads)}
+    total = dict.fromkeys(ways, 0.0)
+    rng = np.random.default_rng(0)
+    for hw, cin, cout in SHAPES:
+        x = tf.constant(rng.standard_normal((a.batch, hw, hw, cin), np.float32))
+        k = tf.constant(rng.standard_normal((3, 3, cin, cout), np.float32) * 0.1)
+        dy = tf.constant(rng.standard_normal((a.batch, hw, hw, cout), np.float32))
+        gflop = 2 * 2 * a.batch * hw * hw * 9 * cin * cout / 1e9
+        cells = []
+        for name, f in ways.items():
+            f(x, k, dy)
+            ts = []
+            for _ in range(a.repeats):
+                t = time.perf_counter()
+                [v.numpy() for v in f(x, k, dy)]
+                ts.append(time.perf_counter() - t)
+            med = float(np.median(ts))
+            total[name] += med
+            cells.append(f"{name} {med * 1e3:6.1f} ms {gflop / med:5.1f} GFLOP/s")
+        print(f"both gradients {hw:3d}x{hw:<3d} {cin:3d}->{cout:<3d}: " + "; ".join(cells), flush=True)
+    print("both gradients, sum over the shapes: " + "; ".join(
+        f"{n} {t * 1e3:.1f} ms ({total['tf'] / t:.2f}x tf)" for n, t in total.items()))
 
 
 if __name__ == "__main__":
