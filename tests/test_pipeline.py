@@ -94,17 +94,25 @@ def undo_augment(img, msk, a_img, a_msk):
     return None
 
 
-def test_augment_scales_and_shifts_intensity_within_bounds():
-    """Training augmentation: image = s * T(image) + b per channel, s in [0.9, 1.1], b in [-0.1, 0.1]."""
+@pytest.mark.parametrize("scale,shift", [(None, None), (0.3, 0.5), (0.0, 0.0)])
+def test_augment_scales_and_shifts_intensity_within_bounds(scale, shift):
+    """Training augmentation: image = s * T(image) + b per channel, s in [1 - S, 1 + S], b in [-T, T]
+    (the defaults S = T = 0.1; --aug_scale, --aug_shift)."""
     rng = np.random.default_rng(3)
     img = rng.normal(0, 1, (32, 16, 16, 2)).astype(np.float32)
     msk = (rng.random((32, 16, 16, 3)) < 0.3).astype(np.float32)
-    a_img, a_msk = augment(img, msk, np.random.default_rng(0))
+    kw = {} if scale is None else dict(scale=scale, shift=shift)
+    s_max, t_max = (0.1, 0.1) if scale is None else (scale, shift)
+    a_img, a_msk = augment(img, msk, np.random.default_rng(0), **kw)
     fits = [undo_augment(img[i], msk[i], a_img[i], a_msk[i]) for i in range(32)]
     assert all(f is not None for f in fits)
     scales, shifts = np.array([f[0] for f in fits]), np.array([f[1] for f in fits])
-    assert ((scales >= 0.9 - 1e-5) & (scales <= 1.1 + 1e-5)).all() and (np.abs(shifts) <= 0.1 + 1e-5).all()
-    assert np.abs(scales - 1).max() > 0.05 and np.abs(shifts).max() > 0.05    # it does scale and shift
+    assert (np.abs(scales - 1) <= s_max + 1e-5).all() and (np.abs(shifts) <= t_max + 1e-5).all()
+    if s_max == 0:
+        assert np.abs(scales - 1).max() < 1e-6 and np.abs(shifts).max() < 1e-6   # geometry only
+        return
+    assert np.abs(scales - 1).max() > s_max / 2 and np.abs(shifts).max() > t_max / 2   # it uses the range
+    assert len({tuple(np.round(s, 4)) for s in scales}) == 32                 # drawn per image
     assert len({tuple(np.round(s, 4)) for s in scales}) == 32                 # drawn per image
 
 

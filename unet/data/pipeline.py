@@ -120,10 +120,16 @@ def val_shard(n: int, rank: int, size: int) -> np.ndarray:
     return np.arange(rank, n, size)
 
 
-def augment(imgs: np.ndarray, msks: np.ndarray, rng: np.random.Generator):
+AUG_SCALE = 0.1   # each channel of an image times U(1 - s, 1 + s) ...
+AUG_SHIFT = 0.1   # ... plus U(-t, t), in the z-scored units of unet-convert's normalisation
+
+
+def augment(imgs: np.ndarray, msks: np.ndarray, rng: np.random.Generator,
+            scale: float = AUG_SCALE, shift: float = AUG_SHIFT):
     """Random flips, 90-degree rotations (square images) and intensity scale/shift.
 
-    Geometric changes apply to image and mask alike; intensity only to the image.
+    Geometric changes apply to image and mask alike; intensity only to the image, each channel
+    (modality) its own factor in [1 - ``scale``, 1 + ``scale``] and offset in [-``shift``, ``shift``].
     """
     imgs, msks = imgs.copy(), msks.copy()
     square = imgs.shape[1] == imgs.shape[2]
@@ -137,8 +143,8 @@ def augment(imgs: np.ndarray, msks: np.ndarray, rng: np.random.Generator):
             if k:
                 imgs[i], msks[i] = np.rot90(imgs[i], k), np.rot90(msks[i], k)
         c = imgs.shape[-1]
-        imgs[i] = imgs[i] * rng.uniform(0.9, 1.1, c).astype(np.float32) \
-            + rng.uniform(-0.1, 0.1, c).astype(np.float32)
+        imgs[i] = imgs[i] * rng.uniform(1.0 - scale, 1.0 + scale, c).astype(np.float32) \
+            + rng.uniform(-shift, shift, c).astype(np.float32)
     return imgs, msks
 
 
@@ -165,7 +171,8 @@ class Batches:
 def train_dataset(source, *, batch_size: int, rank: int, size: int, epoch: int, seed: int,
                   cap: int = 0, augment_on: bool = True, start: int = 0,
                   start_sample: int | None = None, foreground_fraction: float = 0.0,
-                  background_fraction: float = 1.0):
+                  background_fraction: float = 1.0, aug_scale: float = AUG_SCALE,
+                  aug_shift: float = AUG_SHIFT):
     """(``Batches`` of this rank's (images, masks) for the rest of one epoch, their number).
 
     The epoch continues at sample ``start_sample`` (default ``start`` global batches in),
@@ -187,7 +194,8 @@ def train_dataset(source, *, batch_size: int, rank: int, size: int, epoch: int, 
         for i, idx in enumerate(batches):
             imgs, msks = source.read(idx)
             if augment_on:
-                imgs, msks = augment(imgs, msks, np.random.default_rng([seed, 104729, epoch, rank, start + i]))
+                imgs, msks = augment(imgs, msks, np.random.default_rng([seed, 104729, epoch, rank, start + i]),
+                                     aug_scale, aug_shift)
             yield imgs.astype(np.float32, copy=False), msks.astype(np.float32, copy=False)
 
     return Batches(gen, len(batches)), len(batches)

@@ -11,7 +11,7 @@ import argparse
 from dataclasses import dataclass
 
 from unet.cli import add_threads_flag, threads_error
-from unet.data.pipeline import foreground_per_batch
+from unet.data.pipeline import AUG_SCALE, AUG_SHIFT, foreground_per_batch
 from unet.data.sources import DEFAULT_DATA, DataOptions
 from unet.errors import UsageError
 from unet.model import precision_error
@@ -101,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=816, help="seed for weights, data order, augmentation")
     g.add_argument("--no_augment", action="store_true",
                    help="no flips/rotations/intensity jitter on training images")
+    g.add_argument("--aug_scale", type=float, default=AUG_SCALE,
+                   help="intensity augmentation: each channel of a training image times a factor drawn "
+                        "from [1 - S, 1 + S] (default: %(default)s)")
+    g.add_argument("--aug_shift", type=float, default=AUG_SHIFT,
+                   help="intensity augmentation: plus an offset drawn from [-T, T] per channel, in the "
+                        "z-scored units of unet-convert (default: %(default)s)")
     g.add_argument("--foreground_fraction", type=float, default=0.0,
                    help="share of each rank's batch drawn from the training slices that hold tumour "
                         "(round(F x batch_size) of them; nnU-Net's oversampling), the rest from all slices "
@@ -181,6 +187,8 @@ def validate(a: argparse.Namespace) -> argparse.Namespace:
     need(a.warmup_epochs >= 0, f"--warmup_epochs must be >= 0 (got {a.warmup_epochs})")
     need(a.bce_weight >= 0, f"--bce_weight must be >= 0 (got {a.bce_weight})")
     need(a.clipnorm >= 0, f"--clipnorm must be >= 0 (got {a.clipnorm})")
+    need(0 <= a.aug_scale < 1, f"--aug_scale must be in [0, 1) (got {a.aug_scale})")
+    need(a.aug_shift >= 0, f"--aug_shift must be >= 0 (got {a.aug_shift})")
     need(0 <= a.dropout < 1, f"--dropout must be in [0, 1) (got {a.dropout})")
     need(0 <= a.foreground_fraction <= 1, f"--foreground_fraction must be in [0, 1] (got {a.foreground_fraction})")
     need(a.foreground_fraction == 0 or foreground_per_batch(a.foreground_fraction, a.batch_size) >= 1,
@@ -268,6 +276,8 @@ class TrainOptions:
     steps_per_epoch: int                 # 0: the whole training split
     seed: int
     augment: bool                        # the foreground share of a batch is data.foreground_fraction
+    aug_scale: float                     # intensity augmentation (unet.data.pipeline.augment)
+    aug_shift: float
     clipnorm: float
     conv_grad: str                       # "auto", "tf" or "forward" (unet/training/convgrad.py)
     validation: bool
@@ -303,7 +313,8 @@ def options(a: argparse.Namespace) -> TrainOptions:
                            precision=a.precision) if a.benchmark else None,
         num_threads=a.num_threads, num_inter_threads=a.num_inter_threads, blocktime=a.blocktime,
         batch_size=a.batch_size, epochs=a.epochs, steps_per_epoch=a.steps_per_epoch, seed=a.seed,
-        augment=not a.no_augment, clipnorm=a.clipnorm, conv_grad=a.conv_grad,
+        augment=not a.no_augment, aug_scale=a.aug_scale, aug_shift=a.aug_shift, clipnorm=a.clipnorm,
+        conv_grad=a.conv_grad,
         validation=not a.no_validation, checkpoint_every=a.checkpoint_every, commit_every=a.commit_every,
         step_timeout=a.step_timeout, keep_checkpoints=a.keep_checkpoints, resume=a.resume, fresh=a.fresh,
         export_formats=tuple(a.export_formats))

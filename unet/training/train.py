@@ -179,7 +179,8 @@ def one_epoch(job: Job, state, reporter, keeper, meta: dict, global_batch: int) 
                                    epoch=epoch, seed=a.seed, cap=a.steps_per_epoch, augment_on=a.augment,
                                    start=state.step_in_epoch, start_sample=state.sample,
                                    foreground_fraction=a.data.foreground_fraction,
-                                   background_fraction=a.data.background_fraction)
+                                   background_fraction=a.data.background_fraction,
+                                   aug_scale=a.aug_scale, aug_shift=a.aug_shift)
     reporter.epoch_start(epoch)
     for x, y in ds:
         lr = lr_at(a.schedule, state.step, size, per_epoch)
