@@ -11,14 +11,9 @@ Under a launcher (mpirun, srun, horovodrun) the ranks have agreed on the error b
 An error one rank found alone, where the ranks cannot agree first (an elastic worker restoring its
 checkpoint), is raised with ``local=True`` and printed by the rank that found it.
 
-``command(prog, allocator=True)``: the process first re-executes itself with tcmalloc preloaded
-(``unet.malloc.reexec_with_allocator``: only where the user set nothing, only when ``main`` runs the
-process's own command line, i.e. is called without an argument list: a test calling ``main([...])`` in
-its own process is not re-executed).
-
 ``add_threads_flag`` defines ``--num_threads`` for the trainer, unet-predict, unet-evaluate and
 unet-export alike, and ``threads_error`` checks it. A leaf: imports nothing of the package but the
-errors and the allocator's leaf; anyone may use it.
+errors; anyone may use it.
 """
 from __future__ import annotations
 
@@ -27,7 +22,6 @@ import os
 import sys
 
 from unet.errors import UsageError
-from unet.malloc import reexec_with_allocator
 
 USAGE = 2       # the exit status of every usage error, in every command
 
@@ -59,22 +53,11 @@ def run_cli(prog: str, main, *args, **kwargs) -> int:
         return USAGE
 
 
-def _own_command_line(args, kwargs) -> bool:
-    """``main`` was called as the entry point: without an argument list (argv None or absent)."""
-    argv = args[0] if args else kwargs.get("argv")
-    return argv is None
-
-
-def command(prog: str, allocator: bool = False):
-    """Decorator: the command line ``main`` runs through ``run_cli(prog, main, ...)``; with ``allocator``
-    the process re-executes itself with tcmalloc first (see the module's docstring)."""
+def command(prog: str):
+    """Decorator: the command line ``main`` runs through ``run_cli(prog, main, ...)``."""
     def wrap(main):
         @functools.wraps(main)
         def run(*args, **kwargs) -> int:
-            if allocator and _own_command_line(args, kwargs):
-                status = run_cli(prog, reexec_with_allocator)  # returns only where there is nothing to do
-                if status:                                     # a bad UNET_MALLOC: one line, exit status 2
-                    return status
             return run_cli(prog, main, *args, **kwargs)
         return run
     return wrap

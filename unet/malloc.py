@@ -8,9 +8,9 @@ once, before MPI and TensorFlow load (same pid, same arguments, same environment
 a launcher's rank variables stay). Only where the user set nothing: their own LD_PRELOAD is kept,
 ``UNET_MALLOC=system`` keeps glibc's malloc. The launchers (``unet.launch.commands``) pass the
 ranks LD_PRELOAD themselves (``launcher_preload``); shell scripts ask
-``python -m unet.malloc preload``. unet-convert re-executes itself the same way (``unet.cli.command(...,
-allocator=True)``); unet-evaluate and unet-predict do not: OpenVINO aborts under tcmalloc when it
-loads before MPI ("free(): invalid pointer", OpenVINO 2026.4; docs/PERFORMANCE.md).
+``python -m unet.malloc preload``. unet-convert, unet-evaluate and unet-predict keep glibc's malloc:
+under tcmalloc the converter's peak memory grows with the number of cases (performance target 5), and
+OpenVINO aborts when it loads before MPI ("free(): invalid pointer", OpenVINO 2026.4; docs/PERFORMANCE.md).
 
 A leaf: imports nothing of the package but the errors.
 """

@@ -238,7 +238,7 @@ class Target:
         return self.output if self.format == "h5" else os.path.join(self.output, ".unet-convert.h5")
 
 
-@command("unet-convert", allocator=True)
+@command("unet-convert")
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     comm = world()
