@@ -113,7 +113,6 @@ def test_augment_scales_and_shifts_intensity_within_bounds(scale, shift):
         return
     assert np.abs(scales - 1).max() > s_max / 2 and np.abs(shifts).max() > t_max / 2   # it uses the range
     assert len({tuple(np.round(s, 4)) for s in scales}) == 32                 # drawn per image
-    assert len({tuple(np.round(s, 4)) for s in scales}) == 32                 # drawn per image
 
 
 def test_validation_batches_are_the_stored_slices_unaugmented(tmp_path):
