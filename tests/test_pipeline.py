@@ -115,6 +115,40 @@ def test_augment_scales_and_shifts_intensity_within_bounds(scale, shift):
     assert len({tuple(np.round(s, 4)) for s in scales}) == 32                 # drawn per image
 
 
+def test_gamma_curve_by_hand_keeps_order_mean_and_spread():
+    from unet.data.pipeline import gamma_channel
+    v = np.array([0.0, 1.0, 2.0, 4.0], np.float32)
+    curved = np.array([0.0, 0.25, 1.0, 4.0])     # ((v - 0) / 4) ** 2 * 4 + 0
+    want = (curved - curved.mean()) * v.std() / curved.std() + v.mean()
+    out = gamma_channel(v, 2.0)
+    assert np.allclose(out, want, rtol=0, atol=1e-6)
+    assert abs(out.mean() - 1.75) < 1e-6 and abs(out.std() - v.std()) < 1e-6
+    assert np.array_equal(gamma_channel(np.full(5, 3.0, np.float32), 0.7), np.full(5, 3.0))   # flat: unchanged
+
+
+@pytest.mark.parametrize("p", [0.0, 1.0])
+def test_augment_gamma_curves_the_head_and_leaves_the_background(p):
+    """--aug_gamma P: each channel of each image, with probability P, through a gamma curve over its head's
+    pixels; the background (0 in every channel) stays 0, the masks follow the geometry alone."""
+    rng = np.random.default_rng(4)
+    img = rng.normal(0, 1, (16, 16, 16, 3)).astype(np.float32)
+    img[:, :3], img[:, :, :2] = 0, 0                       # background border
+    msk = (rng.random((16, 16, 16, 3)) < 0.3).astype(np.float32)
+    a_img, a_msk = augment(img, msk, np.random.default_rng(0), scale=0.0, shift=0.0, gamma=p)
+    curved = 0
+    for i in range(16):
+        pair = next((t_img, t_msk) for t_img, t_msk in zip(dihedral(img[i]), dihedral(msk[i]))
+                    if np.array_equal(t_msk, a_msk[i]) and np.array_equal(t_img == 0, a_img[i] == 0))
+        head = np.any(pair[0] != 0, axis=-1)
+        assert np.all(a_img[i][~head] == 0)
+        for c in range(3):
+            x, y = pair[0][..., c][head], a_img[i][..., c][head]
+            assert np.diff(y[np.argsort(x)]).min() >= -1e-6          # the order kept (up to float32 rounding)
+            assert abs(y.mean() - x.mean()) < 1e-5 and abs(y.std() - x.std()) < 1e-5 * x.std()
+            curved += np.abs(x - y).max() > 1e-3
+    assert curved == (48 if p == 1 else 0)
+
+
 def test_validation_batches_are_the_stored_slices_unaugmented(tmp_path):
     import h5py
     from h5fixture import write_h5

@@ -122,18 +122,48 @@ def val_shard(n: int, rank: int, size: int) -> np.ndarray:
 
 AUG_SCALE = 0.1   # each channel of an image times U(1 - s, 1 + s) ...
 AUG_SHIFT = 0.1   # ... plus U(-t, t), in the z-scored units of unet-convert's normalisation
+GAMMA_RANGE = (0.7, 1.5)   # nnU-Net's: half the draws below 1 (mid-tones brighter), half above
+
+
+def gamma_channel(values: np.ndarray, gamma: float) -> np.ndarray:
+    """``values`` (one channel's head pixels, 1-D) through a gamma curve over their own range, then brought back
+    to their mean and standard deviation: the order of intensities stays, the contrast between tissues changes."""
+    lo, span = float(values.min()), float(np.ptp(values))
+    if span <= 0:
+        return values
+    out = ((values - lo) / span) ** gamma * span + lo
+    sd = float(out.std())
+    return ((out - out.mean()) * (float(values.std()) / sd if sd > 0 else 1.0) + float(values.mean())).astype(
+        values.dtype)
+
+
+def _gamma(img: np.ndarray, p: float, rng: np.random.Generator) -> None:
+    """Each channel of ``img`` (H, W, C), with probability ``p``, through ``gamma_channel`` on the head's pixels (any
+    channel non-zero; the background stays 0), gamma drawn from ``GAMMA_RANGE``'s lower or upper part alike."""
+    head = np.any(img != 0, axis=-1)
+    if head.sum() < 2:
+        return
+    for c in range(img.shape[-1]):
+        if rng.random() < p:
+            lo, hi = GAMMA_RANGE
+            g = rng.uniform(lo, 1.0) if rng.random() < 0.5 else rng.uniform(1.0, hi)
+            img[..., c][head] = gamma_channel(img[..., c][head], g)
 
 
 def augment(imgs: np.ndarray, msks: np.ndarray, rng: np.random.Generator,
-            scale: float = AUG_SCALE, shift: float = AUG_SHIFT):
-    """Random flips, 90-degree rotations (square images) and intensity scale/shift.
+            scale: float = AUG_SCALE, shift: float = AUG_SHIFT, gamma: float = 0.0):
+    """Random flips, 90-degree rotations (square images), gamma (with probability ``gamma`` per channel), and
+    intensity scale/shift.
 
     Geometric changes apply to image and mask alike; intensity only to the image, each channel
     (modality) its own factor in [1 - ``scale``, 1 + ``scale``] and offset in [-``shift``, ``shift``].
+    ``gamma`` 0 draws nothing for it: the other draws are those of an augmentation without it.
     """
     imgs, msks = imgs.copy(), msks.copy()
     square = imgs.shape[1] == imgs.shape[2]
     for i in range(imgs.shape[0]):
+        if gamma > 0:
+            _gamma(imgs[i], gamma, rng)
         if rng.random() < 0.5:
             imgs[i], msks[i] = imgs[i, :, ::-1], msks[i, :, ::-1]
         if rng.random() < 0.5:
@@ -172,7 +202,7 @@ def train_dataset(source, *, batch_size: int, rank: int, size: int, epoch: int, 
                   cap: int = 0, augment_on: bool = True, start: int = 0,
                   start_sample: int | None = None, foreground_fraction: float = 0.0,
                   background_fraction: float = 1.0, aug_scale: float = AUG_SCALE,
-                  aug_shift: float = AUG_SHIFT):
+                  aug_shift: float = AUG_SHIFT, aug_gamma: float = 0.0):
     """(``Batches`` of this rank's (images, masks) for the rest of one epoch, their number).
 
     The epoch continues at sample ``start_sample`` (default ``start`` global batches in),
@@ -195,7 +225,7 @@ def train_dataset(source, *, batch_size: int, rank: int, size: int, epoch: int, 
             imgs, msks = source.read(idx)
             if augment_on:
                 imgs, msks = augment(imgs, msks, np.random.default_rng([seed, 104729, epoch, rank, start + i]),
-                                     aug_scale, aug_shift)
+                                     aug_scale, aug_shift, aug_gamma)
             yield imgs.astype(np.float32, copy=False), msks.astype(np.float32, copy=False)
 
     return Batches(gen, len(batches)), len(batches)
