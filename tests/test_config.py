@@ -37,6 +37,7 @@ def test_data_defaults_to_data_brats_h5_unless_synthetic():
     (["--synthetic", "--aug_scale", "-0.1"], "--aug_scale"),
     (["--synthetic", "--aug_shift", "-0.1"], "--aug_shift"),
     (["--synthetic", "--aug_gamma", "1.5"], "--aug_gamma"),
+    (["--synthetic", "--aug_bias", "-0.1"], "--aug_bias"),
     (["--synthetic", "--foreground_fraction", "1.5"], "--foreground_fraction"),
     (["--synthetic", "--foreground_fraction", "-0.1"], "--foreground_fraction"),
     (["--synthetic", "--background_fraction", "1.1"], "--background_fraction"),

@@ -149,6 +149,34 @@ def test_augment_gamma_curves_the_head_and_leaves_the_background(p):
     assert curved == (48 if p == 1 else 0)
 
 
+def test_bias_field_by_hand():
+    from unet.data.pipeline import bias_field
+    e = np.e
+    assert np.allclose(bias_field((3, 3), (1, 0, 0, 0, 0)), [[1 / e, 1, e]] * 3, rtol=1e-6)        # exp(x)
+    assert np.allclose(bias_field((3, 3), (0, 0, 0, 0, 1)), [[e, 1, 1 / e], [1, 1, 1], [1 / e, 1, e]], rtol=1e-6)
+    assert np.allclose(bias_field((2, 2), (0, 0.5, 0, 0.5, 0)), [[1, 1], [e, e]], rtol=1e-6)       # exp(y/2 + y^2/2)
+
+
+def test_augment_bias_moves_the_head_smoothly_and_leaves_the_background():
+    """--aug_bias B: z -> (z + k) * field - k on the head (k in [2, 5], the field's coefficients in [-B, B],
+    so |log field| <= 5 B); the background stays 0, every channel moves, the masks follow the geometry alone."""
+    rng = np.random.default_rng(5)
+    img = rng.normal(0, 1, (8, 16, 16, 4)).astype(np.float32)
+    img[:, :3] = 0
+    msk = (rng.random((8, 16, 16, 3)) < 0.3).astype(np.float32)
+    a_img, a_msk = augment(img, msk, np.random.default_rng(0), scale=0.0, shift=0.0, bias=0.1)
+    moved = 0
+    for i in range(8):
+        t_img = next(t for t, tm in zip(dihedral(img[i]), dihedral(msk[i]))
+                     if np.array_equal(tm, a_msk[i]) and np.array_equal(t == 0, a_img[i] == 0))
+        head = np.any(t_img != 0, axis=-1)
+        assert np.all(a_img[i][~head] == 0)
+        bound = (np.abs(t_img[head]) + 5) * (np.exp(0.5) - 1) + 1e-5
+        assert np.all(np.abs(a_img[i][head] - t_img[head]) <= bound)
+        moved += int((np.abs(a_img[i][head] - t_img[head]).max(axis=0) > 1e-3).sum())
+    assert moved == 32
+
+
 def test_validation_batches_are_the_stored_slices_unaugmented(tmp_path):
     import h5py
     from h5fixture import write_h5

@@ -150,20 +150,46 @@ def _gamma(img: np.ndarray, p: float, rng: np.random.Generator) -> None:
             img[..., c][head] = gamma_channel(img[..., c][head], g)
 
 
+BIAS_K = (2.0, 5.0)   # mean / std of a skull-stripped brain's intensities, the z-scores' offset from 0 signal
+
+
+def bias_field(shape: tuple[int, int], coeffs) -> np.ndarray:
+    """exp(a x + b y + c x^2 + d y^2 + e x y) over an (H, W) grid, x and y running over [-1, 1]: a smooth
+    multiplicative field, the shape of an MR coil's bias (``coeffs`` = (a, b, c, d, e))."""
+    y, x = np.meshgrid(np.linspace(-1, 1, shape[0]), np.linspace(-1, 1, shape[1]), indexing="ij")
+    a, b, c, d, e = coeffs
+    return np.exp(a * x + b * y + c * x * x + d * y * y + e * x * y).astype(np.float32)
+
+
+def _bias(img: np.ndarray, amp: float, rng: np.random.Generator) -> None:
+    """Each channel of ``img`` (H, W, C) as if its intensities had met a bias field before the z-scoring: the
+    head's z-scores z taken back to a signal z + k (k drawn from ``BIAS_K``), times ``bias_field`` with
+    coefficients drawn from [-``amp``, ``amp``], less k. Normal tissue so turns brighter or darker by region,
+    as on a scanner; the background stays 0."""
+    head = np.any(img != 0, axis=-1)
+    for c in range(img.shape[-1]):
+        k = rng.uniform(*BIAS_K)
+        field = bias_field(img.shape[:2], rng.uniform(-amp, amp, 5))
+        img[..., c][head] = (img[..., c][head] + k) * field[head] - k
+
+
 def augment(imgs: np.ndarray, msks: np.ndarray, rng: np.random.Generator,
-            scale: float = AUG_SCALE, shift: float = AUG_SHIFT, gamma: float = 0.0):
+            scale: float = AUG_SCALE, shift: float = AUG_SHIFT, gamma: float = 0.0, bias: float = 0.0):
     """Random flips, 90-degree rotations (square images), gamma (with probability ``gamma`` per channel), and
     intensity scale/shift.
 
     Geometric changes apply to image and mask alike; intensity only to the image, each channel
     (modality) its own factor in [1 - ``scale``, 1 + ``scale``] and offset in [-``shift``, ``shift``].
-    ``gamma`` 0 draws nothing for it: the other draws are those of an augmentation without it.
+    ``bias`` > 0: each channel through ``_bias`` with coefficients up to ``bias``. ``gamma`` and ``bias`` 0
+    draw nothing: the other draws are then those of an augmentation without them.
     """
     imgs, msks = imgs.copy(), msks.copy()
     square = imgs.shape[1] == imgs.shape[2]
     for i in range(imgs.shape[0]):
         if gamma > 0:
             _gamma(imgs[i], gamma, rng)
+        if bias > 0:
+            _bias(imgs[i], bias, rng)
         if rng.random() < 0.5:
             imgs[i], msks[i] = imgs[i, :, ::-1], msks[i, :, ::-1]
         if rng.random() < 0.5:
@@ -202,7 +228,7 @@ def train_dataset(source, *, batch_size: int, rank: int, size: int, epoch: int, 
                   cap: int = 0, augment_on: bool = True, start: int = 0,
                   start_sample: int | None = None, foreground_fraction: float = 0.0,
                   background_fraction: float = 1.0, aug_scale: float = AUG_SCALE,
-                  aug_shift: float = AUG_SHIFT, aug_gamma: float = 0.0):
+                  aug_shift: float = AUG_SHIFT, aug_gamma: float = 0.0, aug_bias: float = 0.0):
     """(``Batches`` of this rank's (images, masks) for the rest of one epoch, their number).
 
     The epoch continues at sample ``start_sample`` (default ``start`` global batches in),
@@ -225,7 +251,7 @@ def train_dataset(source, *, batch_size: int, rank: int, size: int, epoch: int, 
             imgs, msks = source.read(idx)
             if augment_on:
                 imgs, msks = augment(imgs, msks, np.random.default_rng([seed, 104729, epoch, rank, start + i]),
-                                     aug_scale, aug_shift, aug_gamma)
+                                     aug_scale, aug_shift, aug_gamma, aug_bias)
             yield imgs.astype(np.float32, copy=False), msks.astype(np.float32, copy=False)
 
     return Batches(gen, len(batches)), len(batches)

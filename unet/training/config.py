@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="intensity augmentation: probability that a channel of a training image goes through a "
                         "gamma curve over its head's range (gamma in [0.7, 1.5], mean and spread kept; "
                         "nnU-Net's); 0 = none (default: %(default)s)")
+    g.add_argument("--aug_bias", type=float, default=0.0,
+                   help="intensity augmentation: each channel of a training image as if met by a smooth bias "
+                        "field (the exp of a quadratic in x, y with coefficients in [-B, B]) before the "
+                        "z-scoring; 0 = none (default: %(default)s)")
     g.add_argument("--foreground_fraction", type=float, default=0.0,
                    help="share of each rank's batch drawn from the training slices that hold tumour "
                         "(round(F x batch_size) of them; nnU-Net's oversampling), the rest from all slices "
@@ -194,6 +198,7 @@ def validate(a: argparse.Namespace) -> argparse.Namespace:
     need(0 <= a.aug_scale < 1, f"--aug_scale must be in [0, 1) (got {a.aug_scale})")
     need(a.aug_shift >= 0, f"--aug_shift must be >= 0 (got {a.aug_shift})")
     need(0 <= a.aug_gamma <= 1, f"--aug_gamma must be a probability in [0, 1] (got {a.aug_gamma})")
+    need(0 <= a.aug_bias <= 1, f"--aug_bias must be in [0, 1] (got {a.aug_bias})")
     need(0 <= a.dropout < 1, f"--dropout must be in [0, 1) (got {a.dropout})")
     need(0 <= a.foreground_fraction <= 1, f"--foreground_fraction must be in [0, 1] (got {a.foreground_fraction})")
     need(a.foreground_fraction == 0 or foreground_per_batch(a.foreground_fraction, a.batch_size) >= 1,
@@ -284,6 +289,7 @@ class TrainOptions:
     aug_scale: float                     # intensity augmentation (unet.data.pipeline.augment)
     aug_shift: float
     aug_gamma: float                     # probability per channel of a gamma curve
+    aug_bias: float                      # bias field coefficients' range
     clipnorm: float
     conv_grad: str                       # "auto", "tf" or "forward" (unet/training/convgrad.py)
     validation: bool
@@ -320,7 +326,7 @@ def options(a: argparse.Namespace) -> TrainOptions:
         num_threads=a.num_threads, num_inter_threads=a.num_inter_threads, blocktime=a.blocktime,
         batch_size=a.batch_size, epochs=a.epochs, steps_per_epoch=a.steps_per_epoch, seed=a.seed,
         augment=not a.no_augment, aug_scale=a.aug_scale, aug_shift=a.aug_shift,
-        aug_gamma=a.aug_gamma, clipnorm=a.clipnorm,
+        aug_gamma=a.aug_gamma, aug_bias=a.aug_bias, clipnorm=a.clipnorm,
         conv_grad=a.conv_grad,
         validation=not a.no_validation, checkpoint_every=a.checkpoint_every, commit_every=a.commit_every,
         step_timeout=a.step_timeout, keep_checkpoints=a.keep_checkpoints, resume=a.resume, fresh=a.fresh,

@@ -180,7 +180,8 @@ def one_epoch(job: Job, state, reporter, keeper, meta: dict, global_batch: int) 
                                    start=state.step_in_epoch, start_sample=state.sample,
                                    foreground_fraction=a.data.foreground_fraction,
                                    background_fraction=a.data.background_fraction,
-                                   aug_scale=a.aug_scale, aug_shift=a.aug_shift, aug_gamma=a.aug_gamma)
+                                   aug_scale=a.aug_scale, aug_shift=a.aug_shift, aug_gamma=a.aug_gamma,
+                                   aug_bias=a.aug_bias)
     reporter.epoch_start(epoch)
     for x, y in ds:
         lr = lr_at(a.schedule, state.step, size, per_epoch)
