@@ -3,12 +3,14 @@
 
 Trains, each on 2 ranks under mpirun as scripts/demo.sh does, with the demo's flags otherwise:
 
-* batch per rank {2, 4, 8} x learning rate {1e-4, 2e-4, 4e-4}, 3 epochs each (the demo's budget: about
-  1,332 training images whatever the batch on the demo's data), or fewer (``--epochs``: the first epochs of
-  the same run, as the schedule and the data order depend only on the step and the epoch; a later run
+* batch per rank {2, 4, 8} x learning rate {r/4, r/2, r} around the demo's rate r (1e-3: {2.5e-4, 5e-4, 1e-3};
+  ``--default_rate 4e-4`` gives the grid of the recipe before, {1e-4, 2e-4, 4e-4}), 4 epochs each (the demo's
+  budget: about 1,790 training images whatever the batch on the demo's data), or fewer (``--epochs``: the
+  first epochs of the same run, as the schedule and the data order depend only on the step and the epoch; a later run
   with more epochs continues from the last one's checkpoint);
-* the demo's own cell (batch 4, rate 4e-4; ``--default_rate`` for another recipe's) again with two more
-  seeds: a recipe whose result depends on the seed by more than ``SEED_SPREAD`` is a lucky one;
+* the demo's own cell (batch 4, rate 1e-3; ``--default_rate`` for another recipe's) again with two more
+  seeds: a recipe whose result depends on the seed by more than ``SEED_SPREAD`` is a lucky one; and that cell at
+  twice its rate (the change that made the recipe before collapse);
 * ``defaults``: no training flag at all, as ``mpirun -np N python train_hvd.py --data brats.h5`` runs
   (batch 128 per rank, the seed's rate 0.0005 scaled by the ranks, 10 epochs), always the full budget.
 
@@ -40,11 +42,11 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCHES = (2, 4, 8)
-RATES = (1e-4, 2e-4, 4e-4)
-DEFAULT_CELL = (4, 4e-4)          # the demo's batch per rank and rate (--default_rate: another rate's cell)
+RATE_STEPS = (0.25, 0.5, 1.0)     # the grid's rates as fractions of the default cell's
+DEFAULT_CELL = (4, 1e-3)          # the demo's batch per rank and rate (--default_rate: another rate's cell)
 SEEDS = (816, 1, 2)               # the trainer's default seed, and the default cell's two other ones
-DEMO_FLAGS = ""                   # scripts/demo.sh's training flags besides batch, rate and epochs (none)
-EPOCHS = 3                        # the demo's
+DEMO_FLAGS = "--norm group --aug_bias 0.1"   # scripts/demo.sh's training flags besides batch, rate and epochs
+EPOCHS = 4                        # the demo's
 COLLAPSE = {"WT": 0.5, "TC": 0.1, "ET": 0.1}   # final validation Dice below any of these: collapsed
 SEED_SPREAD = 0.03                # the default cell's seeds may differ by at most this per region
 REGIONS = ("WT", "TC", "ET")
@@ -52,14 +54,24 @@ VAL_LINE = re.compile(r"^validation epoch (\d+) step (\d+) loss \S+ (.*)$")
 
 
 def rate_name(rate: float) -> str:
-    return f"{rate:.0e}".replace("e-0", "e-")
+    """1e-3 -> '1e-3', 2.5e-4 -> '2.5e-4' (a cell's name)."""
+    mantissa, exponent = f"{rate:.1e}".split("e")
+    return f"{mantissa.removesuffix('.0')}e{int(exponent)}"
+
+
+def grid_rates(default_rate: float = DEFAULT_CELL[1]) -> list[float]:
+    """The grid's rates: ``RATE_STEPS`` of the default cell's, rounded to 3 significant digits."""
+    return [float(f"{default_rate * f:.3g}") for f in RATE_STEPS]
 
 
 def cells(default_rate: float = DEFAULT_CELL[1]) -> list[dict]:
-    """The grid, the default cell's other seeds, and the flag defaults, in the order they run."""
-    out = [dict(name=f"b{b}_lr{rate_name(r)}", batch=b, rate=r, seed=SEEDS[0]) for b in BATCHES for r in RATES]
+    """The grid, the default cell's other seeds, that cell at twice its rate, and the flag defaults, in the
+    order they run."""
+    out = [dict(name=f"b{b}_lr{rate_name(r)}", batch=b, rate=r, seed=SEEDS[0])
+           for b in BATCHES for r in grid_rates(default_rate)]
     b, r = DEFAULT_CELL[0], default_rate
     out += [dict(name=f"b{b}_lr{rate_name(r)}_seed{s}", batch=b, rate=r, seed=s) for s in SEEDS[1:]]
+    out.append(dict(name=f"b{b}_lr{rate_name(2 * r)}", batch=b, rate=2 * r, seed=SEEDS[0]))
     out.append(dict(name="defaults", batch=None, rate=None, seed=None))
     return out
 
@@ -255,7 +267,8 @@ def main(argv=None) -> int:
                    help=f"epochs of each grid cell (the demo's {EPOCHS}: its image budget; fewer for a first look, "
                         "continued later by a run with more; 'defaults' always runs its own 10)"),
     p.add_argument("--default_rate", type=float, default=DEFAULT_CELL[1],
-                   help="rate of the default cell, the one run again with a second seed (an older recipe's: 1e-4)")
+                   help="rate of the default cell, the one run again with other seeds and at twice the rate; the "
+                        "grid's rates are fractions of it (the recipe before: 4e-4, with --epochs 3 --flags '')")
     p.add_argument("--cells", default="", help="comma-separated cell names to run (default: all); see --list")
     p.add_argument("--np", type=int, default=2, help="ranks (mpirun -np)")
     p.add_argument("--preload", default="", help="library to LD_PRELOAD in every rank (e.g. an allocator)")

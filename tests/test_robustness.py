@@ -12,10 +12,15 @@ rb = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(rb)
 
 
-def test_grid_holds_every_batch_and_rate_the_default_cells_seeds_and_the_flag_defaults():
+def test_grid_holds_every_batch_and_rate_the_default_cells_seeds_twice_its_rate_and_the_flag_defaults():
     names = [c["name"] for c in rb.cells()]
-    assert names[:9] == [f"b{b}_lr{r}" for b in (2, 4, 8) for r in ("1e-4", "2e-4", "4e-4")]
-    assert names[9:] == ["b4_lr4e-4_seed1", "b4_lr4e-4_seed2", "defaults"]
+    assert names[:9] == [f"b{b}_lr{r}" for b in (2, 4, 8) for r in ("2.5e-4", "5e-4", "1e-3")]
+    assert names[9:] == ["b4_lr1e-3_seed1", "b4_lr1e-3_seed2", "b4_lr2e-3", "defaults"]
+    assert [c["rate"] for c in rb.cells()][:3] == [0.00025, 0.0005, 0.001]
+    # the recipe before: its grid and names as they were
+    old = [c["name"] for c in rb.cells(4e-4)]
+    assert old[:9] == [f"b{b}_lr{r}" for b in (2, 4, 8) for r in ("1e-4", "2e-4", "4e-4")]
+    assert old[9:11] == ["b4_lr4e-4_seed1", "b4_lr4e-4_seed2"]
 
 
 def demo_train_flags() -> tuple[list[str], dict]:
@@ -44,10 +49,10 @@ def test_grid_cells_run_the_demos_flags_and_the_defaults_cell_none():
     a = SimpleNamespace(out="/o", np=2, preload="", trainer="t.py", data="d.h5", epochs=3,
                         flags="--bce_weight 2")
     by_name = {c["name"]: c for c in rb.cells()}
-    cmd = rb.cell_command(by_name["b2_lr1e-4"], a)
+    cmd = rb.cell_command(by_name["b2_lr2.5e-4"], a)
     assert cmd[:4] == ["mpirun", "-np", "2", "--oversubscribe"]
     i = cmd.index("--batch_size")
-    assert cmd[i:i + 8] == ["--batch_size", "2", "--learningrate", "0.0001", "--epochs", "3", "--seed", "816"]
+    assert cmd[i:i + 8] == ["--batch_size", "2", "--learningrate", "0.00025", "--epochs", "3", "--seed", "816"]
     assert cmd[i + 8:i + 10] == ["--bce_weight", "2"]
     assert "--bce_weight" not in rb.cell_command(by_name["defaults"], a)
 
@@ -65,26 +70,26 @@ def test_validation_history_takes_the_last_line_of_a_resumed_epoch(tmp_path):
 
 
 def result(name, seed, finals):
-    return dict(name=name, batch=4, rate=4e-4, seed=seed, validation=finals, final=finals[-1],
+    return dict(name=name, batch=4, rate=1e-3, seed=seed, validation=finals, final=finals[-1],
                 collapsed=rb.collapsed(finals[-1]), wall_s=1.0)
 
 
 def test_seed_spread_is_the_largest_regions_range_over_all_seeds():
     assert abs(rb.seed_spread([[0.9, 0.8, 0.7], [0.92, 0.79, 0.69], [0.91, 0.83, 0.7]]) - 0.04) < 1e-12
-    near = [result("b4_lr4e-4", 816, [[0.93, 0.92, 0.87]]), result("b4_lr4e-4_seed1", 1, [[0.94, 0.91, 0.86]]),
-            result("b4_lr4e-4_seed2", 2, [[0.92, 0.93, 0.88]])]
+    near = [result("b4_lr1e-3", 816, [[0.93, 0.92, 0.87]]), result("b4_lr1e-3_seed1", 1, [[0.94, 0.91, 0.86]]),
+            result("b4_lr1e-3_seed2", 2, [[0.92, 0.93, 0.88]])]
     text = rb.table(near)
     assert "seeds 816, 1, 2: largest difference 0.020 (within 0.03)" in text
     assert "collapsed: 0 of 3 cells" in text
-    far = near[:2] + [result("b4_lr4e-4_seed2", 2, [[0.88, 0.93, 0.88]])]
+    far = near[:2] + [result("b4_lr1e-3_seed2", 2, [[0.88, 0.93, 0.88]])]
     assert "largest difference 0.060 (beyond 0.03)" in rb.table(far)
 
 
 def test_held_out_scores_get_a_column_and_a_seed_verdict_of_their_own():
     score = "/runs/tune3.h5"
-    runs = [dict(result("b4_lr4e-4", 816, [[0.935, 0.932, 0.874]]), scores={score: [0.951, 0.915, 0.887]}),
-            dict(result("b4_lr4e-4_seed1", 1, [[0.869, 0.919, 0.859]]), scores={score: [0.947, 0.909, 0.865]}),
-            result("b4_lr4e-4_seed2", 2, [[0.879, 0.924, 0.876]])]          # not scored: no column value
+    runs = [dict(result("b4_lr1e-3", 816, [[0.935, 0.932, 0.874]]), scores={score: [0.951, 0.915, 0.887]}),
+            dict(result("b4_lr1e-3_seed1", 1, [[0.869, 0.919, 0.859]]), scores={score: [0.947, 0.909, 0.865]}),
+            result("b4_lr1e-3_seed2", 2, [[0.879, 0.924, 0.876]])]          # not scored: no column value
     text = rb.table(runs, score=score)
     head, rule, first, _, third = text.splitlines()[:5]
     assert "held-out Dice WT / TC / ET (tune3.h5)" in head and rule.count("|---") == head.count("|") - 1
