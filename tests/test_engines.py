@@ -184,3 +184,42 @@ def test_an_engine_or_exporter_that_is_not_installed_is_one_line(exported, tmp_p
     assert p.returncode == 2 and p.stderr.startswith("train_hvd.py: error: --export openvino,onnx: the openvino "
                                                      "export needs the openvino package(s), not installed")
     assert len(p.stderr.strip().splitlines()) == 1 and not (tmp_path / "logs").exists()
+
+
+def test_group_normalised_network_exports_in_the_convolutions_layout_and_computes_the_same(exported, tmp_path):
+    """--norm group: the ONNX graph (and the IR made from it) runs each normalisation in NCHW, so it holds
+    no more transposes than the network without normalisation, and every engine gives Keras' probabilities."""
+    import keras
+    import onnx
+
+    from unet.inference import engines as E
+    from unet.inference.export import main as export
+    from unet.model import build_unet
+    from unet.modelfolder import save_model as export_model
+    keras.utils.set_random_seed(11)
+    model = build_unet(32, 32, 4, 3, dropout=0.0, norm="group", activation="leaky_relu")
+    rng = np.random.default_rng(5)
+    for layer in model.layers:      # gamma and beta away from 1 and 0, so a lost or misplaced one shows
+        if type(layer).__name__ == "GroupNormalization":
+            gamma, beta = layer.get_weights()
+            layer.set_weights([rng.uniform(0.5, 1.5, gamma.shape).astype(np.float32),
+                               rng.normal(0, 0.3, beta.shape).astype(np.float32)])
+    meta = meta_of(exported / "model")
+    meta.pop("exports", None)
+    export_model(str(tmp_path / "gn"), model, meta)
+    assert export(["--model", str(tmp_path / "gn"), "--format", "openvino", "onnx", "--no_measure"]) == 0
+    graph = onnx.load(str(tmp_path / "gn" / "model.onnx")).graph
+    plain = onnx.load(str(exported / "model" / "model.onnx")).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("InstanceNormalization") == 18 and ops.count("LeakyRelu") == 18
+    assert ops.count("Transpose") == [n.op_type for n in plain.node].count("Transpose")
+    recorded = meta_of(tmp_path / "gn")["exports"]
+    assert "18 group norms in NCHW" in recorded["onnx"]["exporter"]
+    assert "convert_model" in recorded["openvino"]["exporter"]
+    x = rng.normal(size=(6, 32, 32, 4)).astype(np.float32)
+    want = np.asarray(model(x, training=False))
+    assert 0.05 < want.std()                  # probabilities that differ from slice to slice and pixel to pixel
+    for engine in ("openvino", "onnxruntime"):
+        got = E.open_engine(engine, str(tmp_path / "gn"), meta_of(tmp_path / "gn"), 1)(x)
+        # float32 rounding in another order (the normalisation's sums among them): a few 1e-7 measured
+        assert np.abs(got - want).max() <= 1e-4, engine

@@ -5,12 +5,15 @@
 
 Writes, beside ``model.keras`` (or into ``--out`` with a copy of it), ``model.xml`` + ``model.bin``
 (OpenVINO IR, ``model.export(format="openvino")``), ``model.onnx`` (``format="onnx"``, through
-tf2onnx) and ``saved_model/`` (``format="tf_saved_model"``), then measures every engine that can
-run the folder (``unet.inference.engines``: a few batches of random slices of the model's input shape,
-engines interleaved, median slices/s) and records in ``model.json`` under ``exports``: each file,
-the exporter, the input the files expect (shape, layout, channels and the training data's
-preprocessing) and the output, and the measured speeds that pick ``unet-predict``'s default engine.
-The trainer calls ``add_exports`` on rank 0 at the end of training (``--export``).
+tf2onnx) and ``saved_model/`` (``format="tf_saved_model"``). A network with group normalisation
+(``--norm group|instance``) gets its ONNX graph's normalisations put in the convolutions' layout
+(``unet.inference.onnx_groupnorm``), and its IR converted from that graph by OpenVINO. Then it
+measures every engine that can run the folder (``unet.inference.engines``: a few batches of random
+slices of the model's input shape, engines interleaved, median slices/s) and records in
+``model.json`` under ``exports``: each file, the exporter, the input the files expect (shape,
+layout, channels and the training data's preprocessing) and the output, and the measured speeds
+that pick ``unet-predict``'s default engine. The trainer calls ``add_exports`` on rank 0 at the end of
+training (``--export``).
 
 ``--int8`` adds ``model_int8.xml`` + ``.bin``: the OpenVINO IR quantised by NNCF on training slices,
 with the volume Dice it costs on the validation cases measured and recorded (``unet.inference.quantize``).
@@ -71,18 +74,52 @@ def float32_model(model):
     return clone
 
 
-def write_format(model, folder: str, fmt: str) -> dict:
+def fused_onnx(model, path: str) -> int:
+    """A normalised network's ONNX at ``path``: Keras' export, its group normalisations then put in the
+    convolutions' layout; returns how many were."""
+    import onnx
+
+    from unet.inference.onnx_groupnorm import fuse_group_norms, group_norms_of
+    with warnings.catch_warnings():   # Keras' own patch of tf2onnx for numpy 2 trips a FutureWarning
+        warnings.simplefilter("ignore", FutureWarning)
+        model.export(path, format="onnx", verbose=False)
+    graph, fused = fuse_group_norms(onnx.load(path), group_norms_of(model))
+    if fused:
+        onnx.checker.check_model(graph)
+        onnx.save(graph, path)
+    return fused
+
+
+def write_format(model, folder: str, fmt: str, onnx_written: str | None = None) -> dict:
     """One format through ``model.export``, under a temporary name then renamed: a reader finds the
-    previous file or the new one, never half of one. Returns its record for model.json."""
+    previous file or the new one, never half of one. Returns its record for model.json. A network with
+    group normalisation goes to ONNX and OpenVINO through ``fused_onnx`` when the ONNX exporter is here
+    (``onnx_written``: that file, written by this export already, for the IR to be converted from)."""
     import keras
     name, pid = E.FILES[fmt], os.getpid()
     final = os.path.join(folder, name)
     stem, ext = os.path.splitext(name)
     tmp = os.path.join(folder, f".{stem}.tmp-{pid}{ext}")
-    with warnings.catch_warnings():   # Keras' own patch of tf2onnx for numpy 2 trips a FutureWarning
-        warnings.simplefilter("ignore", FutureWarning)
-        model.export(tmp, format=KERAS_FORMAT[fmt], verbose=False)
-    record = {"file": name, "exporter": f"keras {keras.__version__} model.export(format={KERAS_FORMAT[fmt]!r})"}
+    exporter = f"keras {keras.__version__} model.export(format={KERAS_FORMAT[fmt]!r})"
+    if fmt in ("onnx", "openvino") and has_group_norm(model) and not E.export_missing("onnx"):
+        onnx_path = tmp if fmt == "onnx" else os.path.join(folder, f".{stem}.tmp-{pid}.onnx")
+        if onnx_written:
+            shutil.copy2(onnx_written, onnx_path)
+            fused = len(group_norms_in(onnx_path))
+        else:
+            fused = fused_onnx(model, onnx_path)
+        exporter = f"keras {keras.__version__} model.export(format='onnx'), {fused} group norms in NCHW " \
+                   f"(unet.inference.onnx_groupnorm)"
+        if fmt == "openvino":
+            import openvino as ov
+            ov.save_model(ov.convert_model(onnx_path), tmp, compress_to_fp16=False)
+            os.remove(onnx_path)
+            exporter += f", openvino {ov.__version__} convert_model"
+    else:
+        with warnings.catch_warnings():   # Keras' own patch of tf2onnx for numpy 2 trips a FutureWarning
+            warnings.simplefilter("ignore", FutureWarning)
+            model.export(tmp, format=KERAS_FORMAT[fmt], verbose=False)
+    record = {"file": name, "exporter": exporter}
     if fmt == "openvino":      # the IR is two files: the weights first, so the graph never names absent ones
         os.replace(tmp[:-len(ext)] + ".bin", os.path.join(folder, stem + ".bin"))
         record["weights"] = stem + ".bin"
@@ -92,6 +129,16 @@ def write_format(model, folder: str, fmt: str) -> dict:
     runtime = [E.PACKAGE[e] for e, f in E.FORMAT.items() if f == fmt]     # the engine that reads it
     record["versions"] = {p: _version(p) for p in (*E.EXPORT_NEEDS[fmt], *runtime)}
     return record
+
+
+def group_norms_in(onnx_path: str) -> list[str]:
+    """The group normalisations ``fuse_group_norms`` put in NCHW in an ONNX file (by their nodes' names)."""
+    import onnx
+    return [n.name for n in onnx.load(onnx_path).graph.node if n.op_type == "InstanceNormalization"]
+
+
+def has_group_norm(model) -> bool:
+    return any(type(layer).__name__ == "GroupNormalization" for layer in model.layers)
 
 
 def _version(distribution: str) -> str:
@@ -131,8 +178,12 @@ def add_exports(folder: str, model, meta: dict, formats, *, threads: int, measur
     exports = dict(meta.get("exports") or {})
     if os.path.isfile(os.path.join(folder, E.FILES["keras"])):
         exports["keras"] = {"file": E.FILES["keras"]}
-    for fmt in formats:
-        exports[fmt] = write_format(net, folder, fmt)
+    if formats:       # Keras' ONNX exporter refuses a model never called (its OpenVINO exporter calls it)
+        net(np.zeros((1, *net.input_shape[1:]), np.float32), training=False)
+    written = None
+    for fmt in sorted(formats, key=lambda f: f != "onnx"):     # ONNX first: a normalised IR is made from it
+        exports[fmt] = write_format(net, folder, fmt, written if has_group_norm(net) else None)
+        written = os.path.join(folder, E.FILES["onnx"]) if fmt == "onnx" else written
         if fmt == "openvino":          # an int8 IR of the previous fp32 one would no longer match it
             drop_int8(folder, exports)
     exports.update(io_record(meta))
