@@ -2,7 +2,8 @@
 
 The seed's region-pooled Dice lets the whole tumour dominate: trained like this it leaves the
 tumour core and the enhancing tumour near zero (docs/TRAINING.md). The default loss must not.
-And a rate that made the earlier recipe collapse to all-background trains with today's defaults.
+And the demo's recipe trains at a smaller batch and a higher rate than the setting that made the earlier
+recipe collapse to all-background.
 """
 import os
 import re
@@ -53,21 +54,23 @@ def test_two_rank_training_learns_tumour_core_and_enhancing_tumour(small_cases):
         assert dice[region] >= least, (region, dice)
 
 
-# Batch 4 per rank at rate 0.0004 on the same data: the recipe before --head_bias prior became the default
-# ended at validation Dice WT 0.0001, TC 0.0010, ET 0.0018 (all-background from the first epoch on), the
-# default one at WT 0.906, TC 0.729, ET 0.494 (scripts/robustness.py, docs/TRAINING.md "Robustness"). Required:
-# well clear of the collapse (the grid's own line is WT 0.5, TC and ET 0.1), about two thirds of what was measured.
-MIN_DICE_HIGH_RATE = {"WT": 0.60, "TC": 0.40, "ET": 0.25}
+# The demo's recipe (group normalisation at rate 0.001, the bias-field augmentation) at batch 2 per rank: half
+# the batch, and 2.5x the rate, of the setting that sent the recipe before --head_bias prior into all-background
+# on this data (batch 4, rate 0.0004: validation Dice WT 0.0001, TC 0.0010, ET 0.0018 from the first epoch on;
+# scripts/robustness.py, docs/TRAINING.md "Robustness"). Measured (2026-12-07, a 2-core Xeon, oneDNN held to
+# AVX2): the exported epoch at WT 0.935, TC 0.902, ET 0.832; required: two thirds of that, far above the grid's
+# collapse line (WT 0.5, TC and ET 0.1), a margin for another CPU's rounding taking training down another path.
+DEMO_RECIPE = ["--norm", "group", "--aug_bias", "0.1", "--learningrate", "0.001"]
+MIN_DICE_SMALL_BATCH = {"WT": 0.62, "TC": 0.60, "ET": 0.55}
 
 
-def test_rate_that_collapsed_the_old_recipe_now_trains(small_cases):
-    logdir = small_cases / "logs_high_rate"
+def test_demo_recipe_at_batch_two_trains_where_the_old_recipe_collapsed(small_cases):
+    logdir = small_cases / "logs_batch_two"
     p = run_mpi(2, [os.path.join(ROOT, "train_hvd.py"), "--data", str(small_cases / "d.h5"), "--logdir", str(logdir),
-                    "--batch_size", "4", "--epochs", "4", "--learningrate", "0.0004", "--log_every", "5",
-                    "--export", "none"],
+                    "--batch_size", "2", "--epochs", "4", *DEMO_RECIPE, "--log_every", "5", "--export", "none"],
                 timeout=2 * HANG)
     assert p.returncode == 0, p.stderr[-3000:]
     dice = exported_dice(p.stdout)
     print("validation Dice of the exported model:", dice)
-    for region, least in MIN_DICE_HIGH_RATE.items():
+    for region, least in MIN_DICE_SMALL_BATCH.items():
         assert dice[region] >= least, (region, dice)
