@@ -163,6 +163,19 @@ def test_flip_tta_is_the_mean_of_the_four_mirrored_predictions():
     want = (s * ramp + s * ramp[:, :, ::-1]) / 2
     assert np.allclose(pred.network_output(x, tta=True), want, atol=1e-6)
     assert np.allclose(pred.network_output(x, tta=False), s * ramp, atol=1e-6)
+    assert np.allclose(pred.network_output(x, tta="all"), want, atol=1e-6)
+    # left-right only: the slice and its left-right mirror, so the same mean here (the ramp is left-right)
+    assert np.allclose(pred.network_output(x, tta="lr"), want, atol=1e-6)
+
+
+def test_tta_flag_values():
+    assert options_from_args(_ns()).tta == ""
+    ap = argparse.ArgumentParser()
+    add_flags(ap)
+    assert options_from_args(ap.parse_args(["--tta"])).tta == "all"
+    assert options_from_args(ap.parse_args(["--tta", "lr"])).tta == "lr"
+    with pytest.raises(SystemExit):
+        ap.parse_args(["--tta", "ud"])
 
 
 @pytest.mark.parametrize("tool", ["unet.evaluation.evaluate", "unet.inference.predict"])
@@ -177,3 +190,41 @@ def test_a_bad_post_processing_flag_is_one_line_before_any_work(tool, tmp_path, 
     prog = "unet-" + tool.rsplit(".", 1)[1]
     assert err == [f"{prog}: error: --et_min_mm3 must be >= 0 (got -5.0)"]
     assert not (tmp_path / "o").exists()
+
+
+class _Counting:
+    """A model that answers 'tumour' (probability sigmoid(2 + x)) everywhere, even on an empty slice,
+    and counts the slices it is given."""
+    def __init__(self):
+        self.seen = 0
+
+    def __call__(self, x, training=False):
+        self.seen += len(x)
+        return np.repeat(1 / (1 + np.exp(-(2.0 + x[..., :1]))), 3, axis=-1)
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_slices_without_a_head_voxel_are_not_run_and_the_masks_are_those_of_every_slice_run(tta):
+    from unet.data import preprocess as P
+    from unet.inference.predictor import Predictor
+    pred = Predictor.__new__(Predictor)
+    pred._model, pred.batch_size, pred.regions = _Counting(), 4, L.REGIONS
+    pred.size, pred.inplane, pred.normalisation, pred.crop_margin = 8, "crop_resize", P.NORMALISATION, 1
+    chans = np.zeros((2, 7, 12, 12), np.float32)
+    chans[:, 2:5, 3:9, 4:10] = np.random.default_rng(0).uniform(1, 5, size=(2, 3, 6, 6))   # slices 2-4 hold the head
+    flips = 4 if tta else 1
+    full, brain = pred.probabilities(chans, tta)
+    assert pred._model.seen == 7 * flips and full[0].max() > 0.5    # the model answers on an empty slice too
+    pred._model.seen = 0
+    part, _ = pred.probabilities(chans, tta, head_only=True)
+    assert pred._model.seen == 3 * flips
+    assert np.array_equal(part[2:5], full[2:5]) and not part[:2].any() and not part[5:].any()
+    pred._model.seen = 0
+    post = PostOptions(tta=tta, min_component_mm3=0)
+    masks = pred.regions_mask(chans, (1.0, 1.0, 1.0), post)
+    assert pred._model.seen == 3 * flips
+    assert np.array_equal(masks, postprocess(full, brain, L.REGIONS, (1.0, 1.0, 1.0), post))
+    assert masks[..., 0].sum() > 0
+    pred._model.seen = 0      # without the head mask the network's answer everywhere is kept: every slice runs
+    raw = pred.regions_mask(chans, (1.0, 1.0, 1.0), PostOptions(tta=tta, head_mask=False, min_component_mm3=0))
+    assert pred._model.seen == 7 * flips and raw[0, ..., 0].any()

@@ -70,16 +70,18 @@ class Ensemble:
     def read(self, case):
         return self.predictors[0].read(case)
 
-    def probabilities(self, chans: np.ndarray, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """(C,z,y,x) raw intensities -> (mean over the models of their (z,y,x,R) probabilities, head mask)."""
+    def probabilities(self, chans: np.ndarray, tta=False,
+                      head_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(C,z,y,x) raw intensities -> (mean over the models of their (z,y,x,R) probabilities, head mask);
+        ``head_only`` as for one model (``Predictor.probabilities``)."""
         total, brain = None, None
         for p in self.predictors:
-            probs, brain = p.probabilities(chans, tta)
+            probs, brain = p.probabilities(chans, tta, head_only)
             total = probs.astype(np.float32) if total is None else total + probs
         return total / np.float32(len(self.predictors)), brain
 
     def regions_mask(self, chans: np.ndarray, spacing, post: PostOptions = PostOptions()) -> np.ndarray:
-        probs, brain = self.probabilities(chans, post.tta)
+        probs, brain = self.probabilities(chans, post.tta, head_only=post.head_mask)
         return postprocess(probs, brain, self.regions, spacing, post)
 
     def label_map(self, masks: np.ndarray, labels: str) -> np.ndarray:

@@ -32,6 +32,7 @@ import numpy as np
 
 from unet.distributed.ranks import inference_threads
 from unet.inference import engines as E
+from unet.inference.postprocess import tta_flips
 from unet.inference.predictor import Predictor, reference_image
 from unet.inference.timing import interleaved, segment_case, warm_up
 from unet.perf import flops
@@ -97,8 +98,9 @@ def run(model: str, cases, post, *, threads: int = 0, repeats: int = 3, engines=
                           diff=float(np.abs(probs0[name] - probs0["tensorflow"]).max()) if "tensorflow" in probs0
                           else float("nan"))
     slices = sum(n for _, (_, n) in next(iter(timed.values())))
+    tta_note = f" (flip TTA: {len(tta_flips(post.tta))} passes each)" if post.tta else ""
     print(f"benchmark: model {model}; {len(data)} case(s) x {repeats} round(s), {slices} slices per engine"
-          f"{' (flip TTA: 4 passes each)' if post.tta else ''}; batch {first.batch_size}; threads {threads} per "
+          f"{tta_note}; batch {first.batch_size}; threads {threads} per "
           f"engine; {fwd_flops / 1e9:.2f} GFLOP per slice; fp32 peak {peak / 1e9:.0f} GFLOP/s ({how}); "
           f"load average {load0:.2f} before, {load1:.2f} after")
     for line in skipped:

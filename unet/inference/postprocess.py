@@ -16,7 +16,7 @@ Used alike by unet-predict and unet-evaluate --model, so what is scored is what 
    often a false positive than a real small enhancing tumour and an ET-free case scores
    Dice 0 for any of them.
 
-Flip test-time augmentation (``--tta``) acts before this, on the network's input and output
+Flip test-time augmentation (``--tta``, ``--tta lr``) acts before this, on the network's input and output
 (``unet.inference.predict``). Volumes are in mm³ from the voxel spacing, so the same flag means the
 same thing at any resolution.
 """
@@ -49,14 +49,26 @@ class PostOptions:
     wt_components: str = DEFAULT_WT_COMPONENTS
     min_component_mm3: float = DEFAULT_MIN_COMPONENT_MM3
     et_min_mm3: float = DEFAULT_ET_MIN_MM3
-    tta: bool = False
+    tta: str = ""      # "" (off), or a key of TTA_FLIPS
+
+
+# --tta: the mirror images averaged, as axes of (z, y, x, C) to flip; "all" is what --tta alone gives
+TTA_FLIPS = {"all": ((), (2,), (1,), (1, 2)), "lr": ((), (2,))}
+
+
+def tta_flips(tta) -> tuple:
+    """The flips of a --tta value ("" or False: none, True: "all"), the unflipped slice first."""
+    if not tta:
+        return ((),)
+    return TTA_FLIPS["all" if tta is True else tta]
 
 
 def add_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("post-processing (the same for unet-predict and unet-evaluate --model)")
-    g.add_argument("--tta", action="store_true",
-                   help="flip test-time augmentation: mean of the predictions of the slice and its "
-                        "left-right, up-down and both-way mirror images (4x the inference time)")
+    g.add_argument("--tta", nargs="?", const="all", default="", choices=sorted(TTA_FLIPS), metavar="{all,lr}",
+                   help="flip test-time augmentation: the mean of the predictions of the slice and its mirror "
+                        "images; --tta (all): left-right, up-down and both-way (4x the inference time); "
+                        "--tta lr: left-right only (2x)")
     g.add_argument("--no_head_mask", action="store_true",
                    help="keep predictions where every modality is zero (outside the head)")
     g.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,

@@ -3,9 +3,9 @@ masks and label maps on the case's own grid.
 
 The preprocessing (modalities and their order, z-score over brain voxels, in-plane size and
 crop/resize) is read from the model folder's ``model.json`` (``unet.modelfolder``), written at training
-time from the data file's metadata; nothing is re-typed. Every axial slice is predicted (with TTA,
-mirrored too), the in-plane step undone, and the probabilities post-processed
-(``unet.inference.postprocess``). The network runs in one of the inference engines
+time from the data file's metadata; nothing is re-typed. Every axial slice with a head voxel is predicted
+(with TTA, mirrored too; the others are background by the head mask), the in-plane step undone, and the
+probabilities post-processed (``unet.inference.postprocess``). The network runs in one of the inference engines
 (``unet.inference.engines``); all the rest is the same for each.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from unet.data import preprocess as P
 from unet.data.layouts import Case
 from unet.data.nifti import Options, read_case
 from unet.inference import engines as E
-from unet.inference.postprocess import PostOptions, postprocess
+from unet.inference.postprocess import PostOptions, postprocess, tta_flips
 from unet.modelfolder import META, ModelError, locate, read_meta
 
 FILE_ENGINE = {".keras": "tensorflow", ".xml": "openvino", ".onnx": "onnxruntime"}
@@ -87,12 +87,12 @@ class Predictor:
         return np.concatenate([np.asarray(self.model(slices[i:i + self.batch_size], training=False))
                                for i in range(0, len(slices), self.batch_size)])
 
-    def network_output(self, slices: np.ndarray, tta: bool = False) -> np.ndarray:
-        """(z, size, size, C) input slices -> (z, size, size, R) probabilities; with ``tta`` the mean
-        over the slices and their mirror images (left-right, up-down, both), each flipped back."""
+    def network_output(self, slices: np.ndarray, tta=False) -> np.ndarray:
+        """(z, size, size, C) input slices -> (z, size, size, R) probabilities; with ``tta`` (a --tta value:
+        True or "all", "lr") the mean over the slices and their mirror images, each flipped back."""
         if not tta:
             return self._forward(slices)
-        flips = ((), (2,), (1,), (1, 2))     # axes of (z, y, x, C) to mirror
+        flips = tta_flips(tta)
         total = np.zeros(slices.shape[:3] + (len(self.regions),), np.float32)
         for axes in flips:
             x = np.flip(slices, axes) if axes else slices
@@ -100,15 +100,25 @@ class Predictor:
             total += np.flip(out, axes) if axes else out
         return total / len(flips)
 
-    def probabilities(self, chans: np.ndarray, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """(C,z,y,x) raw intensities -> ((z,y,x,R) probabilities on the input grid, (z,y,x) head mask)."""
+    def probabilities(self, chans: np.ndarray, tta=False,
+                      head_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(C,z,y,x) raw intensities -> ((z,y,x,R) probabilities on the input grid, (z,y,x) head mask).
+        ``head_only``: the network runs only on the slices with a head voxel, the others get probability 0
+        (what the head mask of the post-processing makes of any answer there)."""
         inp = self.network_input(chans)
-        return P.to_case_grid(self.network_output(inp.slices, tta), inp), inp.brain
+        if not head_only:
+            return P.to_case_grid(self.network_output(inp.slices, tta), inp), inp.brain
+        keep = head_slices(inp.brain)
+        out = np.zeros(inp.slices.shape[:3] + (len(self.regions),), np.float32)
+        if keep.any():
+            out[keep] = self.network_output(inp.slices[keep], tta)
+        return P.to_case_grid(out, inp), inp.brain
 
     def regions_mask(self, chans: np.ndarray, spacing, post: PostOptions = PostOptions()) -> np.ndarray:
         """(C,z,y,x) raw intensities -> (z,y,x,R) nested uint8 region masks after post-processing;
-        ``spacing`` is the voxel size (mm) along (z, y, x)."""
-        probs, brain = self.probabilities(chans, post.tta)
+        ``spacing`` is the voxel size (mm) along (z, y, x). With the head mask on, slices without a head
+        voxel are not run through the network (their masks are empty either way)."""
+        probs, brain = self.probabilities(chans, post.tta, head_only=post.head_mask)
         return postprocess(probs, brain, self.regions, spacing, post)
 
     def label_map(self, masks: np.ndarray, labels: str) -> np.ndarray:
@@ -119,6 +129,11 @@ class Predictor:
     def read(self, case: Case):
         opts = Options(self.modalities, L.REGIONS, self.size, self.inplane, "all", 0.0, 0)
         return read_case(case, opts, need_seg=False)
+
+
+def head_slices(brain: np.ndarray) -> np.ndarray:
+    """(z,y,x) head mask -> (z,) the axial slices holding at least one head voxel."""
+    return brain.reshape(brain.shape[0], -1).any(axis=1)
 
 
 def reference_image(case: Case):

@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from unet.data import preprocess as P
-from unet.inference.postprocess import postprocess
+from unet.inference.postprocess import postprocess, tta_flips
 
 
 def interleaved(calls: dict, items, rounds: int = 1) -> dict[str, list[tuple[float, object]]]:
@@ -50,4 +50,4 @@ def segment_case(pred, chans: np.ndarray, spacing, post) -> tuple[float, int, np
     forward = time.perf_counter() - t
     probs = P.to_case_grid(out, inp)
     masks = postprocess(probs, inp.brain, pred.regions, spacing, post)
-    return forward, len(inp.slices) * (4 if post.tta else 1), probs, masks
+    return forward, len(inp.slices) * len(tta_flips(post.tta)), probs, masks
