@@ -106,13 +106,18 @@ class Predictor:
         ``head_only``: the network runs only on the slices with a head voxel, the others get probability 0
         (what the head mask of the post-processing makes of any answer there)."""
         inp = self.network_input(chans)
+        return P.to_case_grid(self.input_output(inp, tta, head_only)[0], inp), inp.brain
+
+    def input_output(self, inp: P.NetworkInput, tta=False, head_only: bool = False) -> tuple[np.ndarray, int]:
+        """(the (z, size, size, R) probabilities of ``inp``'s slices on the network's grid, how many slices went
+        through the network); ``head_only``: only the slices with a head voxel, the others get 0."""
         if not head_only:
-            return P.to_case_grid(self.network_output(inp.slices, tta), inp), inp.brain
+            return self.network_output(inp.slices, tta), len(inp.slices)
         keep = head_slices(inp.brain)
         out = np.zeros(inp.slices.shape[:3] + (len(self.regions),), np.float32)
         if keep.any():
             out[keep] = self.network_output(inp.slices[keep], tta)
-        return P.to_case_grid(out, inp), inp.brain
+        return out, int(keep.sum())
 
     def regions_mask(self, chans: np.ndarray, spacing, post: PostOptions = PostOptions()) -> np.ndarray:
         """(C,z,y,x) raw intensities -> (z,y,x,R) nested uint8 region masks after post-processing;

@@ -46,8 +46,8 @@ def segment_case(pred, chans: np.ndarray, spacing, post) -> tuple[float, int, np
     slices through the network, probabilities on the case grid, post-processed region masks)."""
     inp = pred.network_input(chans)
     t = time.perf_counter()
-    out = pred.network_output(inp.slices, post.tta)
+    out, run = pred.input_output(inp, post.tta, head_only=post.head_mask)
     forward = time.perf_counter() - t
     probs = P.to_case_grid(out, inp)
     masks = postprocess(probs, inp.brain, pred.regions, spacing, post)
-    return forward, len(inp.slices) * len(tta_flips(post.tta)), probs, masks
+    return forward, run * len(tta_flips(post.tta)), probs, masks
