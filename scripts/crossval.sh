@@ -7,9 +7,9 @@
 #   validation cases (--val_fraction at conversion), the ensemble of the K models scores them
 #   (LOGDIR/ensemble.csv and .txt).
 # Options: --data FILE (default data/brats.h5), --logdir DIR (default runs/crossval), --np N ranks
-#          (default 2), --metrics legacy|lesionwise|all (unet-evaluate's, default all), --tta (score
-#          with flip TTA), --dry-run (print the commands, run nothing), --help; anything else goes to
-#          every train_hvd.py run.
+#          (default 2), --metrics legacy|lesionwise|all (unet-evaluate's, default all), --tta [all|lr]
+#          (score with flip TTA as unet-evaluate does: --tta alone is all four mirrors), --dry-run
+#          (print the commands, run nothing), --help; anything else goes to every train_hvd.py run.
 #          To train a finished fold further (say more --epochs), remove its model.json first.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -19,7 +19,8 @@ while (($#)); do
   case "$1" in
     --help|-h) sed -n '2,13p' "$0"; exit 0 ;;
     --dry-run) DRY=1 ;;
-    --tta) SCORE+=(--tta) ;;
+    --tta) SCORE+=(--tta)
+      if [[ "${2:-}" == all || "${2:-}" == lr ]]; then SCORE+=("$2"); shift; fi ;;
     --data|--logdir|--np|--metrics) [[ $# -ge 2 ]] || die "$1 needs a value"
       case "$1" in --data) DATA="$2" ;; --logdir) LOGDIR="$2" ;; --np) NP="$2" ;; --metrics) METRICS="$2" ;; esac
       shift ;;

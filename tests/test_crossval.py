@@ -409,6 +409,17 @@ def test_crossval_dry_run_prints_every_command(folded, tmp_path):
     assert f"--model {models} --ensemble --data {folded.h5}" in lines[K + 1]
 
 
+@pytest.mark.parametrize("tta,scored", [([], ""), (["--tta"], "--tta "), (["--tta", "lr"], "--tta lr "),
+                                        (["--tta", "all"], "--tta all ")])
+def test_crossval_passes_the_tta_choice_to_both_scorings_and_nothing_else(folded, tmp_path, tta, scored):
+    p = crossval("--dry-run", "--data", folded.h5, "--logdir", tmp_path / "cv", *tta, "--epochs", 2)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.strip().splitlines()
+    assert all(line.endswith("--epochs 2 ") for line in lines[:K])
+    for line in lines[K:]:
+        assert f"--metrics all {scored}--csv" in line
+
+
 @pytest.mark.parametrize("args,msg", [
     (["--data", "/nonexistent.h5"], "--data /nonexistent.h5: no such file"),
     (["--data", "{plain}"], "--data {plain}: the file has no folds (convert it with unet-convert --folds K)"),
