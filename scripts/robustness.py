@@ -27,7 +27,10 @@ Example (the table in docs/TRAINING.md):
 ``--flags`` gives the trainer flags of every grid cell besides its batch, rate and seed: by default the
 demo's (``DEMO_FLAGS``, as scripts/demo.sh passes them); a candidate change is measured on its own by
 adding to them, an older recipe's by replacing them (``--flags ""``: the trainer's defaults). ``--cells``
-runs a subset. ONEDNN_MAX_CPU_ISA is left as the environment has it (unset: the CPU's native kernels).
+runs a subset. ``--score_cases DIR`` scores each cell's model on a folder of cases that train no cell as the
+demo scores its test cases (volume Dice, the lowest case, HD95 WT: what the slice-pooled validation Dice does not
+see, such as a false component far from the tumour). ONEDNN_MAX_CPU_ISA is left as the environment has it
+(unset: the CPU's native kernels).
 """
 from __future__ import annotations
 
@@ -51,6 +54,7 @@ DEMO_FLAGS = "--norm group --aug_bias 0.1 --num_inter_threads 1"
 EPOCHS = 4                        # the demo's
 COLLAPSE = {"WT": 0.5, "TC": 0.1, "ET": 0.1}   # final validation Dice below any of these: collapsed
 SEED_SPREAD = 0.03                # the default cell's seeds may differ by at most this per region
+HD95_WT_MAX = 4.0                 # mm: the demo's target for the whole tumour's HD95 (docs/TRAINING.md)
 REGIONS = ("WT", "TC", "ET")
 VAL_LINE = re.compile(r"^validation epoch (\d+) step (\d+) loss \S+ (.*)$")
 
@@ -217,17 +221,64 @@ def add_score(result: dict, a) -> dict:
     return result
 
 
+def case_scores(logdir: str, cases: str, csv_path: str, np_: int) -> dict:
+    """A cell's model scored as scripts/demo.sh scores its test cases (``unet-evaluate --model --cases --tta lr``,
+    the default post-processing, volume-level figures): the mean volume Dice per region, the lowest case's, the
+    mean and median HD95 of WT (mm) and how many cases have an HD95 WT above ``HD95_WT_MAX``."""
+    import csv
+
+    import numpy as np
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    if os.geteuid() == 0:
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    cmd = ["mpirun", "-np", str(np_), "--oversubscribe", sys.executable, "-m", "unet.evaluation.evaluate",
+           "--model", logdir, "--cases", cases, "--tta", "lr", "--metrics", "legacy", "--csv", csv_path]
+    with open(csv_path + ".log", "w") as out:
+        if subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode:
+            sys.exit(f"robustness.py: error: scoring {logdir} on --score_cases {cases} failed (see {csv_path}.log)")
+    with open(csv_path) as fh:
+        rows = list(csv.DictReader(fh))
+    dice = np.array([[float(r[f"dice_{g}"]) for g in REGIONS] for r in rows])
+    hd = np.array([float(r["hd95_WT"]) for r in rows])
+    return dict(cases=len(rows), dice=[round(float(v), 4) for v in dice.mean(0)],
+                lowest=[round(float(v), 4) for v in dice.min(0)], hd95_wt=round(float(hd.mean()), 2),
+                hd95_wt_median=round(float(np.median(hd)), 2), hd95_wt_over=int((hd > HD95_WT_MAX).sum()))
+
+
+def add_case_scores(result: dict, a) -> dict:
+    """``result`` with its figures on ``--score_cases`` (computed once per folder, kept in the cell's JSON)."""
+    path = os.path.join(a.out, result["name"] + ".json")
+    with open(path) as fh:
+        ran = json.load(fh)
+    if (not a.score_cases or a.score_cases in result.get("case_scores", {})
+            or len(ran["validation"]) != len(result["validation"])):
+        return result
+    print(f"    {result['name']}: scoring the model on {a.score_cases}", flush=True)
+    logdir = os.path.join(a.out, result["name"], "logs")
+    got = case_scores(logdir, a.score_cases, os.path.join(a.out, result["name"], "cases.csv"), a.np)
+    result = dict(result, case_scores=dict(result.get("case_scores", {}), **{a.score_cases: got}))
+    with open(path + ".tmp", "w") as fh:
+        json.dump(dict(ran, case_scores=result["case_scores"]), fh, indent=1)
+    os.replace(path + ".tmp", path)
+    return result
+
+
 def seed_spread(finals: list[list[float]]) -> float:
     """The largest difference between two runs' final Dice in any region."""
     return max(max(f[i] for f in finals) - min(f[i] for f in finals) for i in range(len(REGIONS)))
 
 
-def table(results: list[dict], default_rate: float = DEFAULT_CELL[1], score: str = "") -> str:
+def table(results: list[dict], default_rate: float = DEFAULT_CELL[1], score: str = "", score_cases: str = "") -> str:
     """The cells' markdown table and the verdicts; ``score``: a file whose held-out Dice (``add_score``)
-    gets a column and a seed verdict of its own."""
+    gets a column and a seed verdict of its own; ``score_cases``: a folder of cases whose volume figures
+    (``add_case_scores``) get two columns and a seed verdict."""
     held = f" held-out Dice WT / TC / ET ({os.path.basename(score)}) |" if score else ""
+    if score_cases:
+        held += (f" {os.path.basename(score_cases)}: volume Dice WT / TC / ET (lowest case) |"
+                 f" HD95 WT mean, median (cases > {HD95_WT_MAX:g} mm) |")
     rows = ["| cell | batch/rank | rate | seed | epochs | final val Dice WT / TC / ET |" + held + " WT by epoch | "
-            "largest fall between epochs | collapsed | wall (s) |", "|---" * (10 + bool(score)) + "|"]
+            "largest fall between epochs | collapsed | wall (s) |",
+            "|---" * (10 + bool(score) + 2 * bool(score_cases)) + "|"]
     for r in results:
         h = r["validation"]
         fall = max([h[e][i] - h[e + 1][i] for e in range(len(h) - 1) for i in range(3)] + [0.0])
@@ -235,6 +286,7 @@ def table(results: list[dict], default_rate: float = DEFAULT_CELL[1], score: str
         rows.append(f"| {r['name']} | {r['batch'] or 128} | {r['rate'] or 0.0005} | {r['seed'] or 816} | {len(h)} | "
                     + " / ".join(f"{v:.3f}" for v in r["final"]) + " | "
                     + ((" / ".join(f"{v:.3f}" for v in got) if got else "–") + " | " if score else "")
+                    + (cases_cells(r.get("case_scores", {}).get(score_cases)) if score_cases else "")
                     + " ".join(f"{e[0]:.2f}" for e in h)
                     + f" | {fall:.3f} | " + ("**yes**" if r["collapsed"] else "no") + f" | {r['wall_s']:.0f} |")
     done = {r["name"]: r for r in results}
@@ -252,7 +304,22 @@ def table(results: list[dict], default_rate: float = DEFAULT_CELL[1], score: str
             lines.append(f"default cell on {os.path.basename(score)}'s validation split, seeds "
                          f"{', '.join(str(s) for s, _ in scored)}: largest difference {spread:.3f} "
                          f"({'within' if spread <= SEED_SPREAD else 'beyond'} {SEED_SPREAD})")
+        cased = [(s, r["case_scores"][score_cases]["dice"]) for s, r in runs
+                 if score_cases and score_cases in r.get("case_scores", {})]
+        if len(cased) > 1:
+            spread = seed_spread([d for _, d in cased])
+            lines.append(f"default cell on {os.path.basename(score_cases)}'s cases (volume Dice), seeds "
+                         f"{', '.join(str(s) for s, _ in cased)}: largest difference {spread:.3f} "
+                         f"({'within' if spread <= SEED_SPREAD else 'beyond'} {SEED_SPREAD})")
     return "\n".join(lines)
+
+
+def cases_cells(got: dict | None) -> str:
+    """The two table cells of a cell's ``case_scores`` on one folder ("–" when not scored)."""
+    if not got:
+        return "– | – | "
+    return (" / ".join(f"{v:.3f}" for v in got["dice"]) + " (" + " / ".join(f"{v:.3f}" for v in got["lowest"])
+            + f") | {got['hd95_wt']:.2f}, {got['hd95_wt_median']:.2f} ({got['hd95_wt_over']} of {got['cases']}) | ")
 
 
 def main(argv=None) -> int:
@@ -279,6 +346,11 @@ def main(argv=None) -> int:
                         "0.99): each cell's final weights are scored on its validation split with the trainer's "
                         "Dice, a column and a seed verdict of their own (the 2 validation cases of --data decide "
                         "the final column by one case's false positives: docs/TRAINING.md)")
+    p.add_argument("--score_cases", default="",
+                   help="dataset root of NIfTI cases that train no cell (e.g. unet-synth --seed 3): each cell's model "
+                        "is scored on them as scripts/demo.sh scores its test cases (unet-evaluate --tta lr, the "
+                        "default post-processing): volume Dice, the lowest case, HD95 WT; two columns and a seed "
+                        "verdict of their own")
     p.add_argument("--redo", action="store_true", help="run finished cells again")
     p.add_argument("--table", action="store_true", help="print the table of the finished cells and stop")
     p.add_argument("--list", action="store_true", help="print the cell names and stop")
@@ -303,7 +375,10 @@ def main(argv=None) -> int:
         p.error(f"--trainer {a.trainer}: no such file")
     if a.score and not os.path.isfile(a.score):
         p.error(f"--score {a.score}: no such file")
+    if a.score_cases and not os.path.isdir(a.score_cases):
+        p.error(f"--score_cases {a.score_cases}: no such folder")
     a.score = os.path.abspath(a.score) if a.score else ""
+    a.score_cases = os.path.abspath(a.score_cases) if a.score_cases else ""
     a.data, a.out, a.trainer = os.path.abspath(a.data), os.path.abspath(a.out), os.path.abspath(a.trainer)
     os.makedirs(a.out, exist_ok=True)
     results = []
@@ -320,9 +395,9 @@ def main(argv=None) -> int:
             continue
         r = run_cell(cell, a)
         if r:
-            results.append(add_score(r, a))
+            results.append(add_case_scores(add_score(r, a), a))
     print(f"\nrobustness: {a.out} (data {a.data}, {a.np} ranks, {a.epochs} of the demo's {EPOCHS} epochs)")
-    print(table(results, a.default_rate, a.score) if results else "no finished cell")
+    print(table(results, a.default_rate, a.score, a.score_cases) if results else "no finished cell")
     return 0
 
 

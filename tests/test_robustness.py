@@ -97,3 +97,21 @@ def test_held_out_scores_get_a_column_and_a_seed_verdict_of_their_own():
     assert "seeds 816, 1, 2: largest difference 0.066 (beyond 0.03)" in text
     assert "on tune3.h5's validation split, seeds 816, 1: largest difference 0.022 (within 0.03)" in text
     assert "held-out" not in rb.table(runs) and "validation split" not in rb.table(runs)
+
+
+def test_case_scores_get_two_columns_and_a_seed_verdict_of_their_own():
+    cases = "/runs/tune3"
+    got = dict(cases=12, dice=[0.9521, 0.9258, 0.9173], lowest=[0.912, 0.801, 0.77], hd95_wt=16.62,
+               hd95_wt_median=1.2, hd95_wt_over=3)
+    runs = [dict(result("b4_lr1e-3", 816, [[0.935, 0.932, 0.874]]), case_scores={cases: got}),
+            dict(result("b4_lr1e-3_seed1", 1, [[0.93, 0.92, 0.86]]),
+                 case_scores={cases: dict(got, dice=[0.9401, 0.9258, 0.9073])}),
+            result("b4_lr1e-3_seed2", 2, [[0.93, 0.92, 0.87]])]             # not scored
+    text = rb.table(runs, score_cases=cases)
+    head, rule, first, _, third = text.splitlines()[:5]
+    assert "tune3: volume Dice WT / TC / ET (lowest case) | HD95 WT mean, median (cases > 4 mm)" in head
+    assert rule.count("|---") == head.count("|") - 1 == first.count("|") - 1
+    assert "| 0.952 / 0.926 / 0.917 (0.912 / 0.801 / 0.770) | 16.62, 1.20 (3 of 12) |" in first
+    assert "| – | – |" in third
+    assert "on tune3's cases (volume Dice), seeds 816, 1: largest difference 0.012 (within 0.03)" in text
+    assert "tune3" not in rb.table(runs)
