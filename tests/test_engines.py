@@ -186,6 +186,37 @@ def test_an_engine_or_exporter_that_is_not_installed_is_one_line(exported, tmp_p
     assert len(p.stderr.strip().splitlines()) == 1 and not (tmp_path / "logs").exists()
 
 
+def test_batch_normalised_network_exports_and_computes_what_keras_computes_at_inference(exported, tmp_path):
+    """--norm batch: every engine applies the moving statistics and the scale and offset as Keras' inference
+    does (all four set away from their initial 0, 1, 1, 0, so a lost or misplaced one shows)."""
+    import keras
+
+    from unet.inference import engines as E
+    from unet.inference.export import main as export
+    from unet.model import build_unet
+    from unet.modelfolder import save_model as export_model
+    keras.utils.set_random_seed(12)
+    model = build_unet(32, 32, 4, 3, dropout=0.0, norm="batch")
+    rng = np.random.default_rng(6)
+    for layer in model.layers:
+        if type(layer).__name__ == "BatchNormalization":
+            gamma, beta, mean, var = layer.get_weights()
+            layer.set_weights([rng.uniform(0.5, 1.5, gamma.shape).astype(np.float32),
+                               rng.normal(0, 0.3, beta.shape).astype(np.float32),
+                               rng.normal(0, 0.3, mean.shape).astype(np.float32),
+                               rng.uniform(0.5, 2.0, var.shape).astype(np.float32)])
+    meta = meta_of(exported / "model")
+    meta.pop("exports", None)
+    export_model(str(tmp_path / "bn"), model, meta)
+    assert export(["--model", str(tmp_path / "bn"), "--format", "openvino", "onnx", "--no_measure"]) == 0
+    x = rng.normal(size=(6, 32, 32, 4)).astype(np.float32)
+    want = np.asarray(model(x, training=False))
+    assert 0.05 < want.std()
+    for engine in ("openvino", "onnxruntime"):
+        got = E.open_engine(engine, str(tmp_path / "bn"), meta_of(tmp_path / "bn"), 1)(x)
+        assert np.abs(got - want).max() <= 1e-4, engine
+
+
 def test_group_normalised_network_exports_in_the_convolutions_layout_and_computes_the_same(exported, tmp_path):
     """--norm group: the ONNX graph (and the IR made from it) runs each normalisation in NCHW, so it holds
     no more transposes than the network without normalisation, and every engine gives Keras' probabilities."""

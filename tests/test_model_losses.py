@@ -59,11 +59,40 @@ def test_normalised_unet_puts_a_norm_between_each_3x3_conv_and_its_relu(norm, gr
     np.testing.assert_allclose(np.asarray(m(x[1:2], training=False)), full[1:2], atol=1e-5)
     np.testing.assert_allclose(np.asarray(m(x, training=True)), full, atol=1e-6)
     with pytest.raises(ValueError, match="norm must be one of"):
-        build_unet(32, 32, 2, 3, norm="batch")
+        build_unet(32, 32, 2, 3, norm="layer")
+
+
+def test_batch_normalised_unet_normalises_by_the_batch_in_training_and_by_moving_figures_at_inference():
+    from unet.model import BN_MOMENTUM, build_unet
+    m = build_unet(32, 32, 2, 3, norm="batch", dropout=0.0)
+    convs = [l for l in m.layers if type(l).__name__ == "Conv2D" and l.kernel_size == (3, 3)]
+    norms = [l for l in m.layers if type(l).__name__ == "BatchNormalization"]
+    assert len(convs) == len(norms) == 18 and all(n.momentum == BN_MOMENTUM for n in norms)
+    names = [l.name for l in m.layers]
+    for c, n in zip(convs, norms):
+        assert c.activation.__name__ == "linear" and names.index(n.name) == names.index(c.name) + 1
+        assert names[names.index(n.name) + 1] == "relu" + c.name[4:]
+    # trainable: a scale and an offset per channel, as group normalisation; plus two moving figures per channel
+    b = build_unet(128, 128, 1, 1, norm="batch")
+    extra = 2 * sum(c.filters for c in convs)
+    assert sum(int(np.prod(w.shape)) for w in b.trainable_weights) == 7_759_521 + extra
+    assert b.count_params() == 7_759_521 + 2 * extra
+    # inference: a slice's output does not depend on the rest of its batch (nor on the rest of its slice's
+    # statistics); one training-mode pass moves the first layer's moving mean by (1 - momentum) x the batch mean
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 32, 32, 2)).astype(np.float32)
+    full = np.asarray(m(x, training=False))
+    np.testing.assert_allclose(np.asarray(m(x[1:2], training=False)), full[1:2], atol=1e-5)
+    first = m.get_layer("norm1a")
+    pre = np.asarray(m.get_layer("conv1a")(x))
+    m(x, training=True)
+    np.testing.assert_allclose(np.asarray(first.moving_mean), (1 - BN_MOMENTUM) * pre.mean((0, 1, 2)),
+                               rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("norm, activation", [("none", "relu"), ("group", "relu"), ("instance", "relu"),
-                                              ("none", "leaky_relu"), ("group", "leaky_relu")])
+                                              ("none", "leaky_relu"), ("group", "leaky_relu"),
+                                              ("batch", "relu")])
 def test_bf16_model_is_rebuilt_in_float32_for_export_with_its_normalisation(norm, activation):
     from unet.inference.export import float32_model
     from unet.model import build_unet

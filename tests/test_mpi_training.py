@@ -158,3 +158,36 @@ def test_threads_follow_the_binding_of_plain_mpirun_map_by_socket(tmp_path):
     forced = run_mpi(2, train_args(str(tmp_path / "c"), "--num_threads", "3", "--num_inter_threads", "1"))
     assert forced.returncode == 0, forced.stderr[-2000:]
     assert all(" intra 3 inter 1 " in l for l in rank_lines(forced.stdout))
+
+
+def model_arrays(logdir):
+    """The model variables of the run's last checkpoint, in ``model.variables`` order."""
+    (ckpt,) = glob.glob(os.path.join(logdir, "checkpoints", "ckpt-*.npz"))
+    with np.load(ckpt) as z:
+        return [z[k] for k in sorted(k for k in z.files if re.fullmatch(r"m\d+", k))]
+
+
+def test_batch_norm_moving_statistics_are_the_global_batchs_and_the_same_on_every_rank(tmp_path):
+    """--norm batch: each rank normalises by its own half batch, and the moving statistics are averaged over
+    the ranks after every step, so they are equal on every rank (the weights digest covers them) and the first
+    layer's moving mean, which sees the raw slices, is what one rank with the whole batch computes: the mean
+    of two 4-image means is the 8-image mean. (Deeper layers' inputs were normalised by the half batch's
+    statistics, so theirs differ.) The rate is FROZEN's 1e-12, so the weights stay the same in both runs."""
+    two, one = str(tmp_path / "two"), str(tmp_path / "one")
+    p2 = run_mpi(2, train_args(two, "--batch_size", "4", "--norm", "batch", *FROZEN))
+    assert p2.returncode == 0, p2.stderr[-3000:]
+    p1 = run_mpi(1, train_args(one, "--batch_size", "8", "--norm", "batch", *FROZEN))
+    assert p1.returncode == 0, p1.stderr[-3000:]
+    assert re.search(r"weights: identical on 2 ranks", p2.stdout), p2.stdout
+    from unet.model import build_unet
+    names = [v.path for v in build_unet(32, 32, 4, 3, norm="batch", dropout=0.0).variables]
+    m2, m1 = model_arrays(two), model_arrays(one)
+    assert len(m2) == len(m1) == len(names)
+    i = names.index("norm1a/moving_mean")
+    # 4 steps of m <- 0.9 m + 0.1 batch mean from 0: about a third of the batches' mean, nowhere near 0
+    assert np.abs(m1[i]).max() > 1e-3
+    # the same sums in another grouping (2 x 4 pixels' sums then averaged, against 8): float32 rounding of a
+    # mean over 8 x 32 x 32 values, a few units of 1e-7 of the values' scale
+    np.testing.assert_allclose(m2[i], m1[i], rtol=1e-4, atol=1e-6)
+    j = names.index("norm1a/moving_variance")
+    assert not np.allclose(m2[j], 1.0) and not np.allclose(m1[j], 1.0)     # the variances moved as well

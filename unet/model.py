@@ -7,6 +7,11 @@ convolution of levels 3 and 4; decoder by 2x2 stride-2 transposed convolution
 region. With 1 input channel and 1 region the transposed variant has
 7,759,521 parameters.
 
+Normalisation (``norm``) between each 3x3 convolution and its ReLU: ``group`` / ``instance`` take their
+statistics over each slice (training and inference alike), ``batch`` over the batch in training and the moving
+averages of those at inference (Ioffe & Szegedy, 2015), so a slice is normalised by figures that do not depend
+on the rest of that slice.
+
 Options beyond the seed's network (whose defaults stay the seed's here): ``activation="leaky_relu"``
 (LeakyReLU, slope 0.01, in place of every ReLU) and ``head_bias``: the sigmoid head's initial bias per
 region, e.g. ``prior_bias`` of each region's foreground share, so the untrained network predicts the
@@ -21,8 +26,11 @@ from __future__ import annotations
 import os
 
 FILTERS = (32, 64, 128, 256)
-NORMS = ("none", "group", "instance")  # --norm: what follows each 3x3 convolution before its ReLU
+NORMS = ("none", "group", "instance", "batch")  # --norm: what follows each 3x3 convolution before its ReLU
 GROUPS = 8  # --norm group: channels per group = filters / 8 (Wu & He, "Group Normalization", 2018)
+# --norm batch: the moving statistics inference uses follow the batches' at this rate (Keras' default, 0.99,
+# would leave a tenth of the initial (0, 1) in them after a 224-step run)
+BN_MOMENTUM = 0.9
 BOTTLENECK = 512
 DROPOUT_LEVELS = (3, 4)  # 1-based encoder levels with dropout, as in the seed
 PRECISIONS = {"fp32": "float32", "bf16": "mixed_bfloat16"}  # flag value -> Keras dtype policy
@@ -77,7 +85,9 @@ def build_unet(height: int, width: int, channels: int, regions: int, *,
             if norm == "none" and activation == "relu":
                 return layers.Conv2D(f, activation="relu", name=name, **kw)(x)
             x = layers.Conv2D(f, name=name, **kw)(x)
-            if norm != "none":
+            if norm == "batch":
+                x = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"norm{name[4:]}", dtype=dt)(x)
+            elif norm != "none":
                 x = layers.GroupNormalization(GROUPS if norm == "group" else f, name=f"norm{name[4:]}",
                                               dtype=dt)(x)
             if activation == "leaky_relu":

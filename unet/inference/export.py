@@ -66,6 +66,8 @@ def float32_model(model):
     norms = [layer for layer in model.layers if type(layer).__name__ == "GroupNormalization"]
     norm = "none" if not norms else \
         "instance" if norms[0].groups == model.get_layer("conv1a").filters else "group"
+    if any(type(layer).__name__ == "BatchNormalization" for layer in model.layers):
+        norm = "batch"
     leaky = any(type(layer).__name__ == "LeakyReLU" for layer in model.layers)
     clone = build_unet(h, w, c, model.output_shape[-1], dropout=0.0, norm=norm,
                        activation="leaky_relu" if leaky else "relu",

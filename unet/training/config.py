@@ -36,9 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--use_upsampling", action="store_true",
                    help="decoder uses UpSampling2D instead of 2x2 stride-2 Conv2DTranspose")
-    g.add_argument("--norm", choices=("none", "group", "instance"), default="none",
+    g.add_argument("--norm", choices=("none", "group", "instance", "batch"), default="none",
                    help="normalisation after each 3x3 convolution, before its ReLU: group (8 groups) or "
-                        "instance normalisation; none is the seed's network")
+                        "instance normalisation (statistics of each slice), batch normalisation (of each "
+                        "rank's batch in training, their moving averages, equal on every rank, at inference); "
+                        "none is the seed's network")
     g.add_argument("--dropout", type=float, default=0.0,
                    help="dropout rate after the first convolution of levels 3 and 4 (fraction; the seed's "
                         "0.2 made the inference-mode network disagree with the trained one and validation "
