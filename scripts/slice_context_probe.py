@@ -8,7 +8,8 @@ slices); then the same slices changed in ways that leave the false-positive pixe
 them by less than the spread between healthy tissue and oedema:
 
 * an oedema-like disc (FLAIR +4, T1 -0.5, T1ce +0.4, T2 +2, in the case's z-scores: about what the synthetic
-  oedema has) in a corner of the image, outside the head, radius 6 and 12 pixels;
+  oedema has) in a corner of the image (the first of the four it fits in), outside the head, radius 6 and
+  12 pixels;
 * FLAIR -0.5 and +0.5 standard deviations on every head pixel of those slices.
 
 It prints, per change, the mean whole-tumour probability on the pixels the unchanged slices mark (> 0.5) and how
@@ -39,16 +40,22 @@ OEDEMA_LIKE = np.array([4.0, -0.5, 0.4, 2.0], np.float32)   # FLAIR, T1, T1ce, T
 
 def changes(x: np.ndarray) -> list[tuple[str, np.ndarray]]:
     """The changed copies of the (n, H, W, 4) slices ``x`` (channels FLAIR, T1, T1ce, T2)."""
-    yy, xx = np.mgrid[:x.shape[1], :x.shape[2]]
+    n, h, w, _ = x.shape
+    yy, xx = np.mgrid[:h, :w]
     head = np.any(x != 0, -1)
     out = []
     for r in (6, 12):
-        b = x.copy()
-        disc = (yy - 6 - r) ** 2 + (xx - 6 - r) ** 2 <= r * r        # touching the top-left corner, 6 px in
-        if (head[:, disc]).any():
-            sys.exit("slice_context_probe.py: error: the corner disc overlaps the head")
-        b[:, disc] = OEDEMA_LIKE
-        out.append((f"oedema-like disc, radius {r} px, in a corner outside the head", b))
+        # a disc 6 px in from one of the four corners, the first whose disc misses the head in every slice
+        for cy, cx, where in ((6 + r, 6 + r, "top left"), (6 + r, w - 7 - r, "top right"),
+                              (h - 7 - r, 6 + r, "bottom left"), (h - 7 - r, w - 7 - r, "bottom right")):
+            disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+            if not head[:, disc].any():
+                b = x.copy()
+                b[:, disc] = OEDEMA_LIKE
+                out.append((f"oedema-like disc, radius {r} px, {where}, outside the head", b))
+                break
+        else:
+            out.append((f"oedema-like disc, radius {r} px: no corner outside the head", None))
     for d in (-0.5, 0.5):
         b = x.copy()
         b[..., 0][head] += d
@@ -71,6 +78,9 @@ def probe(pr: Predictor, case, min_pixels: int) -> list[str]:
     lines = [f"{case.case_id}: slices z {zs[0]}-{zs[-1]} below the tumour (first tumour slice {first_tumour}), "
              f"{int(marked.sum())} marked pixels, mean probability on them {base[marked].mean():.3f}"]
     for name, b in changes(x):
+        if b is None:
+            lines.append(f"  {name}")
+            continue
         o = pr.network_output(b)[..., 0]
         lines.append(f"  {name:58s} mean probability on those pixels {o[marked].mean():.3f}; "
                      f"marked pixels in the head {int(((o > 0.5) & np.any(x != 0, -1)).sum())}")
