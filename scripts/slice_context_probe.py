@@ -3,9 +3,10 @@
 a model makes far from any tumour.
 
 For each case under ``--cases``: the model's whole-tumour answer on every slice (no TTA, the network's grid); the
-slices below the tumour where it marks more than ``--min_pixels`` pixels outside the reference (the false-positive
-slices); then the same slices changed in ways that leave the false-positive pixels' own intensities alone, or move
-them by less than the spread between healthy tissue and oedema:
+slices more than ``--margin`` slices below the tumour's lowest where it marks more than ``--min_pixels`` pixels (all
+of them false positives: the reference has nothing there); then the same slices changed in ways that leave the
+false-positive pixels' own intensities alone, or move them by less than the spread between healthy tissue and
+oedema:
 
 * an oedema-like disc (FLAIR +4, T1 -0.5, T1ce +0.4, T2 +2, in the case's z-scores: about what the synthetic
   oedema has) in a corner of the image (the first of the four it fits in), outside the head, radius 6 and
@@ -63,15 +64,16 @@ def changes(x: np.ndarray) -> list[tuple[str, np.ndarray]]:
     return out
 
 
-def probe(pr: Predictor, case, min_pixels: int) -> list[str]:
+def probe(pr: Predictor, case, min_pixels: int, margin: int) -> list[str]:
     chans, seg, _ = nifti.read_case(case, nifti.Options(pr.modalities, L.REGIONS, pr.size, pr.inplane, "all", 0.0, 0))
     inp = pr.network_input(chans)
     wt = pr.network_output(inp.slices)[..., 0] > 0.5
     ref = np.asarray(seg) > 0          # below the first tumour slice every marked pixel is a false positive
     first_tumour = int(np.flatnonzero(ref.any((1, 2)))[0])
-    zs = [z for z in range(first_tumour) if wt[z].sum() > min_pixels]
+    zs = [z for z in range(first_tumour - margin) if wt[z].sum() > min_pixels]
     if not zs:
-        return [f"{case.case_id}: no slice below the tumour (z < {first_tumour}) with > {min_pixels} marked pixels"]
+        return [f"{case.case_id}: no slice below the tumour (z < {first_tumour} - {margin}) with > {min_pixels} "
+                f"marked pixels"]
     x = inp.slices[zs]
     base = pr.network_output(x)[..., 0]
     marked = base > 0.5
@@ -93,6 +95,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", required=True, help="dataset root of cases with a reference segmentation")
     ap.add_argument("--case", action="append", default=[], help="only this case id (repeatable)")
     ap.add_argument("--min_pixels", type=int, default=20, help="marked pixels that make a slice a false-positive one")
+    ap.add_argument("--margin", type=int, default=5,
+                    help="slices left out just below the tumour's lowest (its edge, not a false positive far away)")
     ap.add_argument("--engine", default=None, help="inference engine (default: the model folder's fastest)")
     a = ap.parse_args(argv)
     pr = Predictor(a.model, engine=a.engine)
@@ -102,7 +106,7 @@ def main(argv=None) -> int:
     if not cases:
         sys.exit(f"slice_context_probe.py: error: --cases {a.cases}: no case" + (f" named {a.case}" if a.case else ""))
     for c in cases:
-        print("\n".join(probe(pr, c, a.min_pixels)), flush=True)
+        print("\n".join(probe(pr, c, a.min_pixels, a.margin)), flush=True)
     return 0
 
 
