@@ -50,7 +50,7 @@ DEFAULT_CELL = (4, 1e-3)          # the demo's batch per rank and rate (--defaul
 SEEDS = (816, 1, 2)               # the trainer's default seed, and the default cell's two other ones
 # scripts/demo.sh's training flags besides batch, rate and epochs (one inter-op thread: a normalised network's
 # weights are then the same from run to run, docs/PERFORMANCE.md)
-DEMO_FLAGS = "--norm group --aug_bias 0.1 --num_inter_threads 1"
+DEMO_FLAGS = "--norm batch --aug_bias 0.1 --num_inter_threads 1"
 EPOCHS = 4                        # the demo's
 COLLAPSE = {"WT": 0.5, "TC": 0.1, "ET": 0.1}   # final validation Dice below any of these: collapsed
 SEED_SPREAD = 0.03                # the default cell's seeds may differ by at most this per region
