@@ -33,6 +33,7 @@ def test_data_defaults_to_data_brats_h5_unless_synthetic():
     (["--synthetic", "--export", "openvino,tflite"], "--export"),
     (["--synthetic", "--bce_weight", "-1"], "--bce_weight"),
     (["--synthetic", "--clipnorm", "-0.5"], "--clipnorm"),
+    (["--synthetic", "--bn_batches", "-1"], "--bn_batches"),
     (["--synthetic", "--aug_scale", "1"], "--aug_scale"),
     (["--synthetic", "--aug_scale", "-0.1"], "--aug_scale"),
     (["--synthetic", "--aug_shift", "-0.1"], "--aug_shift"),

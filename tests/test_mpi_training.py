@@ -172,11 +172,12 @@ def test_batch_norm_moving_statistics_are_the_global_batchs_and_the_same_on_ever
     the ranks after every step, so they are equal on every rank (the weights digest covers them) and the first
     layer's moving mean, which sees the raw slices, is what one rank with the whole batch computes: the mean
     of two 4-image means is the 8-image mean. (Deeper layers' inputs were normalised by the half batch's
-    statistics, so theirs differ.) The rate is FROZEN's 1e-12, so the weights stay the same in both runs."""
+    statistics, so theirs differ.) The rate is FROZEN's 1e-12, so the weights stay the same in both runs.
+    ``--bn_batches 0``: the moving averages as the steps leave them (the next test: recomputed at the end)."""
     two, one = str(tmp_path / "two"), str(tmp_path / "one")
-    p2 = run_mpi(2, train_args(two, "--batch_size", "4", "--norm", "batch", *FROZEN))
+    p2 = run_mpi(2, train_args(two, "--batch_size", "4", "--norm", "batch", "--bn_batches", "0", *FROZEN))
     assert p2.returncode == 0, p2.stderr[-3000:]
-    p1 = run_mpi(1, train_args(one, "--batch_size", "8", "--norm", "batch", *FROZEN))
+    p1 = run_mpi(1, train_args(one, "--batch_size", "8", "--norm", "batch", "--bn_batches", "0", *FROZEN))
     assert p1.returncode == 0, p1.stderr[-3000:]
     assert re.search(r"weights: identical on 2 ranks", p2.stdout), p2.stdout
     from unet.model import build_unet
@@ -191,3 +192,47 @@ def test_batch_norm_moving_statistics_are_the_global_batchs_and_the_same_on_ever
     np.testing.assert_allclose(m2[i], m1[i], rtol=1e-4, atol=1e-6)
     j = names.index("norm1a/moving_variance")
     assert not np.allclose(m2[j], 1.0) and not np.allclose(m1[j], 1.0)     # the variances moved as well
+
+
+def test_batch_norm_statistics_are_recomputed_at_the_epochs_end_from_its_first_batches_on_every_rank(tmp_path):
+    """--bn_batches 2: after the epoch (4 steps) every batch normalisation layer's moving mean and variance
+    are the mean, over 2 ranks x the epoch's first 2 batches of 4, of that layer's input statistics at the
+    epoch's final weights, not the moving averages of the steps. Recomputed here from the checkpoint's
+    weights and the same batches: the first layer's input is a convolution of the raw slices (computed
+    without any normalisation), the last layer's comes through every layer before it in training mode."""
+    import keras
+
+    from unet.data.pipeline import train_dataset
+    from unet.data.sources import SyntheticSource
+    from unet.model import build_unet
+    from unet.training.checkpoint import load_checkpoint
+
+    logdir = str(tmp_path / "r")
+    p = run_mpi(2, train_args(logdir, "--norm", "batch", "--bn_batches", "2", *FROZEN))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert re.search(r"weights: identical on 2 ranks", p.stdout), p.stdout
+    assert "steps/epoch=4" in p.stdout
+    model = build_unet(32, 32, 1, 1, norm="batch", dropout=0.0)
+    (ckpt,) = glob.glob(os.path.join(logdir, "checkpoints", "ckpt-*.npz"))
+    load_checkpoint(ckpt, model=model, optimizer=None)
+    bns = [l for l in model.layers if type(l).__name__ == "BatchNormalization"]
+    saved = [(l.moving_mean.numpy().copy(), l.moving_variance.numpy().copy()) for l in bns]
+    first, last = bns[0], bns[-1]
+    conv = keras.Model(model.inputs, first.input)        # conv1a: no normalisation before it
+    deep = keras.Model(model.inputs, last.input)
+    src = SyntheticSource(32, 32, 1, 1, 5, "train")       # FROZEN's --seed 5, the trainer's --synthetic images
+    stats = {0: [], -1: []}
+    for rank in range(2):
+        batches, n = train_dataset(src, batch_size=4, rank=rank, size=2, epoch=0, seed=5, cap=2, augment_on=False)
+        assert n == 2
+        for x, _ in batches:
+            for key, h in ((0, conv(x).numpy().astype(np.float64)), (-1, deep(x, training=True).numpy())):
+                stats[key].append((h.mean(axis=(0, 1, 2)), h.var(axis=(0, 1, 2))))
+    for key in (0, -1):
+        mean = np.mean([m for m, _ in stats[key]], axis=0)
+        var = np.mean([v for _, v in stats[key]], axis=0)
+        # float32 sums over 4 x 32 x 32 pixels in another order: a few units of 1e-7 of the values' scale
+        # (the last layer's input through 17 layers of float32 convolutions: more, still far below 1e-4);
+        # the moving averages the steps leave, 4 steps from (0, 1) at momentum 0.9, are ~0.34 of the mean
+        np.testing.assert_allclose(saved[key][0], mean, rtol=1e-4, atol=1e-5 * float(np.abs(mean).max()))
+        np.testing.assert_allclose(saved[key][1], var, rtol=1e-4, atol=1e-5 * float(var.max()))

@@ -27,6 +27,7 @@ SEED_BATCH_SIZE = 128
 SEED_EPOCHS = 10
 SEED_BLOCKTIME = 0
 SEED_INTER_THREADS = 2
+BN_BATCHES = 16   # --bn_batches: batches per rank whose statistics --norm batch takes at each epoch's end
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train_hvd.py",
@@ -41,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "instance normalisation (statistics of each slice), batch normalisation (of each "
                         "rank's batch in training, their moving averages, equal on every rank, at inference); "
                         "none is the seed's network")
+    g.add_argument("--bn_batches", type=int, default=BN_BATCHES,
+                   help="--norm batch: at each epoch's end, set the moving statistics to the mean of the batch "
+                        "statistics of the epoch's first N batches per rank, taken at the epoch's final weights "
+                        "and averaged over the ranks, before validation and the checkpoint (the moving averages "
+                        "follow the last ~10 batches at changing weights, and validation Dice swung with them, "
+                        "see docs/TRAINING.md); 0 = keep the moving averages")
     g.add_argument("--dropout", type=float, default=0.0,
                    help="dropout rate after the first convolution of levels 3 and 4 (fraction; the seed's "
                         "0.2 made the inference-mode network disagree with the trained one and validation "
@@ -196,6 +203,7 @@ def validate(a: argparse.Namespace) -> argparse.Namespace:
     need(0 < a.lr_fraction <= 1, f"--lr_fraction must be in (0, 1] (got {a.lr_fraction})")
     need(a.warmup_epochs >= 0, f"--warmup_epochs must be >= 0 (got {a.warmup_epochs})")
     need(a.bce_weight >= 0, f"--bce_weight must be >= 0 (got {a.bce_weight})")
+    need(a.bn_batches >= 0, f"--bn_batches must be >= 0 (got {a.bn_batches})")
     need(a.clipnorm >= 0, f"--clipnorm must be >= 0 (got {a.clipnorm})")
     need(0 <= a.aug_scale < 1, f"--aug_scale must be in [0, 1) (got {a.aug_scale})")
     need(a.aug_shift >= 0, f"--aug_shift must be >= 0 (got {a.aug_shift})")
@@ -293,6 +301,7 @@ class TrainOptions:
     aug_gamma: float                     # probability per channel of a gamma curve
     aug_bias: float                      # bias field coefficients' range
     clipnorm: float
+    bn_batches: int                      # --norm batch: batches per rank recomputing the statistics (0: off)
     conv_grad: str                       # "auto", "tf" or "forward" (unet/training/convgrad.py)
     validation: bool
     checkpoint_every: int
@@ -328,7 +337,7 @@ def options(a: argparse.Namespace) -> TrainOptions:
         num_threads=a.num_threads, num_inter_threads=a.num_inter_threads, blocktime=a.blocktime,
         batch_size=a.batch_size, epochs=a.epochs, steps_per_epoch=a.steps_per_epoch, seed=a.seed,
         augment=not a.no_augment, aug_scale=a.aug_scale, aug_shift=a.aug_shift,
-        aug_gamma=a.aug_gamma, aug_bias=a.aug_bias, clipnorm=a.clipnorm,
+        aug_gamma=a.aug_gamma, aug_bias=a.aug_bias, clipnorm=a.clipnorm, bn_batches=a.bn_batches,
         conv_grad=a.conv_grad,
         validation=not a.no_validation, checkpoint_every=a.checkpoint_every, commit_every=a.commit_every,
         step_timeout=a.step_timeout, keep_checkpoints=a.keep_checkpoints, resume=a.resume, fresh=a.fresh,

@@ -157,6 +157,7 @@ def epochs(job: Job, state) -> tuple:
     while state.epoch < a.epochs:
         epoch = state.epoch
         one_epoch(job, state, reporter, keeper, meta, global_batch)
+        refresh_statistics(job, epoch)
         val = validation(job)
         path, best = keeper.epoch_end(job.model, job.optimizer, meta, step=state.step, epoch=epoch + 1, val=val)
         reporter.epoch_end(epoch, state.step, job.model, val, path, best)
@@ -175,13 +176,7 @@ def one_epoch(job: Job, state, reporter, keeper, meta: dict, global_batch: int) 
     n = epoch_length(job)
     per_epoch = pipeline.steps_per_epoch(n, global_batch, a.steps_per_epoch)
     epoch_total = pipeline.epoch_samples(n, global_batch, a.steps_per_epoch)
-    ds, _ = pipeline.train_dataset(job.train_src, batch_size=a.batch_size, rank=job.hvd.rank(), size=size,
-                                   epoch=epoch, seed=a.seed, cap=a.steps_per_epoch, augment_on=a.augment,
-                                   start=state.step_in_epoch, start_sample=state.sample,
-                                   foreground_fraction=a.data.foreground_fraction,
-                                   background_fraction=a.data.background_fraction,
-                                   aug_scale=a.aug_scale, aug_shift=a.aug_shift, aug_gamma=a.aug_gamma,
-                                   aug_bias=a.aug_bias)
+    ds = epoch_batches(job, epoch, a.steps_per_epoch, start=state.step_in_epoch, start_sample=state.sample)
     reporter.epoch_start(epoch)
     for x, y in ds:
         lr = lr_at(a.schedule, state.step, size, per_epoch)
@@ -198,6 +193,30 @@ def one_epoch(job: Job, state, reporter, keeper, meta: dict, global_batch: int) 
                           step_in_epoch=state.step_in_epoch, sample_in_epoch=state.sample)
         if state.step % a.commit_every == 0:
             state.commit()  # elastic: a point to roll back to, and to admit new workers
+
+
+def epoch_batches(job: Job, epoch: int, cap: int, start: int = 0, start_sample: int = 0):
+    """This rank's batches of ``epoch`` (augmented as the flags say), from ``start``, at most ``cap`` (0: all)."""
+    from unet.data import pipeline
+    a = job.opts
+    ds, _ = pipeline.train_dataset(job.train_src, batch_size=a.batch_size, rank=job.hvd.rank(), size=job.hvd.size(),
+                                   epoch=epoch, seed=a.seed, cap=cap, augment_on=a.augment, start=start,
+                                   start_sample=start_sample, foreground_fraction=a.data.foreground_fraction,
+                                   background_fraction=a.data.background_fraction,
+                                   aug_scale=a.aug_scale, aug_shift=a.aug_shift, aug_gamma=a.aug_gamma,
+                                   aug_bias=a.aug_bias)
+    return ds
+
+
+def refresh_statistics(job: Job, epoch: int) -> None:
+    """--norm batch: the moving statistics from the epoch's first --bn_batches batches at its final weights
+    (collective), so validation, the checkpoint and the exported model use them."""
+    if job.steps.batch_stats is None or not job.opts.bn_batches:
+        return
+    from unet.training.steps import refresh_statistics as refresh
+    cap = min(job.opts.bn_batches, job.opts.steps_per_epoch or job.opts.bn_batches)
+    refresh(job.hvd, job.model, job.steps.batch_stats, epoch_batches(job, epoch, cap))
+    job.watchdog.beat("batch statistics")
 
 
 def epoch_length(job: Job) -> int:
@@ -252,5 +271,6 @@ def run_meta(a: config.TrainOptions, info, size: int, global_batch: int, share: 
     data = dict(info.to_json(), **({"file": os.path.abspath(a.data.data)} if a.data.data else {}))
     m = a.model
     model = {"use_upsampling": m.use_upsampling, "dropout": m.dropout, "norm": m.norm, "activation": m.activation,
-             "loss": m.loss, "head_bias": m.head_bias, **({"foreground_share": share} if share else {})}
+             "loss": m.loss, "head_bias": m.head_bias, **({"foreground_share": share} if share else {}),
+             **({"bn_batches": a.bn_batches} if m.norm == "batch" else {})}
     return {"data": data, "model": model, "seed": a.seed, "ranks": size, "global_batch": global_batch}

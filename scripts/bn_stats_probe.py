@@ -1,0 +1,87 @@
+"""How much of a batch-normalised model's validation Dice, epoch to epoch, is its moving statistics.
+
+For each checkpoint of a run (its ``checkpoints/ckpt-*.npz``, one per epoch end), the validation Dice of
+the run's own file as the trainer computes it (threshold 0.5, pooled sums), twice: with the moving
+statistics the checkpoint holds (the last ~10 batches at momentum 0.9), and with statistics recomputed
+over the training split (every training slice once, unaugmented, in batches of ``--batch`` per forward
+pass, each batch's mean and variance averaged with equal weight). One process, no Horovod.
+
+    .venv/bin/python scripts/bn_stats_probe.py --logdir runs/rob_bn/b4_lr1e-3_seed2/logs [--batch 4]
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--logdir", required=True, help="a run's --logdir (model.json and checkpoints/)")
+    ap.add_argument("--batch", type=int, default=4, help="slices per forward pass when recomputing (default 4)")
+    ap.add_argument("--data", help="the file (default: model.json's)")
+    a = ap.parse_args(argv)
+    meta_path = os.path.join(a.logdir, "model.json")
+    if not os.path.isfile(meta_path):
+        sys.exit(f"bn_stats_probe.py: error: --logdir {a.logdir}: no model.json")
+    meta = json.load(open(meta_path))
+    ckpts = sorted(glob.glob(os.path.join(a.logdir, "checkpoints", "ckpt-*.npz")))
+    if not ckpts:
+        sys.exit(f"bn_stats_probe.py: error: --logdir {a.logdir}: no checkpoints/ckpt-*.npz")
+
+    import tensorflow as tf
+
+    from unet.data.sources import H5Source
+    from unet.model import build_unet
+    from unet.training.checkpoint import load_checkpoint
+    from unet.training.losses import dice_from_sums
+    from unet.training.validation import pooled_sums
+
+    d, m = meta["data"], meta["model"]
+    if m.get("norm") != "batch":
+        sys.exit(f"bn_stats_probe.py: error: --logdir {a.logdir}: norm {m.get('norm')!r}, not batch")
+    data = a.data or d["file"]
+    train, val = H5Source(data, "train"), H5Source(data, "val")
+    model = build_unet(d["height"], d["width"], d["channels"], d["regions"], use_upsampling=m["use_upsampling"],
+                       dropout=m["dropout"], norm="batch", activation=m["activation"])
+    bns = [layer for layer in model.layers if type(layer).__name__ == "BatchNormalization"]
+    infer = tf.function(lambda x: model(x, training=False))
+
+    def val_dice():
+        batches = (val.read(range(s, min(s + 16, len(val)))) for s in range(0, len(val), 16))
+        sums, _, _ = pooled_sums(infer, batches, regions=d["regions"])
+        return np.asarray(dice_from_sums(sums))
+
+    def recompute():
+        order = np.random.default_rng(0).permutation(len(train))
+        saved = [layer.momentum for layer in bns]
+        for k, s in enumerate(range(0, len(order) - a.batch + 1, a.batch)):
+            for layer in bns:           # moving = running mean of the batches' statistics
+                layer.momentum = k / (k + 1)
+            x, _ = train.read(sorted(order[s:s + a.batch]))
+            model(x, training=True)
+        for layer, mom in zip(bns, saved):
+            layer.momentum = mom
+
+    print(f"{a.logdir}: {len(train)} training, {len(val)} validation slices; Dice WT/TC/ET")
+    print(f"{'checkpoint':<22} {'stored statistics':<24} {'recomputed':<24} shift of the first moving mean")
+    for path in ckpts:
+        load_checkpoint(path, model=model, optimizer=None)
+        before = val_dice()
+        first = bns[0].moving_mean.numpy().copy()
+        recompute()
+        after = val_dice()
+        shift = float(np.abs(bns[0].moving_mean.numpy() - first).mean())
+        fmt = lambda v: " / ".join(f"{x:.3f}" for x in v)
+        print(f"{os.path.basename(path):<22} {fmt(before):<24} {fmt(after):<24} {shift:.4f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
