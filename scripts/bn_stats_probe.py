@@ -6,7 +6,8 @@ statistics the checkpoint holds (the last ~10 batches at momentum 0.9), and with
 over the training split (every training slice once, unaugmented, in batches of ``--batch`` per forward
 pass, each batch's mean and variance averaged with equal weight). One process, no Horovod.
 
-    .venv/bin/python scripts/bn_stats_probe.py --logdir runs/rob_bn/b4_lr1e-3_seed2/logs [--batch 4]
+    .venv/bin/python scripts/bn_stats_probe.py --logdir runs/rob_bn/b4_lr1e-3_seed2/logs [--batch 4] \
+        [--batches 16,32,0 --draws 3]
 """
 from __future__ import annotations
 
@@ -26,6 +27,10 @@ def main(argv=None) -> int:
     ap.add_argument("--logdir", required=True, help="a run's --logdir (model.json and checkpoints/)")
     ap.add_argument("--batch", type=int, default=4, help="slices per forward pass when recomputing (default 4)")
     ap.add_argument("--data", help="the file (default: model.json's)")
+    ap.add_argument("--batches", default="0",
+                    help="comma-separated numbers of batches to recompute from (0: every training slice once; "
+                         "default 0); each number drawn --draws times from other random orders")
+    ap.add_argument("--draws", type=int, default=1, help="random draws per number of batches (default 1)")
     a = ap.parse_args(argv)
     meta_path = os.path.join(a.logdir, "model.json")
     if not os.path.isfile(meta_path):
@@ -58,8 +63,10 @@ def main(argv=None) -> int:
         sums, _, _ = pooled_sums(infer, batches, regions=d["regions"])
         return np.asarray(dice_from_sums(sums))
 
-    def recompute():
-        order = np.random.default_rng(0).permutation(len(train))
+    def recompute(batches: int, draw: int):
+        order = np.random.default_rng(draw).permutation(len(train))
+        if batches:
+            order = order[:batches * a.batch]
         saved = [layer.momentum for layer in bns]
         for k, s in enumerate(range(0, len(order) - a.batch + 1, a.batch)):
             for layer in bns:           # moving = running mean of the batches' statistics
@@ -70,16 +77,23 @@ def main(argv=None) -> int:
             layer.momentum = mom
 
     print(f"{a.logdir}: {len(train)} training, {len(val)} validation slices; Dice WT/TC/ET")
-    print(f"{'checkpoint':<22} {'stored statistics':<24} {'recomputed':<24} shift of the first moving mean")
+    print(f"{'checkpoint':<22} {'stored statistics':<24} {'batches, draw':<14} {'recomputed':<24} "
+          f"shift of the first moving mean")
+    fmt = lambda v: " / ".join(f"{x:.3f}" for x in v)
     for path in ckpts:
         load_checkpoint(path, model=model, optimizer=None)
+        stored = [v.numpy().copy() for layer in bns for v in (layer.moving_mean, layer.moving_variance)]
         before = val_dice()
-        first = bns[0].moving_mean.numpy().copy()
-        recompute()
-        after = val_dice()
-        shift = float(np.abs(bns[0].moving_mean.numpy() - first).mean())
-        fmt = lambda v: " / ".join(f"{x:.3f}" for x in v)
-        print(f"{os.path.basename(path):<22} {fmt(before):<24} {fmt(after):<24} {shift:.4f}", flush=True)
+        for batches in (int(b) for b in a.batches.split(",")):
+            for draw in range(a.draws):
+                recompute(batches, draw)
+                after = val_dice()
+                shift = float(np.abs(bns[0].moving_mean.numpy() - stored[0]).mean())
+                used = f"{batches or len(train) // a.batch}, {draw}"
+                print(f"{os.path.basename(path):<22} {fmt(before):<24} {used:<14} {fmt(after):<24} {shift:.4f}",
+                      flush=True)
+                for v, value in zip((v for layer in bns for v in (layer.moving_mean, layer.moving_variance)), stored):
+                    v.assign(value)
     return 0
 
 

@@ -196,10 +196,11 @@ def test_batch_norm_moving_statistics_are_the_global_batchs_and_the_same_on_ever
 
 def test_batch_norm_statistics_are_recomputed_at_the_epochs_end_from_its_first_batches_on_every_rank(tmp_path):
     """--bn_batches 2: after the epoch (4 steps) every batch normalisation layer's moving mean and variance
-    are the mean, over 2 ranks x the epoch's first 2 batches of 4, of that layer's input statistics at the
-    epoch's final weights, not the moving averages of the steps. Recomputed here from the checkpoint's
-    weights and the same batches: the first layer's input is a convolution of the raw slices (computed
-    without any normalisation), the last layer's comes through every layer before it in training mode."""
+    are the mean, over 2 ranks x the epoch's first 2 batches of 4, unaugmented (training augments them), of
+    that layer's input statistics at the epoch's final weights, not the moving averages of the steps.
+    Recomputed here from the checkpoint's weights and the same batches: the first layer's input is a
+    convolution of the raw slices (computed without any normalisation), the last layer's comes through every
+    layer before it in training mode."""
     import keras
 
     from unet.data.pipeline import train_dataset
@@ -208,7 +209,8 @@ def test_batch_norm_statistics_are_recomputed_at_the_epochs_end_from_its_first_b
     from unet.training.checkpoint import load_checkpoint
 
     logdir = str(tmp_path / "r")
-    p = run_mpi(2, train_args(logdir, "--norm", "batch", "--bn_batches", "2", *FROZEN))
+    augmented = [f for f in FROZEN if f != "--no_augment"]
+    p = run_mpi(2, train_args(logdir, "--norm", "batch", "--bn_batches", "2", *augmented))
     assert p.returncode == 0, p.stderr[-3000:]
     assert re.search(r"weights: identical on 2 ranks", p.stdout), p.stdout
     assert "steps/epoch=4" in p.stdout

@@ -44,10 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "none is the seed's network")
     g.add_argument("--bn_batches", type=int, default=BN_BATCHES,
                    help="--norm batch: at each epoch's end, set the moving statistics to the mean of the batch "
-                        "statistics of the epoch's first N batches per rank, taken at the epoch's final weights "
-                        "and averaged over the ranks, before validation and the checkpoint (the moving averages "
-                        "follow the last ~10 batches at changing weights, and validation Dice swung with them, "
-                        "see docs/TRAINING.md); 0 = keep the moving averages")
+                        "statistics of the epoch's first N batches per rank, unaugmented, taken at the epoch's "
+                        "final weights and averaged over the ranks, before validation and the checkpoint (the moving "
+                        "averages follow the last ~10 batches at changing weights, and validation Dice swung with "
+                        "them, see docs/TRAINING.md); 0 = keep the moving averages")
     g.add_argument("--dropout", type=float, default=0.0,
                    help="dropout rate after the first convolution of levels 3 and 4 (fraction; the seed's "
                         "0.2 made the inference-mode network disagree with the trained one and validation "

@@ -195,12 +195,13 @@ def one_epoch(job: Job, state, reporter, keeper, meta: dict, global_batch: int) 
             state.commit()  # elastic: a point to roll back to, and to admit new workers
 
 
-def epoch_batches(job: Job, epoch: int, cap: int, start: int = 0, start_sample: int = 0):
-    """This rank's batches of ``epoch`` (augmented as the flags say), from ``start``, at most ``cap`` (0: all)."""
+def epoch_batches(job: Job, epoch: int, cap: int, start: int = 0, start_sample: int = 0, augment: bool = True):
+    """This rank's batches of ``epoch`` (augmented as the flags say, unless ``augment`` is False), from ``start``,
+    at most ``cap`` (0: all)."""
     from unet.data import pipeline
     a = job.opts
     ds, _ = pipeline.train_dataset(job.train_src, batch_size=a.batch_size, rank=job.hvd.rank(), size=job.hvd.size(),
-                                   epoch=epoch, seed=a.seed, cap=cap, augment_on=a.augment, start=start,
+                                   epoch=epoch, seed=a.seed, cap=cap, augment_on=a.augment and augment, start=start,
                                    start_sample=start_sample, foreground_fraction=a.data.foreground_fraction,
                                    background_fraction=a.data.background_fraction,
                                    aug_scale=a.aug_scale, aug_shift=a.aug_shift, aug_gamma=a.aug_gamma,
@@ -209,13 +210,14 @@ def epoch_batches(job: Job, epoch: int, cap: int, start: int = 0, start_sample: 
 
 
 def refresh_statistics(job: Job, epoch: int) -> None:
-    """--norm batch: the moving statistics from the epoch's first --bn_batches batches at its final weights
-    (collective), so validation, the checkpoint and the exported model use them."""
+    """--norm batch: the moving statistics from the epoch's first --bn_batches batches at its final weights,
+    unaugmented: the images inference will see (collective), so validation, the checkpoint and the exported
+    model use them."""
     if job.steps.batch_stats is None or not job.opts.bn_batches:
         return
     from unet.training.steps import refresh_statistics as refresh
     cap = min(job.opts.bn_batches, job.opts.steps_per_epoch or job.opts.bn_batches)
-    refresh(job.hvd, job.model, job.steps.batch_stats, epoch_batches(job, epoch, cap))
+    refresh(job.hvd, job.model, job.steps.batch_stats, epoch_batches(job, epoch, cap, augment=False))
     job.watchdog.beat("batch statistics")
 
 
