@@ -27,7 +27,7 @@ SEED_BATCH_SIZE = 128
 SEED_EPOCHS = 10
 SEED_BLOCKTIME = 0
 SEED_INTER_THREADS = 2
-BN_BATCHES = 16   # --bn_batches: batches per rank whose statistics --norm batch takes at each epoch's end
+BN_BATCHES = 32   # --bn_batches: batches per rank whose statistics --norm batch takes at each epoch's end
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train_hvd.py",
