@@ -7,7 +7,7 @@ over the training split (every training slice once, unaugmented, in batches of `
 pass, each batch's mean and variance averaged with equal weight). One process, no Horovod.
 
     .venv/bin/python scripts/bn_stats_probe.py --logdir runs/rob_bn/b4_lr1e-3_seed2/logs [--batch 4] \
-        [--batches 16,32,0 --draws 3]
+        [--batches 16,32,0 --draws 3] [--ranks 2]
 """
 from __future__ import annotations
 
@@ -31,6 +31,10 @@ def main(argv=None) -> int:
                     help="comma-separated numbers of batches to recompute from (0: every training slice once; "
                          "default 0); each number drawn --draws times from other random orders")
     ap.add_argument("--draws", type=int, default=1, help="random draws per number of batches (default 1)")
+    ap.add_argument("--ranks", type=int, default=0,
+                    help="draw as the trainer's --bn_batches does on this many ranks: --batches per rank, the "
+                         "first of each rank in epoch 0, 1, ... (one per draw) of the run's seed (default 0: "
+                         "--batches in all, from a random order)")
     a = ap.parse_args(argv)
     meta_path = os.path.join(a.logdir, "model.json")
     if not os.path.isfile(meta_path):
@@ -64,14 +68,20 @@ def main(argv=None) -> int:
         return np.asarray(dice_from_sums(sums))
 
     def recompute(batches: int, draw: int):
-        order = np.random.default_rng(draw).permutation(len(train))
-        if batches:
-            order = order[:batches * a.batch]
+        if a.ranks:     # the trainer's: each rank's first ``batches`` of epoch ``draw``
+            from unet.data.pipeline import rank_batches
+            chosen = [b for r in range(a.ranks)
+                      for b in rank_batches(len(train), a.batch, r, a.ranks, draw, meta["seed"], cap=batches)]
+        else:
+            order = np.random.default_rng(draw).permutation(len(train))
+            if batches:
+                order = order[:batches * a.batch]
+            chosen = [order[s:s + a.batch] for s in range(0, len(order) - a.batch + 1, a.batch)]
         saved = [layer.momentum for layer in bns]
-        for k, s in enumerate(range(0, len(order) - a.batch + 1, a.batch)):
+        for k, idx in enumerate(chosen):
             for layer in bns:           # moving = running mean of the batches' statistics
                 layer.momentum = k / (k + 1)
-            x, _ = train.read(sorted(order[s:s + a.batch]))
+            x, _ = train.read(sorted(idx))
             model(x, training=True)
         for layer, mom in zip(bns, saved):
             layer.momentum = mom
