@@ -63,17 +63,23 @@ def float32_model(model):
         return model
     from unet.model import build_unet
     _, h, w, c = model.input_shape
-    norms = [layer for layer in model.layers if type(layer).__name__ == "GroupNormalization"]
-    norm = "none" if not norms else \
-        "instance" if norms[0].groups == model.get_layer("conv1a").filters else "group"
-    if any(type(layer).__name__ == "BatchNormalization" for layer in model.layers):
-        norm = "batch"
     leaky = any(type(layer).__name__ == "LeakyReLU" for layer in model.layers)
-    clone = build_unet(h, w, c, model.output_shape[-1], dropout=0.0, norm=norm,
+    clone = build_unet(h, w, c, model.output_shape[-1], dropout=0.0, norm=norm_of(model),
                        activation="leaky_relu" if leaky else "relu",
                        use_upsampling=any(layer.name.startswith("up") for layer in model.layers))
     clone.set_weights(model.get_weights())
     return clone
+
+
+def norm_of(model) -> str:
+    """The ``--norm`` a network was built with: "batch", "group", "instance" (a group per channel) or "none"."""
+    kinds = [type(layer).__name__ for layer in model.layers]
+    if "BatchNormalization" in kinds:
+        return "batch"
+    if "GroupNormalization" not in kinds:
+        return "none"
+    first = model.layers[kinds.index("GroupNormalization")]   # the first block's: instance has a group per channel
+    return "instance" if first.groups == model.get_layer("conv1a").filters else "group"
 
 
 def fused_onnx(model, path: str) -> int:
